@@ -1,0 +1,48 @@
+"""The reference selective scan: a plain `lax.scan` over time, float32 state, the ground truth for tests.
+
+Semantics are mamba-ssm's `selective_scan_ref`, transposed to channels-last:
+    delta <- softplus(delta + delta_bias)          (bias and softplus optional)
+    h_t   = exp(delta_t * A) * h_{t-1} + delta_t * B_t * u_t      (ZOH for A, Euler for B)
+    y_t   = <h_t, C_t> + D * u_t,   out_t = y_t * silu(z_t)       (D and z optional)
+A step whose mask is False is an identity step of the recurrence (h_t = h_{t-1}); its output is still
+computed from the carried state so that shapes stay static.
+"""
+import jax
+import jax.numpy as jnp
+
+
+def selective_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None, *, delta_softplus=False,
+                             initial_state=None, mask=None, return_final_state=False):
+    """u, delta, z: (batch, length, channels); A: (channels, state); B, C: (batch, length, state)."""
+    out_dtype = u.dtype
+    u32, delta32 = u.astype(jnp.float32), delta.astype(jnp.float32)
+    if delta_bias is not None:
+        delta32 = delta32 + delta_bias.astype(jnp.float32)
+    if delta_softplus:
+        delta32 = jax.nn.softplus(delta32)
+    A32 = A.astype(jnp.float32)
+    batch, _, channels = u.shape
+    state = A.shape[1]
+    h0 = (jnp.zeros((batch, channels, state), jnp.float32) if initial_state is None
+          else initial_state.astype(jnp.float32))
+    valid = jnp.ones(u.shape[:2], bool) if mask is None else mask.astype(bool)
+
+    def step(h, xs):
+        u_t, d_t, B_t, C_t, m_t = xs                          # (b, c), (b, c), (b, n), (b, n), (b,)
+        a = jnp.exp(d_t[:, :, None] * A32)                    # (b, c, n)
+        b = (d_t * u_t)[:, :, None] * B_t[:, None, :]         # (b, c, n)
+        m = m_t[:, None, None]
+        h = jnp.where(m, a * h + b, h)
+        return h, jnp.einsum("bcn,bn->bc", h, C_t)
+
+    xs = (jnp.swapaxes(u32, 0, 1), jnp.swapaxes(delta32, 0, 1),
+          jnp.swapaxes(B.astype(jnp.float32), 0, 1), jnp.swapaxes(C.astype(jnp.float32), 0, 1),
+          jnp.swapaxes(valid, 0, 1))
+    h_last, ys = jax.lax.scan(step, h0, xs)
+    y = jnp.swapaxes(ys, 0, 1)
+    if D is not None:
+        y = y + u32 * D.astype(jnp.float32)
+    if z is not None:
+        y = y * jax.nn.silu(z.astype(jnp.float32))
+    y = y.astype(out_dtype)
+    return (y, h_last) if return_final_state else y

@@ -1,0 +1,39 @@
+"""Packaging for alignmamba-jax.
+
+`kernels/` is installed as `alignmamba_jax.kernels` (a top-level `kernels` package would collide with an
+unrelated PyPI distribution of that name).
+"""
+from setuptools import setup
+
+setup(
+    name="alignmamba-jax",
+    version="0.1.0",
+    description="AlignMamba and AlignMamba-2 in JAX/Flax, with fast selective-scan kernels",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=["alignmamba_jax", "alignmamba_jax.data", "alignmamba_jax.kernels"],
+    package_dir={"alignmamba_jax.kernels": "kernels"},
+    install_requires=[
+        "jax>=0.4.35",
+        "flax>=0.10",
+        "optax>=0.2.3",
+        "orbax-checkpoint>=0.10",
+        "chex>=0.1.87",
+        "ml_collections>=0.1.1",
+        "absl-py>=2.0",
+        "numpy>=1.26",
+        "matplotlib>=3.7",
+        "tensorboardX>=2.6",
+        "tqdm>=4.66",
+        "tensorflow-datasets>=4.9.7",
+        "grain>=0.2.2",
+        "array_record>=0.5",
+        "psutil>=5.9",
+    ],
+    extras_require={
+        "test": ["pytest>=7.4", "hypothesis>=6.100", "pytest-timeout>=2.2"],
+        "cuda": ["jax[cuda12]"],
+        "tpu": ["jax[tpu]"],
+    },
+)
