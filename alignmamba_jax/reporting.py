@@ -1,0 +1,188 @@
+"""What a run leaves behind: metrics.jsonl, TensorBoard events, results.json, tables and the curves PNG.
+
+Only process 0 writes; every other process gets a writer whose methods do nothing. `aggregate_runs` turns
+several workdirs (one per seed) into mean/std tables; run it as
+`python -m alignmamba_jax.reporting OUT_DIR WORKDIR [WORKDIR ...]`.
+"""
+import json
+import math
+import os
+import sys
+from typing import Mapping, Optional, Sequence
+
+import numpy as np
+
+MISSING_RATES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
+
+
+class MetricWriter:
+    """Appends one JSON object per logged step to metrics.jsonl and mirrors scalars to TensorBoard."""
+
+    def __init__(self, workdir: str, active: bool):
+        self.active = active
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self._tb = None
+        if active:
+            from tensorboardX import SummaryWriter
+            os.makedirs(workdir, exist_ok=True)
+            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+    def truncate_after(self, step: int) -> None:
+        """Drops records logged after `step` (a resumed run re-logs them identically)."""
+        if not self.active or not os.path.exists(self.path):
+            return
+        with open(self.path) as f:
+            records = [json.loads(line) for line in f if line.strip()]
+        with open(self.path, "w") as f:
+            for record in records:
+                if record["step"] <= step:
+                    f.write(json.dumps(record) + "\n")
+
+    def write(self, step: int, scalars: Mapping[str, float]) -> None:
+        if not self.active:
+            return
+        record = {"step": int(step), **{k: float(v) for k, v in scalars.items()}}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        for k, v in scalars.items():
+            self._tb.add_scalar(k, float(v), int(step))
+        self._tb.flush()
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_metrics(workdir: str) -> list:
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_curves(workdir: str, filename: str = "curves.png") -> Optional[str]:
+    """Training loss, learning rate and validation metrics against step, one panel each."""
+    records = read_metrics(workdir)
+    if not records:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = {
+        "train loss": [k for k in ("train/loss", "train/task_loss", "train/align_loss")],
+        "learning rate": ["train/learning_rate"],
+        "validation": sorted({k for r in records for k in r if k.startswith("valid/")}),
+    }
+    fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 3.6))
+    for ax, (title, keys) in zip(axes, groups.items()):
+        for key in keys:
+            points = [(r["step"], r[key]) for r in records if key in r and math.isfinite(r[key])]
+            if points:
+                xs, ys = zip(*points)
+                ax.plot(xs, ys, label=key.split("/", 1)[1], marker="." if len(xs) < 30 else None)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        if ax.lines:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    out = os.path.join(workdir, filename)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def _fmt(value) -> str:
+    if isinstance(value, (int, float, np.floating)):
+        return f"{float(value):.4f}"
+    return str(value)
+
+
+def metrics_table(results: Mapping[str, Mapping[str, object]], splits: Sequence[str] = ("valid", "test")) -> str:
+    """Markdown table: one row per metric, one column per split."""
+    splits = [s for s in splits if s in results]
+    keys = list(dict.fromkeys(k for s in splits for k in results[s]))
+    lines = ["| metric | " + " | ".join(splits) + " |", "|---|" + "---|" * len(splits)]
+    for key in keys:
+        lines.append(f"| {key} | " + " | ".join(_fmt(results[s].get(key, "")) for s in splits) + " |")
+    return "\n".join(lines)
+
+
+def missing_table(sweep: Mapping[str, Mapping[str, Mapping[str, float]]], metrics: Sequence[str]) -> dict:
+    """The paper's Table 1 layout from {protocol: {rate: {metric: value}}}.
+
+    Returns {protocol: {metric: {"0.1": v, ..., "average": v, "drop": v(0.1) - v(0.7)}}} and a Markdown
+    rendering under the key "markdown". Rates missing from the sweep are left out of the row.
+    """
+    table = {}
+    for protocol, by_rate in sweep.items():
+        rates = sorted(by_rate, key=float)
+        table[protocol] = {}
+        for metric in metrics:
+            row = {r: float(by_rate[r][metric]) for r in rates}
+            row["average"] = float(np.mean([row[r] for r in rates]))
+            if "0.1" in row and "0.7" in row:
+                row["drop"] = row["0.1"] - row["0.7"]
+            table[protocol][metric] = row
+    columns = list(dict.fromkeys(c for p in table.values() for row in p.values() for c in row))
+    lines = ["| protocol | metric | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
+    for protocol, rows in table.items():
+        for metric, row in rows.items():
+            lines.append(f"| {protocol} | {metric} | " + " | ".join(_fmt(row.get(c, "")) for c in columns) + " |")
+    return {"table": table, "markdown": "\n".join(lines)}
+
+
+def write_results(workdir: str, results: Mapping[str, object]) -> None:
+    with open(os.path.join(workdir, "results.json"), "w") as f:
+        json.dump(results, f, indent=2, sort_keys=True)
+
+
+def aggregate_runs(workdirs: Sequence[str]) -> dict:
+    """Mean and (sample) std over runs of every numeric metric in results.json, per split."""
+    runs = []
+    for workdir in workdirs:
+        path = os.path.join(workdir, "results.json")
+        if not os.path.exists(path):
+            raise ValueError(f"{path} does not exist: is {workdir} a finished run?")
+        with open(path) as f:
+            runs.append(json.load(f))
+    summary = {"runs": list(workdirs)}
+    for split in ("valid", "test"):
+        keys = [k for k in runs[0].get(split, {}) if all(k in r.get(split, {}) for r in runs)]
+        summary[split] = {}
+        for key in keys:
+            values = np.array([float(r[split][key]) for r in runs])
+            summary[split][key] = {"mean": float(values.mean()),
+                                   "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0}
+    return summary
+
+
+def aggregate_table(summary: Mapping[str, object]) -> str:
+    splits = [s for s in ("valid", "test") if summary.get(s)]
+    keys = list(dict.fromkeys(k for s in splits for k in summary[s]))
+    lines = [f"{len(summary['runs'])} runs, mean ± std", "",
+             "| metric | " + " | ".join(splits) + " |", "|---|" + "---|" * len(splits)]
+    for key in keys:
+        cells = [f"{summary[s][key]['mean']:.4f} ± {summary[s][key]['std']:.4f}" if key in summary[s] else ""
+                 for s in splits]
+        lines.append(f"| {key} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str]) -> None:
+    if len(argv) < 3:
+        raise SystemExit("usage: python -m alignmamba_jax.reporting OUT_DIR WORKDIR [WORKDIR ...]")
+    out_dir, workdirs = argv[1], argv[2:]
+    summary = aggregate_runs(workdirs)
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "seeds.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    table = aggregate_table(summary)
+    with open(os.path.join(out_dir, "seeds.md"), "w") as f:
+        f.write(table + "\n")
+    print(table)
+
+
+if __name__ == "__main__":
+    main(sys.argv)

@@ -1,0 +1,453 @@
+"""The training loop: configuration defaults, optimiser, sharded jit steps, checkpoints and evaluation.
+
+One mesh with axes ("data", "fsdp") is declared in `create_mesh`; the batch is split over both axes and
+parameters (and optimiser moments) larger than `train.fsdp_min_size` are split over "fsdp". With fsdp=1 this
+is plain data parallelism. The same code runs on one CPU, forced CPU devices, a GPU, or a multi-host pod
+(`jax.distributed` is initialised by `main.py`).
+
+Determinism: the data order and the dropout keys are functions of (seed, step), so a run resumed from any
+checkpoint ends bit-identical to an uninterrupted one on the same machine.
+"""
+import functools
+import os
+import time
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from absl import logging
+from flax.training import train_state as train_state_lib
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+from alignmamba_jax import data as data_lib
+from alignmamba_jax import input_pipeline, metrics as metrics_lib, models, reporting
+
+NO_DECAY_LEAVES = ("A_log", "D", "bias", "scale")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or Inf; the last good checkpoint is kept."""
+
+
+def default_train_config() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(dict(
+        batch_size=32,            # global, over all devices and processes
+        steps=1000,
+        learning_rate=1e-3,
+        warmup_steps=100,
+        end_learning_rate_factor=0.01,
+        weight_decay=0.01,
+        b1=0.9,
+        b2=0.999,
+        grad_clip_norm=1.0,
+        log_every=50,
+        eval_every=200,           # validation (and best-checkpoint selection) every this many steps
+        checkpoint_every=200,
+        keep_checkpoints=2,
+        fsdp=1,                   # size of the mesh's "fsdp" axis; the "data" axis takes the other devices
+        fsdp_min_size=2 ** 14,    # parameters with fewer elements stay replicated
+    ))
+
+
+def default_eval_config() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(dict(
+        batch_size=64,
+        select_metric="MAE",      # validation metric that picks the best checkpoint (MMSA: the loss)
+        select_mode="min",
+        missing_rates=(),         # e.g. (0.1, ..., 0.7): sweep missing-modality protocols on test
+        missing_protocols=("random_tokens", "imder", "per_sample"),
+        missing_metrics=("Non0_acc_2", "Non0_F1_score"),
+        missing_seed=0,
+    ))
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """Every key a run may set; configs/*.py start here and override."""
+    return ml_collections.ConfigDict(dict(
+        seed=0,
+        data=data_lib.default_data_config(),
+        model=models.default_model_config(),
+        train=default_train_config(),
+        eval=default_eval_config(),
+    ))
+
+
+MODEL_VARIANTS = {
+    # Paper Table 3: config parameter string -> model overrides (e.g. `configs/mosi.py:wo_local`).
+    "full": {},
+    "wo_local": {"use_local_alignment": False},
+    "wo_global": {"use_global_alignment": False},
+    "single_stream": {"fusion": "single_stream", "use_local_alignment": False},
+    "multi_stream": {"fusion": "multi_stream", "use_local_alignment": False},
+    "wo_audio": {"drop_modalities": ("audio",)},
+    "wo_video": {"drop_modalities": ("vision",)},
+    "wo_language": {"drop_modalities": ("text",)},
+}
+
+
+def apply_model_variant(config: ml_collections.ConfigDict, variant: str) -> ml_collections.ConfigDict:
+    if variant not in MODEL_VARIANTS:
+        raise ValueError(f"unknown config variant {variant!r}; expected one of {sorted(MODEL_VARIANTS)}")
+    config.model.update(MODEL_VARIANTS[variant])
+    return config
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """Rejects keys that no part of the code reads (a typo would otherwise be silently ignored)."""
+    def walk(given, reference, prefix):
+        for key in given.keys():
+            name = f"{prefix}{key}"
+            if key not in reference:
+                raise ValueError(f"unknown config key {name!r}; expected one of {sorted(reference.keys())}")
+            if isinstance(reference[key], ml_collections.ConfigDict) and isinstance(
+                    given[key], ml_collections.ConfigDict):
+                walk(given[key], reference[key], name + ".")
+    walk(config, default_config(), "")
+
+
+def multihost_requested(coordinator_address, num_processes, process_id) -> bool:
+    """True when any multi-host flag is given or a multi-process SLURM / Open MPI / TPU-pod job is detected."""
+    if any(v is not None for v in (coordinator_address, num_processes, process_id)):
+        return True
+    env = os.environ
+    return (int(env.get("SLURM_NTASKS", "1")) > 1 or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
+            or "," in env.get("TPU_WORKER_HOSTNAMES", ""))
+
+
+def check_data_path(data_config) -> None:
+    if data_config.name == "synthetic":
+        return
+    if not data_config.path:
+        raise ValueError(f"data.path is required for data.name={data_config.name!r}")
+    if not os.path.exists(data_config.path):
+        raise ValueError(f"data.path={data_config.path!r} does not exist")
+
+
+def create_mesh(fsdp: int) -> jax.sharding.Mesh:
+    n = jax.device_count()
+    if fsdp < 1 or n % fsdp:
+        raise ValueError(f"train.fsdp={fsdp} must divide the number of devices ({n})")
+    return jax.make_mesh((n // fsdp, fsdp), ("data", "fsdp"), axis_types=(AxisType.Auto, AxisType.Auto))
+
+
+def batch_sharding(mesh) -> NamedSharding:
+    return NamedSharding(mesh, P(("data", "fsdp")))
+
+
+def fsdp_spec(shape, fsdp: int, min_size: int) -> P:
+    """Shards the largest divisible axis over "fsdp"; small or indivisible arrays stay replicated."""
+    if fsdp == 1 or int(np.prod(shape, dtype=np.int64)) < min_size:
+        return P()
+    for axis in sorted(range(len(shape)), key=lambda a: -shape[a]):
+        if shape[axis] % fsdp == 0:
+            return P(*[("fsdp" if a == axis else None) for a in range(len(shape))])
+    return P()
+
+
+def weight_decay_mask(params):
+    """True where AdamW decays: not on A_log, D, biases (dt_proj/bias included) or norm scales."""
+    def decays(path, _):
+        return getattr(path[-1], "key", None) not in NO_DECAY_LEAVES
+    return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def create_learning_rate_schedule(train_config) -> optax.Schedule:
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=train_config.learning_rate, warmup_steps=train_config.warmup_steps,
+        decay_steps=max(train_config.steps, train_config.warmup_steps + 1),
+        end_value=train_config.learning_rate * train_config.end_learning_rate_factor)
+
+
+def create_optimizer(train_config) -> optax.GradientTransformation:
+    return optax.chain(
+        optax.clip_by_global_norm(train_config.grad_clip_norm),
+        optax.adamw(create_learning_rate_schedule(train_config), b1=train_config.b1, b2=train_config.b2,
+                    weight_decay=train_config.weight_decay, mask=weight_decay_mask))
+
+
+def create_model_for_data(config, splits):
+    modalities = tuple(config.data.modalities)
+    input_dims = {m: int(splits["train"][m].shape[-1]) for m in modalities}
+    return models.create_model(config.model, modalities=modalities, anchor=config.data.anchor,
+                               input_dims=input_dims, task=config.data.task,
+                               num_classes=config.data.num_classes)
+
+
+def example_inputs(config, splits):
+    split = splits["train"]
+    features = {m: jnp.zeros((2,) + split[m].shape[1:], jnp.float32) for m in config.data.modalities}
+    masks = {m: jnp.ones((2, split[m].shape[1]), bool) for m in config.data.modalities}
+    return features, masks
+
+
+def create_train_state(config, model, features, masks, mesh):
+    """Initialises parameters and optimiser state directly into their shardings; returns (state, shardings)."""
+    tx = create_optimizer(config.train)
+
+    def init(rng):
+        params_rng, dropout_rng = jax.random.split(rng)
+        variables = model.init({"params": params_rng, "dropout": dropout_rng}, features, masks, train=False)
+        return train_state_lib.TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx)
+
+    rng = jax.random.key(config.seed)
+    abstract = jax.eval_shape(init, rng)
+    shardings = jax.tree.map(
+        lambda x: NamedSharding(mesh, fsdp_spec(x.shape, config.train.fsdp, config.train.fsdp_min_size)),
+        abstract)
+    state = jax.jit(init, out_shardings=shardings)(rng)
+    return state, shardings
+
+
+def split_inputs(batch, modalities):
+    return {m: batch[m] for m in modalities}, {m: batch[m + "_mask"] for m in modalities}
+
+
+def task_loss(prediction, labels, weights, task):
+    """Weighted mean L1 (regression, as MMSA trains sentiment) or cross-entropy (classification)."""
+    if task == "regression":
+        per_example = jnp.abs(prediction.astype(jnp.float32) - labels)
+    else:
+        per_example = optax.softmax_cross_entropy_with_integer_labels(prediction.astype(jnp.float32), labels)
+    return jnp.sum(per_example * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+
+def train_step(state, batch, *, config):
+    """One AdamW step; dropout keys are folded from (seed, step)."""
+    modalities = tuple(config.data.modalities)
+    dropout_rng = jax.random.fold_in(jax.random.key(config.seed + 1), state.step)
+    features, masks = split_inputs(batch, modalities)
+
+    def loss_fn(params):
+        out = state.apply_fn({"params": params}, features, masks, train=True, rngs={"dropout": dropout_rng})
+        task = task_loss(out["prediction"], batch["labels"], batch["weights"], config.data.task)
+        align = jnp.asarray(out["align_loss"], jnp.float32)
+        loss = task + config.model.align_weight * align
+        aux = {"task_loss": task, "align_loss": align,
+               **{f"aux_{k}": jnp.asarray(v, jnp.float32) for k, v in out.get("aux", {}).items()}}
+        return loss, aux
+
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    new_state = state.apply_gradients(grads=grads)
+    step_metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
+                    "learning_rate": create_learning_rate_schedule(config.train)(state.step), **aux}
+    return new_state, step_metrics
+
+
+def eval_step(params, batch, *, apply_fn, modalities):
+    features, masks = split_inputs(batch, modalities)
+    return apply_fn({"params": params}, features, masks, train=False)["prediction"]
+
+
+def split_metrics(task, predictions, labels) -> dict:
+    if task == "regression":
+        return metrics_lib.regression_metrics(predictions, labels)
+    return metrics_lib.classification_metrics(predictions, labels)
+
+
+class Evaluator:
+    """Predictions over a whole split (optionally with missing modalities) and their MMSA metrics."""
+
+    def __init__(self, config, mesh, apply_fn):
+        self.config = config
+        self.modalities = tuple(config.data.modalities)
+        self.sharding = batch_sharding(mesh)
+        self.global_batch = config.eval.batch_size
+        self.rows = input_pipeline.process_rows(self.sharding, self.global_batch)
+        self._step = jax.jit(
+            functools.partial(eval_step, apply_fn=apply_fn, modalities=self.modalities),
+            out_shardings=NamedSharding(mesh, P()))
+
+    def predict(self, params, split, protocol=None, rate=0.0):
+        predictions = []
+        for i, batch in enumerate(input_pipeline.local_eval_batches(
+                split, self.modalities, self.global_batch, self.rows)):
+            if protocol is not None:
+                seed = (self.config.eval.missing_seed * 1_000_003 + i) * 4099 + jax.process_index()
+                batch = {**batch, **protocol(batch, rate, seed, self.modalities, self.config.data.anchor)}
+            global_batch = input_pipeline.to_global(batch, self.sharding, self.global_batch)
+            predictions.append(np.asarray(self._step(params, global_batch)))
+        n = input_pipeline.split_size(split)
+        return np.concatenate(predictions)[:n]
+
+    def evaluate(self, params, split, protocol=None, rate=0.0) -> dict:
+        predictions = self.predict(params, split, protocol, rate)
+        return split_metrics(self.config.data.task, predictions, np.asarray(split["labels"]))
+
+
+def validate_run(config, splits) -> None:
+    """Errors that would otherwise surface only after compilation or mid-run."""
+    n = jax.device_count()
+    for key, value in (("train.batch_size", config.train.batch_size), ("eval.batch_size", config.eval.batch_size)):
+        if value % n:
+            raise ValueError(f"{key}={value} must be divisible by the number of devices ({n})")
+    input_pipeline.steps_per_epoch(input_pipeline.split_size(splits["train"]), config.train.batch_size)
+    for name in ("train", "valid", "test"):
+        if name not in splits:
+            raise ValueError(f"data split {name!r} missing; load_splits returned {sorted(splits)}")
+    if config.eval.missing_rates:
+        unknown = set(config.eval.missing_protocols) - set(data_lib.missing.PROTOCOLS)
+        if unknown:
+            raise ValueError(f"eval.missing_protocols has unknown {sorted(unknown)}; "
+                             f"expected names from {sorted(data_lib.missing.PROTOCOLS)}")
+
+
+def is_better(value, best, mode) -> bool:
+    if best is None:
+        return True
+    return value < best if mode == "min" else value > best
+
+
+def _save(manager, step, state, meta):
+    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                               meta=ocp.args.JsonSave(meta)))
+
+
+def _restore(manager, step, abstract_state):
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                                                             meta=ocp.args.JsonRestore()))
+    return restored["state"], restored["meta"]
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Trains, selects the best checkpoint on validation, evaluates it on valid/test; returns results.json."""
+    check_config(config)
+    workdir = os.path.abspath(workdir)
+    is_chief = jax.process_index() == 0
+    check_data_path(config.data)
+    splits = data_lib.load_splits(config.data)
+    validate_run(config, splits)
+
+    mesh = create_mesh(config.train.fsdp)
+    data_sharding = batch_sharding(mesh)
+    rows = input_pipeline.process_rows(data_sharding, config.train.batch_size)
+    model = create_model_for_data(config, splits)
+    features, masks = example_inputs(config, splits)
+    state, state_shardings = create_train_state(config, model, features, masks, mesh)
+    abstract_state = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_shardings)
+    logging.info("parameters: %d on mesh %s",
+                 sum(x.size for x in jax.tree.leaves(state.params)), dict(mesh.shape))
+
+    options = dict(enable_async_checkpointing=False)
+    latest = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"), options=ocp.CheckpointManagerOptions(
+        max_to_keep=config.train.keep_checkpoints, **options))
+    best = ocp.CheckpointManager(os.path.join(workdir, "best"), options=ocp.CheckpointManagerOptions(
+        max_to_keep=1, **options))
+    writer = reporting.MetricWriter(workdir, active=is_chief)
+
+    best_value = None
+    if best.latest_step() is not None:
+        best_value = best.restore(best.latest_step(), args=ocp.args.Composite(
+            meta=ocp.args.JsonRestore()))["meta"]["value"]
+    if latest.latest_step() is not None:
+        state, _ = _restore(latest, latest.latest_step(), abstract_state)
+        if is_chief:
+            print(f"resumed from {latest.directory}/{latest.latest_step()}")
+    start_step = int(state.step)
+    writer.truncate_after(start_step)
+
+    step_fn = jax.jit(functools.partial(train_step, config=config),
+                      in_shardings=(state_shardings, data_sharding),
+                      out_shardings=(state_shardings, NamedSharding(mesh, P())), donate_argnums=0)
+    evaluator = Evaluator(config, mesh, model.apply)
+    tc = config.train
+    pending = []
+    last_good = latest.latest_step()
+
+    def drain():
+        """Fetches the metrics of the steps since the last drain; stops the run on a non-finite loss."""
+        fetched = jax.device_get([m for _, m in pending])
+        for (s, _), m in zip(pending, fetched):
+            if not np.isfinite(m["loss"]):
+                raise NonFiniteLossError(
+                    f"loss is {float(m['loss'])} at step {s}; stopping. Last good checkpoint: "
+                    f"{'none' if last_good is None else f'step {last_good}'} in {latest.directory}")
+        pending.clear()
+        return fetched
+
+    progress = None
+    if is_chief:
+        from tqdm import tqdm
+        progress = tqdm(total=tc.steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
+                        mininterval=1.0)
+    window_start, window_steps = time.perf_counter(), 0
+    for step in range(start_step, tc.steps):
+        local = input_pipeline.local_train_batch(splits["train"], config.data.modalities, config.seed, step,
+                                                 tc.batch_size, rows)
+        state, step_metrics = step_fn(state, input_pipeline.to_global(local, data_sharding, tc.batch_size))
+        pending.append((step, step_metrics))
+        window_steps += 1
+        done = step + 1
+        if progress is not None:
+            progress.update(1)
+        if done % tc.log_every == 0 or done == tc.steps:
+            fetched = drain()
+            elapsed = time.perf_counter() - window_start
+            scalars = {f"train/{k}": float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+            scalars["train/samples_per_second"] = window_steps * tc.batch_size / elapsed
+            writer.write(done, scalars)
+            if progress is not None:
+                progress.set_postfix(loss=f"{scalars['train/loss']:.4f}",
+                                     samples_s=f"{scalars['train/samples_per_second']:.0f}")
+            window_start, window_steps = time.perf_counter(), 0
+        if done % tc.eval_every == 0 or done == tc.steps:
+            drain()
+            valid = evaluator.evaluate(state.params, splits["valid"])
+            writer.write(done, {f"valid/{k}": v for k, v in valid.items()})
+            value = float(valid[config.eval.select_metric])
+            if is_better(value, best_value, config.eval.select_mode) and (
+                    best.latest_step() is None or best.latest_step() < done):
+                best_value = value
+                _save(best, done, state, {"value": value, "step": done, "valid": valid})
+        if done % tc.checkpoint_every == 0 or done == tc.steps:
+            drain()
+            _save(latest, done, state, {"step": done})
+            last_good = done
+    if progress is not None:
+        progress.close()
+    latest.wait_until_finished()
+    best.wait_until_finished()
+
+    if best.latest_step() is not None:
+        state, _ = _restore(best, best.latest_step(), abstract_state)
+    results = {"best_step": int(state.step), "final_step": tc.steps}
+    for name in ("valid", "test"):
+        results[name] = evaluator.evaluate(state.params, splits[name])
+    if config.eval.missing_rates:
+        results["missing"] = missing_sweep(config, evaluator, state.params, splits["test"])
+    if is_chief:
+        write_outputs(workdir, results, config)
+    writer.close()
+    return results
+
+
+def missing_sweep(config, evaluator, params, split) -> dict:
+    """Test metrics with modalities removed at each rate, per protocol, in the paper's Table 1 layout."""
+    sweep = {}
+    for name in config.eval.missing_protocols:
+        protocol = data_lib.missing.PROTOCOLS[name]
+        sweep[name] = {f"{rate:g}": evaluator.evaluate(params, split, protocol, float(rate))
+                       for rate in config.eval.missing_rates}
+    metrics = [m for m in config.eval.missing_metrics
+               if all(m in r for rates in sweep.values() for r in rates.values())]
+    return {"by_rate": sweep, **reporting.missing_table(sweep, metrics)}
+
+
+def write_outputs(workdir: str, results: Mapping[str, Any], config) -> None:
+    reporting.write_results(workdir, results)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(config.to_json_best_effort(indent=2))
+    if "missing" in results:
+        with open(os.path.join(workdir, "missing_modality.md"), "w") as f:
+            f.write(results["missing"]["markdown"] + "\n")
+    reporting.plot_curves(workdir)
+    table = reporting.metrics_table(results)
+    with open(os.path.join(workdir, "results.md"), "w") as f:
+        f.write(f"best checkpoint: step {results['best_step']}\n\n{table}\n")
+    print(f"\nResults (best validation checkpoint, step {results['best_step']}) in {workdir}\n{table}")
+    if "missing" in results:
+        print("\nMissing-modality robustness (test)\n" + results["missing"]["markdown"])
