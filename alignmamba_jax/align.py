@@ -1,0 +1,154 @@
+"""Cross-modal alignment as pure functions: the paper's relaxed OT (`ot_align`), Gaussian-kernel MMD (`mmd`),
+log-domain entropic OT (`sinkhorn`), and mask-aware segment-mean resampling (`segment_mean_resample`).
+
+Conventions: tokens are (..., T, d) with any leading batch dims; masks are bool (..., T), True = valid, and
+None means all valid. Masked tokens carry no mass and receive none. Every function is jit/vmap/grad-safe and
+returns finite values (no NaN) for identical tokens, all-zero tokens and fully masked inputs.
+"""
+from typing import Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+
+_EPS = 1e-8
+
+
+def _mask_or_ones(x, mask, name):
+    if mask is None:
+        return jnp.ones(x.shape[:-1], bool)
+    if mask.shape != x.shape[:-1]:
+        raise ValueError(f"{name} must have shape {x.shape[:-1]} (the token axes of its features), "
+                         f"found {mask.shape}")
+    return mask.astype(bool)
+
+
+def _check_pair(x, y, xname, yname):
+    if x.ndim < 2 or y.ndim < 2:
+        raise ValueError(f"{xname} and {yname} must be (..., T, d), found {x.shape} and {y.shape}")
+    if x.shape[-1] != y.shape[-1] or x.shape[:-2] != y.shape[:-2]:
+        raise ValueError(f"{xname} {x.shape} and {yname} {y.shape} must share batch dims and feature width")
+
+
+def cosine_cost(x, y):
+    """C[..., i, j] = 1 - cos(x_i, y_j) in [0, 2]; a zero vector has cosine 0 with everything."""
+    xn = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), _EPS)
+    yn = y / jnp.maximum(jnp.linalg.norm(y, axis=-1, keepdims=True), _EPS)
+    return 1.0 - jnp.einsum("...id,...jd->...ij", xn, yn)
+
+
+def ot_align(source, anchor, source_mask=None, anchor_mask=None):
+    """AlignMamba's local alignment: relaxed OT with the anchor's incoming-mass constraint dropped.
+
+    source (..., T_s, d), anchor (..., T_a, d). Cost C(i, j) = 1 - cos(source_i, anchor_j) (eq. 3); each valid
+    source token sends all its mass 1/T_s to its cheapest valid anchor token, M(i, j) = 1/T_s iff
+    j = argmin_j' C(i, j') (eq. 5; T_s = number of valid source tokens); aligned = M^T source (eq. 6).
+    Returns (aligned (..., T_a, d), plan M (..., T_s, T_a)). The plan is piecewise constant in the inputs,
+    so gradients reach `source` through M^T source only and never reach `anchor`.
+    """
+    _check_pair(source, anchor, "source", "anchor")
+    sm = _mask_or_ones(source, source_mask, "source_mask")
+    am = _mask_or_ones(anchor, anchor_mask, "anchor_mask")
+    cost = jax.lax.stop_gradient(cosine_cost(source, anchor))
+    cost = jnp.where(am[..., None, :], cost, jnp.inf)
+    nearest = jnp.argmin(cost, axis=-1)
+    n_src = jnp.sum(sm, axis=-1, dtype=jnp.float32)[..., None, None]
+    keep = sm[..., :, None] & jnp.any(am, axis=-1)[..., None, None]
+    plan = jax.nn.one_hot(nearest, anchor.shape[-2], dtype=jnp.float32)
+    plan = jnp.where(keep, plan / jnp.maximum(n_src, 1.0), 0.0)
+    aligned = jnp.einsum("...ij,...id->...jd", plan, source.astype(jnp.float32)).astype(source.dtype)
+    return aligned, plan
+
+
+def segment_mean_resample(source, target_length: int, source_mask=None, target_mask=None):
+    """Naive time alignment: resample each sequence's valid tokens to the target's valid length by segment means.
+
+    Segment j of n_t output tokens averages source tokens [floor(j n_s / n_t), ceil((j + 1) n_s / n_t)) of the
+    n_s valid ones (adaptive average pooling; upsamples by repetition when n_s < n_t). Assumes right padding.
+    Returns (resampled (..., target_length, d), plan (..., T_s, target_length)) with resampled = plan^T source.
+    """
+    sm = _mask_or_ones(source, source_mask, "source_mask")
+    tm = (jnp.ones(source.shape[:-2] + (target_length,), bool) if target_mask is None
+          else target_mask.astype(bool))
+    if tm.shape != source.shape[:-2] + (target_length,):
+        raise ValueError(f"target_mask must have shape {source.shape[:-2] + (target_length,)}, found {tm.shape}")
+    n_s = jnp.sum(sm, axis=-1)[..., None, None]
+    n_t = jnp.maximum(jnp.sum(tm, axis=-1), 1)[..., None, None]
+    i = jnp.arange(source.shape[-2])[:, None]
+    j = jnp.arange(target_length)[None, :]
+    start = (j * n_s) // n_t
+    end = -((-(j + 1) * n_s) // n_t)
+    member = (i >= start) & (i < end) & tm[..., None, :] & sm[..., :, None]
+    count = jnp.sum(member, axis=-2, keepdims=True)
+    plan = jnp.where(member, 1.0 / jnp.maximum(count, 1), 0.0).astype(jnp.float32)
+    resampled = jnp.einsum("...ij,...id->...jd", plan, source.astype(jnp.float32)).astype(source.dtype)
+    return resampled, plan
+
+
+def mmd(x, y, sigma: Union[float, Sequence[float]] = 1.0, x_mask=None, y_mask=None):
+    """Biased MMD^2 between the token sets of x (..., T_x, d) and y (..., T_y, d), Gaussian kernel.
+
+    k(a, b) = exp(-|a - b|^2 / (2 sigma^2)); MMD^2 = E k(x, x') + E k(y, y') - 2 E k(x, y) over valid tokens
+    (V-statistic, so it is >= 0 and exactly 0 for identical sets). A sequence of sigmas averages the kernels
+    (multi-bandwidth). Returns (...) per batch element; 0 where either side has no valid token.
+    """
+    _check_pair(x, y, "x", "y")
+    xm = _mask_or_ones(x, x_mask, "x_mask").astype(jnp.float32)
+    ym = _mask_or_ones(y, y_mask, "y_mask").astype(jnp.float32)
+    x32, y32 = x.astype(jnp.float32), y.astype(jnp.float32)
+    sigmas = jnp.atleast_1d(jnp.asarray(sigma, jnp.float32))
+    wx = xm / jnp.maximum(jnp.sum(xm, -1, keepdims=True), 1.0)
+    wy = ym / jnp.maximum(jnp.sum(ym, -1, keepdims=True), 1.0)
+
+    def mean_kernel(a, b, wa, wb):
+        sq = (jnp.sum(a * a, -1)[..., :, None] + jnp.sum(b * b, -1)[..., None, :]
+              - 2.0 * jnp.einsum("...id,...jd->...ij", a, b))
+        sq = jnp.maximum(sq, 0.0)
+        k = jnp.mean(jnp.exp(-sq[..., None] / (2.0 * sigmas ** 2)), axis=-1)
+        return jnp.einsum("...i,...ij,...j->...", wa, k, wb)
+
+    value = mean_kernel(x32, x32, wx, wx) + mean_kernel(y32, y32, wy, wy) - 2.0 * mean_kernel(x32, y32, wx, wy)
+    both = (jnp.sum(xm, -1) > 0) & (jnp.sum(ym, -1) > 0)
+    return jnp.where(both, jnp.maximum(value, 0.0), 0.0)
+
+
+def sinkhorn(cost, x_mask=None, y_mask=None, *, epsilon: float = 0.1, num_iters: int = 100):
+    """Entropic OT between uniform measures on the valid rows and columns of `cost` (..., T_x, T_y).
+
+    Log-domain Sinkhorn (stable for small epsilon): potentials f, g alternate
+    f_i = eps log a_i - eps LSE_j((g_j - C_ij) / eps), g_j likewise; plan P_ij = exp((f_i + g_j - C_ij) / eps).
+    Returns (plan (..., T_x, T_y), distance <P, C> (...)). Differentiable by unrolling the fixed number of
+    iterations; masked rows/columns get zero mass; a fully masked side gives a zero plan and distance.
+    """
+    if cost.ndim < 2:
+        raise ValueError(f"cost must be (..., T_x, T_y), found {cost.shape}")
+    cost = cost.astype(jnp.float32)
+    xm = (jnp.ones(cost.shape[:-1], bool) if x_mask is None else x_mask.astype(bool))
+    ym = (jnp.ones(cost.shape[:-2] + cost.shape[-1:], bool) if y_mask is None else y_mask.astype(bool))
+    if xm.shape != cost.shape[:-1]:
+        raise ValueError(f"x_mask must have shape {cost.shape[:-1]}, found {xm.shape}")
+    if ym.shape != cost.shape[:-2] + cost.shape[-1:]:
+        raise ValueError(f"y_mask must have shape {cost.shape[:-2] + cost.shape[-1:]}, found {ym.shape}")
+    # A side with no valid token makes the whole problem empty: no mass anywhere.
+    xm, ym = xm & jnp.any(ym, -1, keepdims=True), ym & jnp.any(xm, -1, keepdims=True)
+    log_a = -jnp.log(jnp.maximum(jnp.sum(xm, -1, keepdims=True), 1).astype(jnp.float32))
+    log_b = -jnp.log(jnp.maximum(jnp.sum(ym, -1, keepdims=True), 1).astype(jnp.float32))
+    valid = xm[..., :, None] & ym[..., None, :]
+    # Masked entries are pushed to a large finite negative score, never -inf, so every gradient stays finite.
+    neg = jnp.float32(-1e9)
+    scaled_cost = jnp.where(valid, cost / epsilon, 0.0)
+
+    def scores(f, g):
+        return jnp.where(valid, (f[..., :, None] + g[..., None, :]) / epsilon - scaled_cost, neg)
+
+    def step(carry, _):
+        f, g = carry
+        f = jnp.where(xm, f + epsilon * (log_a - jax.nn.logsumexp(scores(f, g), axis=-1)), 0.0)
+        g = jnp.where(ym, g + epsilon * (log_b - jax.nn.logsumexp(scores(f, g), axis=-2)), 0.0)
+        return (f, g), None
+
+    f0 = jnp.zeros(xm.shape, jnp.float32)
+    g0 = jnp.zeros(ym.shape, jnp.float32)
+    (f, g), _ = jax.lax.scan(step, (f0, g0), None, length=num_iters)
+    plan = jnp.where(valid, jnp.exp(scores(f, g)), 0.0)
+    distance = jnp.sum(plan * jnp.where(valid, cost, 0.0), axis=(-2, -1))
+    return plan, distance
