@@ -1,0 +1,116 @@
+"""Checks and conversions shared by the loaders: every error names where (file:split), the key, and the
+expected vs found value, so a user with a malformed file knows what to fix."""
+from __future__ import annotations
+
+import numpy as np
+
+LABEL_RANGE = (-3.0, 3.0)
+
+
+def require(mapping, key, where):
+    if not hasattr(mapping, "keys"):
+        raise ValueError(f"{where}: expected a dict of arrays, found {type(mapping).__name__}")
+    if key not in mapping:
+        raise ValueError(f"{where}: missing key {key!r} (found keys {sorted(map(str, mapping.keys()))})")
+    return mapping[key]
+
+
+def features(x, where, key, ndim=3, n=None, length=None, dim=None):
+    """float32 view/copy of a (N, T, d) feature array, shape-checked."""
+    x = np.asarray(x)
+    if x.ndim != ndim or (n is not None and x.shape[0] != n) or (length is not None and x.shape[1] != length) \
+            or (dim is not None and x.shape[2] != dim):
+        expect = (n if n is not None else "N", length if length is not None else "T", dim if dim is not None else "d")
+        raise ValueError(f"{where}: key {key!r}: expected shape {expect[:ndim]}, found {x.shape}")
+    if not np.issubdtype(x.dtype, np.floating):
+        raise ValueError(f"{where}: key {key!r}: expected floating point features, found dtype {x.dtype}")
+    return x.astype(np.float32, copy=False)
+
+
+def zero_non_finite(x, where, key):
+    """Replace non-finite entries by 0 in place when writable (the real MMSA audio holds -inf); return count."""
+    count = 0
+    flat = x.reshape(x.shape[0], -1)
+    for start in range(0, flat.shape[0], 1024):  # chunked: no full-size boolean temporary
+        bad = ~np.isfinite(flat[start:start + 1024])
+        n_bad = int(bad.sum())
+        if n_bad:
+            if not x.flags.writeable:
+                raise ValueError(f"{where}: key {key!r}: {n_bad} non-finite values in a read-only array")
+            flat[start:start + 1024][bad] = 0.0
+            count += n_bad
+    return count
+
+
+def mask_from_lengths(lengths, length, where, key, n=None):
+    lengths = np.asarray(lengths).reshape(-1)
+    if n is not None and lengths.shape[0] != n:
+        raise ValueError(f"{where}: key {key!r}: expected {n} lengths, found {lengths.shape[0]}")
+    if lengths.size and (np.any(lengths < 0) or np.any(lengths > length)):
+        raise ValueError(f"{where}: key {key!r}: lengths must be in [0, {length}], found range "
+                         f"[{lengths.min()}, {lengths.max()}]")
+    return np.arange(length)[None, :] < lengths.astype(np.int64)[:, None]
+
+
+def regression_labels(y, where, key, n=None):
+    y = np.asarray(y)
+    if y.ndim > 1 and int(np.prod(y.shape[1:])) == 1:
+        y = y.reshape(y.shape[0])
+    if y.ndim != 1 or (n is not None and y.shape[0] != n):
+        raise ValueError(f"{where}: key {key!r}: expected shape ({n if n is not None else 'N'},), found {y.shape}")
+    y = y.astype(np.float32)
+    if np.any(np.isnan(y)):
+        raise ValueError(f"{where}: key {key!r}: {int(np.isnan(y).sum())} NaN labels "
+                         f"(first at index {int(np.argmax(np.isnan(y)))})")
+    lo, hi = LABEL_RANGE
+    if y.size and (y.min() < lo or y.max() > hi):
+        raise ValueError(f"{where}: key {key!r}: sentiment labels must lie in [{lo}, {hi}], found range "
+                         f"[{y.min()}, {y.max()}]")
+    return y
+
+
+def class_labels(y, where, key, n=None, num_classes=None):
+    y = np.asarray(y)
+    if y.ndim != 1 or (n is not None and y.shape[0] != n):
+        raise ValueError(f"{where}: key {key!r}: expected shape ({n if n is not None else 'N'},), found {y.shape}")
+    if not np.issubdtype(y.dtype, np.integer):
+        if np.any(np.isnan(y)) or np.any(y != np.round(y)):
+            raise ValueError(f"{where}: key {key!r}: class labels must be integers, found non-integer values")
+    y = y.astype(np.int32)
+    if y.size and (y.min() < 0 or (num_classes is not None and y.max() >= num_classes)):
+        raise ValueError(f"{where}: key {key!r}: class labels must lie in [0, {num_classes}), found range "
+                         f"[{y.min()}, {y.max()}]")
+    return y
+
+
+def ids(values, where, key, n):
+    values = np.asarray(values)
+    if values.shape[:1] != (n,):
+        raise ValueError(f"{where}: key {key!r}: expected {n} ids, found shape {values.shape}")
+    if values.ndim > 1:  # MulT stores (video, start, end) rows
+        return np.array(["$_$".join(str(v) for v in row) for row in values.reshape(n, -1)])
+    return values.astype(str)
+
+
+def select(arrays, modalities, task, num_classes, where):
+    """Check a loaded split against the data contract and keep only the requested modalities."""
+    labels = require(arrays, "labels", where)
+    n = len(labels)
+    out = {}
+    for m in modalities:
+        x = require(arrays, m, where)
+        mask = require(arrays, m + "_mask", where)
+        if x.ndim != 3 or x.shape[0] != n:
+            raise ValueError(f"{where}: key {m!r}: expected shape ({n}, T, d), found {x.shape}")
+        if mask.shape != x.shape[:2] or mask.dtype != np.bool_:
+            raise ValueError(f"{where}: key {m + '_mask'!r}: expected bool {x.shape[:2]}, "
+                             f"found {mask.dtype} {mask.shape}")
+        out[m] = x.astype(np.float32, copy=False)
+        out[m + "_mask"] = mask
+    if task == "regression":
+        out["labels"] = regression_labels(labels, where, "labels", n)
+    else:
+        out["labels"] = class_labels(labels, where, "labels", n, num_classes)
+    out["ids"] = ids(arrays["ids"], where, "ids", n) if "ids" in arrays else np.array(
+        [str(i) for i in range(n)])
+    return out
