@@ -121,7 +121,8 @@ def sinkhorn(cost, x_mask=None, y_mask=None, *, epsilon: float = 0.1, num_iters:
     """
     if cost.ndim < 2:
         raise ValueError(f"cost must be (..., T_x, T_y), found {cost.shape}")
-    cost = cost.astype(jnp.float32)
+    dtype = jnp.promote_types(cost.dtype, jnp.float32)
+    cost = cost.astype(dtype)
     xm = (jnp.ones(cost.shape[:-1], bool) if x_mask is None else x_mask.astype(bool))
     ym = (jnp.ones(cost.shape[:-2] + cost.shape[-1:], bool) if y_mask is None else y_mask.astype(bool))
     if xm.shape != cost.shape[:-1]:
@@ -130,11 +131,11 @@ def sinkhorn(cost, x_mask=None, y_mask=None, *, epsilon: float = 0.1, num_iters:
         raise ValueError(f"y_mask must have shape {cost.shape[:-2] + cost.shape[-1:]}, found {ym.shape}")
     # A side with no valid token makes the whole problem empty: no mass anywhere.
     xm, ym = xm & jnp.any(ym, -1, keepdims=True), ym & jnp.any(xm, -1, keepdims=True)
-    log_a = -jnp.log(jnp.maximum(jnp.sum(xm, -1, keepdims=True), 1).astype(jnp.float32))
-    log_b = -jnp.log(jnp.maximum(jnp.sum(ym, -1, keepdims=True), 1).astype(jnp.float32))
+    log_a = -jnp.log(jnp.maximum(jnp.sum(xm, -1, keepdims=True), 1).astype(dtype))
+    log_b = -jnp.log(jnp.maximum(jnp.sum(ym, -1, keepdims=True), 1).astype(dtype))
     valid = xm[..., :, None] & ym[..., None, :]
     # Masked entries are pushed to a large finite negative score, never -inf, so every gradient stays finite.
-    neg = jnp.float32(-1e9)
+    neg = jnp.asarray(-1e9, dtype)
     scaled_cost = jnp.where(valid, cost / epsilon, 0.0)
 
     def scores(f, g):
@@ -146,8 +147,8 @@ def sinkhorn(cost, x_mask=None, y_mask=None, *, epsilon: float = 0.1, num_iters:
         g = jnp.where(ym, g + epsilon * (log_b - jax.nn.logsumexp(scores(f, g), axis=-2)), 0.0)
         return (f, g), None
 
-    f0 = jnp.zeros(xm.shape, jnp.float32)
-    g0 = jnp.zeros(ym.shape, jnp.float32)
+    f0 = jnp.zeros(xm.shape, dtype)
+    g0 = jnp.zeros(ym.shape, dtype)
     (f, g), _ = jax.lax.scan(step, (f0, g0), None, length=num_iters)
     plan = jnp.where(valid, jnp.exp(scores(f, g)), 0.0)
     distance = jnp.sum(plan * jnp.where(valid, cost, 0.0), axis=(-2, -1))
