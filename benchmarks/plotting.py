@@ -98,3 +98,21 @@ def plot_curves(xs, curves, xlabel, ylabel, path, title=None):
     if title:
         ax.set_title(title)
     return _save(fig, path)
+
+
+def plot_curve_panels(xs, panels, xlabel, path, title=None):
+    """panels = [(panel title, ylabel, {label: (means, stds)}), ...] side by side, shared xs."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.8), squeeze=False)
+    for ax, (panel_title, ylabel, curves) in zip(axes[0], panels):
+        for label, (means, stds) in curves.items():
+            line, = ax.plot(xs, means, marker="o", label=label)
+            ax.fill_between(xs, [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)],
+                            color=line.get_color(), alpha=0.15)
+        ax.set_title(panel_title)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)

@@ -1,0 +1,192 @@
+"""AlignMamba-2 vs AlignMamba: accuracy on two synthetic tasks, and the cost of alignment at inference.
+
+Accuracy: both models trained with several seeds on
+  sentiment    the synthetic default (language / audio / vision regression, MOSI shapes; configs/synthetic.py)
+  image_text   the synthetic two-modality classification task in the image-text feature layout
+               (data.task="classification", modalities ("image", "text"), anchored on text)
+and evaluated on test at their best-validation checkpoint (mean ± std over seeds).
+
+Inference cost: on one test-shaped batch of each task, the jitted inference forward (train=False) of
+  AlignMamba              OT local alignment at inference (its fusion needs the aligned sequences)
+  AlignMamba, no OT       the same network with segment-mean resampling instead of OT ("w/o local")
+  AlignMamba-2            OT + MMD are training-only regularisers
+  AlignMamba-2, no align  the same network trained without them
+timed side by side (round-robin, median of repeats), with scan-aware FLOPs (efficiency.count_flops).
+AlignMamba-2 shows no alignment cost at inference when its FLOPs equal those of its no-align twin (the
+inference graphs are identical) and its time matches within noise; AlignMamba's OT shows as the gap to its
+no-OT twin. Timing is independent of the parameter values, so freshly initialised parameters are used.
+
+    python benchmarks/alignmamba2_vs_1.py --seeds 0 1 2 --json benchmarks/results/alignmamba2_vs_1.json \
+        --markdown benchmarks/results/alignmamba2_vs_1.md
+"""
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import study  # noqa: E402
+
+TASKS = {
+    "sentiment": {},
+    "image_text": {"data.task": "classification", "data.modalities": ("image", "text"), "data.anchor": "text",
+                   "data.num_classes": 3, "eval.select_mode": "max"},
+}
+TASK_METRICS = {"sentiment": ("Non0_acc_2", "Non0_F1_score", "MAE", "Corr"),
+                "image_text": None}  # None: every metric classification_metrics returns
+SELECT_METRIC_PREFERENCE = ("accuracy", "acc", "Acc", "top1_accuracy")
+MODELS = (  # (label, workdir name, model overrides)
+    ("AlignMamba", "full", {}),
+    ("AlignMamba-2", "am2", {"model.name": "alignmamba2"}),
+)
+COST_MODELS = (
+    ("AlignMamba", {}),
+    ("AlignMamba, no OT", {"use_local_alignment": False}),
+    ("AlignMamba-2", {"name": "alignmamba2"}),
+    ("AlignMamba-2, no align", {"name": "alignmamba2", "use_local_alignment": False,
+                                "use_global_alignment": False}),
+)
+
+
+def classification_select_metric():
+    """The accuracy key of classification_metrics (best checkpoint chosen on it, mode max)."""
+    import numpy as np_
+    from alignmamba_jax.metrics import classification_metrics
+    keys = classification_metrics(np_.eye(3, dtype=np_.float32), np_.arange(3, dtype=np_.int32)).keys()
+    for k in SELECT_METRIC_PREFERENCE:
+        if k in keys:
+            return k
+    return next(k for k in keys if "acc" in k.lower())
+
+
+def task_overrides(task):
+    overrides = dict(TASKS[task])
+    if task == "image_text":
+        overrides["eval.select_metric"] = classification_select_metric()
+    return overrides
+
+
+def inference_cost(config_file, task_over, base, repeats, warmup, log=print):
+    """Per COST_MODELS entry: median inference ms and FLOPs on one eval batch of the task's test split."""
+    import jax
+    from alignmamba_jax import data as data_lib
+    from alignmamba_jax.train import create_model_for_data
+    from efficiency import count_flops
+
+    config = study.make_config(config_file, "full", {**base, **task_over}, 0)
+    splits = data_lib.load_splits(config.data)
+    modalities = tuple(config.data.modalities)
+    n = min(config.eval.batch_size, len(splits["test"]["labels"]))
+    feats = {m: jax.numpy.asarray(splits["test"][m][:n]) for m in modalities}
+    masks = {m: jax.numpy.asarray(splits["test"][m + "_mask"][:n]) for m in modalities}
+    runs, info = {}, {}
+    for label, model_over in COST_MODELS:
+        cfg = study.make_config(config_file, "full", {**base, **task_over,
+                                                      **{f"model.{k}": v for k, v in model_over.items()}}, 0)
+        model = create_model_for_data(cfg, splits)
+        params = model.init(jax.random.PRNGKey(0), feats, masks, train=False)["params"]
+
+        def forward(params, feats, masks, model=model):
+            return model.apply({"params": params}, feats, masks, train=False)["prediction"]
+
+        compiled = jax.jit(forward).lower(params, feats, masks).compile()
+        flops, _ = count_flops(jax.make_jaxpr(forward)(params, feats, masks).jaxpr)
+        runs[label] = (compiled, params)
+        info[label] = {"flops": int(flops), "times": []}
+        for _ in range(warmup):
+            jax.block_until_ready(compiled(params, feats, masks))
+    for _ in range(repeats):
+        for label, (compiled, params) in runs.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(compiled(params, feats, masks))
+            info[label]["times"].append(1e3 * (time.perf_counter() - t0))
+    out = {label: {"time_ms": float(np.median(v["times"])), "flops": v["flops"]} for label, v in info.items()}
+    shapes = {m: list(feats[m].shape) for m in modalities}
+    for label, v in out.items():
+        log(f"  {label:24s} {v['time_ms']:9.2f} ms  {v['flops']:.4e} flops  inputs {shapes}")
+    return {"batch_shapes": shapes, "models": out}
+
+
+def cost_ratios(cost):
+    m = cost["models"]
+    return {
+        "AlignMamba OT overhead (time)": m["AlignMamba"]["time_ms"] / m["AlignMamba, no OT"]["time_ms"] - 1,
+        "AlignMamba OT overhead (flops)": m["AlignMamba"]["flops"] / m["AlignMamba, no OT"]["flops"] - 1,
+        "AlignMamba-2 alignment overhead (time)": m["AlignMamba-2"]["time_ms"] / m["AlignMamba-2, no align"]["time_ms"] - 1,
+        "AlignMamba-2 alignment overhead (flops)": m["AlignMamba-2"]["flops"] / m["AlignMamba-2, no align"]["flops"] - 1,
+        "AlignMamba-2 / AlignMamba time": m["AlignMamba-2"]["time_ms"] / m["AlignMamba"]["time_ms"],
+    }
+
+
+def markdown(accuracy, costs, seeds):
+    lines = []
+    for task, by_model in accuracy.items():
+        if not by_model:
+            continue
+        metrics = list(next(iter(by_model.values())))
+        lines += [f"**{task}** (test, best-validation checkpoint, mean ± std over seeds {list(seeds)})", "",
+                  "| model | " + " | ".join(metrics) + " |", "|---|" + "---|" * len(metrics)]
+        for model, stats in by_model.items():
+            lines.append(f"| {model} | " + " | ".join(
+                study.fmt(*stats[m], digits=4 if m in ("MAE", "Corr") else 3) for m in metrics) + " |")
+        lines.append("")
+    for task, cost in costs.items():
+        lines += [f"**{task} inference** (inputs {cost['batch_shapes']}, median of repeats, side by side)", "",
+                  "| model | time (ms) | FLOPs |", "|---|---|---|"]
+        for label, v in cost["models"].items():
+            lines.append(f"| {label} | {v['time_ms']:.2f} | {v['flops']:.4e} |")
+        lines.append("")
+        for k, v in cost_ratios(cost).items():
+            lines.append(f"- {k}: {100 * v:+.1f}%" if "overhead" in k else f"- {k}: {v:.2f}x")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    study.add_common_args(p, default_root=os.path.join(study.REPO, "runs", "bench"))
+    p.add_argument("--config", default="configs/synthetic.py")
+    p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--skip_training", action="store_true", help="inference cost only")
+    p.add_argument("--json", required=True)
+    p.add_argument("--markdown", default=None)
+    args = p.parse_args(argv)
+    base = study.common_overrides(args)
+
+    accuracy, costs, per_seed = {}, {}, {}
+    payload = {"config": args.config, "overrides": base, "seeds": args.seeds}
+    for task in args.tasks:
+        task_over = task_overrides(task)
+        print(f"[am2] inference cost, {task}", flush=True)
+        costs[task] = inference_cost(args.config, task_over, base, args.repeats, args.warmup)
+        costs[task]["ratios"] = cost_ratios(costs[task])
+        study.write_json(args.json, {**payload, "accuracy": accuracy, "inference": costs, "per_seed": per_seed})
+    for task in ([] if args.skip_training else args.tasks):
+        task_over = task_overrides(task)
+        root = os.path.join(args.workdir_root, "synthetic" if task == "sentiment" else task)
+        per_seed[task] = {label: {} for label, *_ in MODELS}
+        for seed in args.seeds:
+            for label, name, model_over in MODELS:
+                print(f"[am2] {task} {label} seed {seed}", flush=True)
+                config = study.make_config(args.config, "full", {**base, **task_over, **model_over}, seed)
+                results = study.run(config, os.path.join(root, f"{name}_s{seed}"))
+                metrics = TASK_METRICS[task] or sorted(k for k, v in results["test"].items()
+                                                       if isinstance(v, (int, float)))
+                per_seed[task][label][seed] = {m: float(results["test"][m]) for m in metrics}
+                accuracy[task] = {lab: {m: study.mean_std([r[m] for r in runs.values()]) for m in metrics}
+                                  for lab, runs in per_seed[task].items() if runs}
+                study.write_json(args.json, {**payload, "accuracy": accuracy, "inference": costs,
+                                             "per_seed": per_seed})
+    table = markdown(accuracy, costs, args.seeds)
+    print(table)
+    if args.markdown:
+        study.write_text(args.markdown, table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

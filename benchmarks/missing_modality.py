@@ -1,0 +1,123 @@
+"""Missing-modality robustness (the paper's Table 1 layout) on the synthetic default.
+
+AlignMamba (full) and its no-alignment ablation (no OT: segment-mean resampling to the language length, and no
+MMD) are trained on complete data; their best-validation checkpoints are then evaluated on the test split with
+`alignmamba_jax.data.missing.PROTOCOLS` applied at rates 0.1 ... 0.7 (the same masks for both models: the
+protocol seed is fixed). The sweep is `train_and_evaluate`'s own (`eval.missing_rates`); a run already trained
+by benchmarks/ablation.py with the same config is reused, only evaluated again.
+Per protocol and metric: one row per model with each rate, the average over rates and the drop from 10% to 70%
+missing, mean ± std over seeds; plus curves (rate 0 = complete test data) as a PNG.
+
+    python benchmarks/missing_modality.py --seeds 0 1 2 --json benchmarks/results/missing_modality.json \
+        --markdown benchmarks/results/missing_modality.md --plot benchmarks/figures/missing_modality.png
+"""
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import study  # noqa: E402
+
+RATES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
+MODELS = (  # (label, variant of configs/synthetic.py, extra overrides, workdir name)
+    ("AlignMamba", "full", {}, "full"),
+    ("w/o alignment", "full", {"model.use_local_alignment": False, "model.use_global_alignment": False},
+     "no_alignment"),
+)
+
+
+def rate_key(rate):
+    return f"{rate:g}"
+
+
+def summarize(per_seed, protocols, metrics):
+    """{model: {seed: results}} -> {protocol: {metric: {model: {column: (mean, std)}}}}."""
+    out = {}
+    for protocol in protocols:
+        out[protocol] = {}
+        for metric in metrics:
+            out[protocol][metric] = {}
+            for model, runs in per_seed.items():
+                if not runs:
+                    continue
+                cols = {"0": [r["test"][metric] for r in runs.values()]}
+                for rate in RATES:
+                    cols[rate_key(rate)] = [r["missing"]["by_rate"][protocol][rate_key(rate)][metric]
+                                            for r in runs.values()]
+                per_run_avg = [sum(r["missing"]["by_rate"][protocol][rate_key(x)][metric] for x in RATES) / len(RATES)
+                               for r in runs.values()]
+                per_run_drop = [r["missing"]["by_rate"][protocol]["0.1"][metric]
+                                - r["missing"]["by_rate"][protocol]["0.7"][metric] for r in runs.values()]
+                row = {c: study.mean_std(v) for c, v in cols.items()}
+                row["average"] = study.mean_std(per_run_avg)
+                row["drop 0.1->0.7"] = study.mean_std(per_run_drop)
+                out[protocol][metric][model] = row
+    return out
+
+
+def markdown(summary, seeds):
+    blocks = []
+    for protocol, by_metric in summary.items():
+        for metric, by_model in by_metric.items():
+            if not by_model:
+                continue
+            cols = list(next(iter(by_model.values())))
+            digits = 4 if metric in ("MAE", "Corr") else 2
+            lines = [f"**{protocol}, {metric}** (rate 0 = complete test data)", "",
+                     "| model | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+            for model, row in by_model.items():
+                lines.append(f"| {model} | " + " | ".join(study.fmt(*row[c], digits=digits) for c in cols) + " |")
+            blocks.append("\n".join(lines))
+    return "\n\n".join(blocks) + f"\n\nmean ± std over seeds {list(seeds)}\n"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    study.add_common_args(p, default_root=os.path.join(study.REPO, "runs", "bench", "synthetic"))
+    p.add_argument("--config", default="configs/synthetic.py")
+    p.add_argument("--protocols", nargs="+", default=None,
+                   help="names from alignmamba_jax.data.missing.PROTOCOLS (default: all)")
+    p.add_argument("--metrics", nargs="+", default=["Non0_acc_2", "Non0_F1_score", "MAE"])
+    p.add_argument("--json", required=True)
+    p.add_argument("--markdown", default=None)
+    p.add_argument("--plot", default=None)
+    args = p.parse_args(argv)
+    from alignmamba_jax.data import missing
+    protocols = tuple(args.protocols or missing.PROTOCOLS)
+    unknown = set(protocols) - set(missing.PROTOCOLS)
+    if unknown:
+        raise ValueError(f"--protocols: unknown {sorted(unknown)}; expected names from {sorted(missing.PROTOCOLS)}")
+    base = study.common_overrides(args)
+    base.update({"eval.missing_rates": RATES, "eval.missing_protocols": protocols,
+                 "eval.missing_metrics": tuple(args.metrics)})
+
+    per_seed = {label: {} for label, *_ in MODELS}
+    for seed in args.seeds:
+        for label, variant, extra, name in MODELS:
+            print(f"[missing] {label} seed {seed}", flush=True)
+            config = study.make_config(args.config, variant, {**base, **extra}, seed)
+            results = study.run(config, os.path.join(args.workdir_root, f"{name}_s{seed}"))
+            per_seed[label][seed] = {"test": results["test"], "missing": {"by_rate": results["missing"]["by_rate"]}}
+            summary = summarize(per_seed, protocols, args.metrics)
+            study.write_json(args.json, {"config": args.config, "overrides": base, "seeds": args.seeds,
+                                         "rates": RATES, "protocols": protocols, "summary": summary,
+                                         "per_seed": per_seed})
+    table = markdown(summary, args.seeds)
+    print(table)
+    if args.markdown:
+        study.write_text(args.markdown, table)
+    if args.plot:
+        from plotting import plot_curve_panels
+        xs = [0.0] + list(RATES)
+        cols = ["0"] + [rate_key(r) for r in RATES]
+        metric = args.metrics[0]
+        panels = [(protocol, metric, {model: ([row[c][0] for c in cols], [row[c][1] for c in cols])
+                                      for model, row in summary[protocol][metric].items()})
+                  for protocol in protocols]
+        plot_curve_panels(xs, panels, "missing rate", args.plot,
+                          title="Missing-modality robustness, synthetic default (mean ± std over seeds)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,145 @@
+"""Shared plumbing of the training studies (ablation, missing modalities, AlignMamba-2 vs 1).
+
+A study is a list of runs (config file, variant, overrides, seed), each trained and evaluated by
+`alignmamba_jax.train.train_and_evaluate` in its own workdir. A workdir that already holds results.json for the
+same configuration is reused instead of retrained (so studies share runs and a killed study resumes); the
+seeds change `config.seed` (initialisation, data order, dropout) while the synthetic data stay fixed.
+"""
+import importlib.util
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+DEFAULT_METRICS = ("Non0_acc_2", "Non0_F1_score", "MAE", "Corr")
+
+
+def load_config(config_file="configs/synthetic.py", variant=None):
+    """get_config([variant]) of a configs/*.py file, path relative to the repository root."""
+    path = config_file if os.path.isabs(config_file) else os.path.join(REPO, config_file)
+    spec = importlib.util.spec_from_file_location(f"bench_config_{abs(hash(path))}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config() if variant is None else module.get_config(variant)
+
+
+def parse_value(text):
+    """Command-line override value: JSON if it parses (numbers, bools, lists), else the plain string."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return text
+    return tuple(value) if isinstance(value, list) else value
+
+
+def parse_overrides(items):
+    """["a.b=1", "c=x"] -> {"a.b": 1, "c": "x"}."""
+    out = {}
+    for item in items or ():
+        if "=" not in item:
+            raise ValueError(f"--set expects key=value, found {item!r}")
+        key, value = item.split("=", 1)
+        out[key] = parse_value(value)
+    return out
+
+
+def apply_overrides(config, overrides):
+    """Sets dotted keys (e.g. "model.use_local_alignment") on a ConfigDict; unknown keys raise ValueError."""
+    for dotted, value in overrides.items():
+        node = config
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            if key not in node:
+                raise ValueError(f"override {dotted!r}: no config key {key!r}")
+            node = node[key]
+        if leaf not in node:
+            raise ValueError(f"override {dotted!r}: no config key {leaf!r}; expected one of {sorted(node.keys())}")
+        with node.unlocked():
+            node[leaf] = value
+    return config
+
+
+def make_config(config_file, variant, overrides, seed):
+    config = load_config(config_file, variant)
+    apply_overrides(config, overrides)
+    config.seed = int(seed)
+    return config
+
+
+def _comparable(config_json):
+    """Everything that changes what is trained; eval settings may differ between reuses of one run."""
+    cfg = json.loads(config_json) if isinstance(config_json, str) else config_json
+    return {k: v for k, v in cfg.items() if k != "eval"}
+
+
+def run(config, workdir, log=print):
+    """Trains and evaluates in workdir, or returns the saved results when the same config already finished.
+
+    A finished run re-entered with different eval settings (e.g. missing_rates) resumes at its last step,
+    restores its best checkpoint and only evaluates.
+    """
+    from alignmamba_jax.train import train_and_evaluate
+    results_path = os.path.join(workdir, "results.json")
+    config_path = os.path.join(workdir, "config.json")
+    want_missing = bool(config.eval.missing_rates)
+    if os.path.exists(results_path) and os.path.exists(config_path):
+        with open(config_path) as f:
+            same = _comparable(f.read()) == _comparable(config.to_json_best_effort())
+        with open(results_path) as f:
+            results = json.load(f)
+        if same and (not want_missing or "missing" in results):
+            log(f"  reuse {workdir}")
+            return results
+    t0 = time.time()
+    results = train_and_evaluate(config, workdir)
+    log(f"  ran {workdir} in {time.time() - t0:.0f} s")
+    return results
+
+
+def mean_std(values):
+    """Mean and sample standard deviation (ddof=1; 0 for a single value), NaN-free inputs expected."""
+    a = np.asarray(values, np.float64)
+    return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0
+
+
+def fmt(mean, std, digits=3):
+    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
+        return "n/a"
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def write_json(path, payload):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(payload, f, indent=1, default=float)
+    os.replace(tmp, path)
+
+
+def write_text(path, text):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def add_common_args(parser, default_root):
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--steps", type=int, default=None, help="override train.steps")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="extra config overrides for every run, e.g. data.synthetic.n_train=256")
+    parser.add_argument("--workdir_root", default=default_root,
+                        help="one workdir per run below this (finished runs with the same config are reused)")
+
+
+def common_overrides(args):
+    overrides = parse_overrides(args.set)
+    if args.steps is not None:
+        overrides["train.steps"] = args.steps
+    return overrides
