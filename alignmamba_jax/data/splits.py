@@ -23,7 +23,8 @@ def load_splits(data_config) -> dict:
 
     Keys read: name in NAMES, path (file or directory; unused for "synthetic"), modalities, task
     ("regression" | "classification"), num_classes, synthetic (sub-config, see `synthetic.default_config`),
-    tfds_name ("mosi" | "mosei", for name="tfds"; data_dir = path, pickle in path/manual).
+    tfds_name ("mosi" | "mosei", for name="tfds"; data_dir = path, the MMSA pickle in
+    path/downloads/manual/, TFDS's default manual_dir), tfds_config ("unaligned" | "aligned").
     Only the requested modalities are returned.
     """
     name = _get(data_config, "name", "synthetic")
@@ -48,7 +49,8 @@ def load_splits(data_config) -> dict:
         splits = load_mult_pickle(path)
     elif name == "tfds":
         from alignmamba_jax.data.tfds_builders import load_tfds_splits
-        splits = load_tfds_splits(_get(data_config, "tfds_name", "mosi"), data_dir=path)
+        splits = load_tfds_splits(_get(data_config, "tfds_name", "mosi"), data_dir=path,
+                                  config=_get(data_config, "tfds_config", "unaligned"))
     else:
         from alignmamba_jax.data.features_npz import load_features_npz
         splits = load_features_npz(path)
