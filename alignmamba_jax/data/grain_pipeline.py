@@ -9,12 +9,14 @@ from __future__ import annotations
 import grain.python as grain
 import numpy as np
 
+from alignmamba_jax.data.validate import as_array
+
 
 class _ToContract(grain.MapTransform):
     """A TFDS record -> the contract's per-example keys (ids as str)."""
 
     def map(self, record):
-        out = {k: np.asarray(v) for k, v in record.items() if k != "ids"}
+        out = {k: as_array(v) for k, v in record.items() if k != "ids"}
         ids = record["ids"]
         out["ids"] = np.asarray(ids.decode() if isinstance(ids, bytes) else str(ids))
         return out

@@ -15,8 +15,10 @@ import tempfile
 
 import numpy as np
 import tensorflow_datasets as tfds
+from etils import epath
 
 from alignmamba_jax.data.mmsa import SPLITS, load_mmsa_pickle
+from alignmamba_jax.data.validate import as_array
 
 _INSTRUCTIONS = """\
 Download MMSA's processed features (https://github.com/thuiar/MMSA, "Datasets": links to Google Drive / Baidu
@@ -37,6 +39,9 @@ class _MmsaBuilder(tfds.core.GeneratorBasedBuilder):
                        tfds.core.BuilderConfig(name="aligned", description="aligned_50.pkl")]
     SHAPES: dict = {}
     HOMEPAGE = ""
+    # TFDS 4.9.10 derives code_path through `importlib_resources`, which it declares only for Python < 3.9
+    # (ModuleNotFoundError on 3.11); shadowing the class property with the real path avoids that import.
+    code_path = epath.Path(__file__)
 
     def _info(self):
         shapes = self.SHAPES[self.builder_config.name]
@@ -120,7 +125,7 @@ def read_source(source, batch=512):
     """All records of a TFDS / grain random-access source -> contract split dict (arrays in memory)."""
     n = len(source)
     first = source[0]
-    out = {k: np.empty((n,) + np.shape(v), np.asarray(v).dtype) for k, v in first.items() if k != "ids"}
+    out = {k: np.empty((n,) + np.shape(v), as_array(v).dtype) for k, v in first.items() if k != "ids"}
     ids = []
     for start in range(0, n, batch):
         records = source.__getitems__(list(range(start, min(n, start + batch))))

@@ -7,6 +7,11 @@ import numpy as np
 LABEL_RANGE = (-3.0, 3.0)
 
 
+def as_array(value):
+    """A decoded record field as a NumPy array (TFDS decodes scalar float32 features to Python floats)."""
+    return np.asarray(value, np.float32) if isinstance(value, float) else np.asarray(value)
+
+
 def require(mapping, key, where):
     if not hasattr(mapping, "keys"):
         raise ValueError(f"{where}: expected a dict of arrays, found {type(mapping).__name__}")
