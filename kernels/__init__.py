@@ -1,15 +1,74 @@
-"""Selective-scan kernels: one public `selective_scan` dispatching to interchangeable backends."""
-from alignmamba_jax.kernels.reference import selective_scan_reference
+"""Selective-scan kernels: one public `selective_scan` dispatching to interchangeable backends, and the
+single-step `selective_state_update` for decoding.
 
-_BACKENDS = {"reference": selective_scan_reference}
+Backends (all share the signature of `selective_scan_reference`):
+  reference    plain `lax.scan`, the ground truth                                   (reference.py)
+  associative  `lax.associative_scan`, the baseline; materialises (batch, length, channels, state)
+  chunked      sequential chunks + hand-written VJP keeping chunk-boundary states  (chunked.py)
+  pallas       Pallas kernel: GPU (Triton) on GPU, Mosaic on TPU, GPU kernel in interpret mode on CPU
+  pallas_tpu   the Mosaic kernel explicitly (TPU interpret mode off TPU)             (pallas_tpu.py)
+  auto         cpu -> chunked, gpu -> pallas, tpu -> pallas (Mosaic)
+"""
+import jax
+import jax.numpy as jnp
+
+from alignmamba_jax.kernels.associative import selective_scan_associative
+from alignmamba_jax.kernels.chunked import selective_scan_chunked
+from alignmamba_jax.kernels.reference import selective_scan_reference
+from alignmamba_jax.kernels.validation import BACKENDS, validate_scan_inputs, validate_step_inputs
+
+_AUTO = {"cpu": "chunked", "gpu": "pallas", "cuda": "pallas", "rocm": "pallas", "tpu": "pallas"}
+
+
+def _implementation(backend):
+    platform = jax.default_backend()
+    if backend == "auto":
+        backend = _AUTO.get(platform, "chunked")
+    if backend == "pallas":
+        backend = "pallas_tpu" if platform == "tpu" else "pallas_gpu"
+    if backend == "pallas_gpu":
+        from alignmamba_jax.kernels.pallas_gpu import selective_scan_pallas_gpu
+        return selective_scan_pallas_gpu
+    if backend == "pallas_tpu":
+        from alignmamba_jax.kernels.pallas_tpu import selective_scan_pallas_tpu
+        return selective_scan_pallas_tpu
+    return {"reference": selective_scan_reference, "associative": selective_scan_associative,
+            "chunked": selective_scan_chunked}[backend]
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, *, delta_softplus=False,
                    return_final_state=False, backend="auto", initial_state=None, mask=None):
-    """Mamba's selective scan, channels-last. See `reference.py` for the exact semantics."""
-    impl = _BACKENDS["reference" if backend == "auto" else backend]
-    return impl(u, delta, A, B, C, D, z, delta_bias, delta_softplus=delta_softplus,
-                initial_state=initial_state, mask=mask, return_final_state=return_final_state)
+    """Mamba's selective scan (mamba-ssm `selective_scan_ref` semantics), channels-last.
+
+    u, delta, z: (batch, length, channels); A: (channels, state), real and negative; B, C: (batch, length,
+    state); D, delta_bias: (channels,); initial_state: (batch, channels, state); mask: bool (batch, length),
+    False marks an identity step (the state passes through unchanged). Returns y (batch, length, channels) in
+    u.dtype, or (y, h_last) with h_last float32 (batch, channels, state) if return_final_state.
+    The state and all accumulation are float32 whatever the input dtype.
+    """
+    validate_scan_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state, mask, backend)
+    return _implementation(backend)(u, delta, A, B, C, D, z, delta_bias, delta_softplus=delta_softplus,
+                                    initial_state=initial_state, mask=mask,
+                                    return_final_state=return_final_state)
 
 
-__all__ = ["selective_scan", "selective_scan_reference"]
+def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
+    """One decoding step of the scan. state: (batch, channels, state); x, dt, z: (batch, channels);
+    B, C: (batch, state). Returns (y_t in x.dtype (batch, channels), new_state float32)."""
+    validate_step_inputs(state, x, dt, A, B, C, D, z, dt_bias)
+    x32, dt32 = x.astype(jnp.float32), dt.astype(jnp.float32)
+    if dt_bias is not None:
+        dt32 = dt32 + dt_bias.astype(jnp.float32)
+    if dt_softplus:
+        dt32 = jax.nn.softplus(dt32)
+    new_state = (jnp.exp(dt32[..., None] * A.astype(jnp.float32)) * state.astype(jnp.float32)
+                 + (dt32 * x32)[..., None] * B.astype(jnp.float32)[:, None, :])
+    y = jnp.einsum("bcn,bn->bc", new_state, C.astype(jnp.float32))
+    if D is not None:
+        y = y + x32 * D.astype(jnp.float32)
+    if z is not None:
+        y = y * jax.nn.silu(z.astype(jnp.float32))
+    return y.astype(x.dtype), new_state
+
+
+__all__ = ["BACKENDS", "selective_scan", "selective_scan_reference", "selective_state_update"]

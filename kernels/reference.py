@@ -6,6 +6,7 @@ Semantics are mamba-ssm's `selective_scan_ref`, transposed to channels-last:
     y_t   = <h_t, C_t> + D * u_t,   out_t = y_t * silu(z_t)       (D and z optional)
 A step whose mask is False is an identity step of the recurrence (h_t = h_{t-1}); its output is still
 computed from the carried state so that shapes stay static.
+Arithmetic is float32, or float64 when every input is float64 (so tests can check it by finite differences).
 """
 import jax
 import jax.numpy as jnp
@@ -15,16 +16,17 @@ def selective_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None,
                              initial_state=None, mask=None, return_final_state=False):
     """u, delta, z: (batch, length, channels); A: (channels, state); B, C: (batch, length, state)."""
     out_dtype = u.dtype
-    u32, delta32 = u.astype(jnp.float32), delta.astype(jnp.float32)
+    compute_dtype = jnp.promote_types(jnp.result_type(u, delta, A, B, C), jnp.float32)
+    u32, delta32 = u.astype(compute_dtype), delta.astype(compute_dtype)
     if delta_bias is not None:
-        delta32 = delta32 + delta_bias.astype(jnp.float32)
+        delta32 = delta32 + delta_bias.astype(compute_dtype)
     if delta_softplus:
         delta32 = jax.nn.softplus(delta32)
-    A32 = A.astype(jnp.float32)
+    A32 = A.astype(compute_dtype)
     batch, _, channels = u.shape
     state = A.shape[1]
-    h0 = (jnp.zeros((batch, channels, state), jnp.float32) if initial_state is None
-          else initial_state.astype(jnp.float32))
+    h0 = (jnp.zeros((batch, channels, state), compute_dtype) if initial_state is None
+          else initial_state.astype(compute_dtype))
     valid = jnp.ones(u.shape[:2], bool) if mask is None else mask.astype(bool)
 
     def step(h, xs):
@@ -36,13 +38,13 @@ def selective_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None,
         return h, jnp.einsum("bcn,bn->bc", h, C_t)
 
     xs = (jnp.swapaxes(u32, 0, 1), jnp.swapaxes(delta32, 0, 1),
-          jnp.swapaxes(B.astype(jnp.float32), 0, 1), jnp.swapaxes(C.astype(jnp.float32), 0, 1),
+          jnp.swapaxes(B.astype(compute_dtype), 0, 1), jnp.swapaxes(C.astype(compute_dtype), 0, 1),
           jnp.swapaxes(valid, 0, 1))
     h_last, ys = jax.lax.scan(step, h0, xs)
     y = jnp.swapaxes(ys, 0, 1)
     if D is not None:
-        y = y + u32 * D.astype(jnp.float32)
+        y = y + u32 * D.astype(compute_dtype)
     if z is not None:
-        y = y * jax.nn.silu(z.astype(jnp.float32))
+        y = y * jax.nn.silu(z.astype(compute_dtype))
     y = y.astype(out_dtype)
     return (y, h_last) if return_final_state else y

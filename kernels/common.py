@@ -1,0 +1,43 @@
+"""The part of the selective scan shared by every fast backend: everything except the recurrence itself.
+
+A backend supplies a *core* `core(u, delta, A, B, C, h0) -> (y, h_last)` on float32 arrays
+(u, delta: (batch, length, channels); A: (channels, state); B, C: (batch, length, state); h0, h_last:
+(batch, channels, state)) computing h_t = exp(delta_t A) h_{t-1} + delta_t B_t u_t and y_t = <h_t, C_t>.
+`make_backend` wraps it with delta_bias / softplus, the mask (a masked step gets delta = 0, which makes it an
+exact identity step: exp(0 A) = 1 and 0 B u = 0), D, the silu(z) gate and the output cast. Gradients of these
+elementwise parts come from JAX autodiff; a core may define its own VJP for the recurrence.
+"""
+import jax
+import jax.numpy as jnp
+
+
+def effective_delta(delta, delta_bias, delta_softplus, mask):
+    d = delta.astype(jnp.float32)
+    if delta_bias is not None:
+        d = d + delta_bias.astype(jnp.float32)
+    if delta_softplus:
+        d = jax.nn.softplus(d)
+    if mask is not None:
+        d = jnp.where(mask.astype(bool)[:, :, None], d, 0.0)
+    return d
+
+
+def make_backend(core, name):
+    def selective_scan_backend(u, delta, A, B, C, D=None, z=None, delta_bias=None, *, delta_softplus=False,
+                               initial_state=None, mask=None, return_final_state=False):
+        batch, _, channels = u.shape
+        h0 = (jnp.zeros((batch, channels, A.shape[1]), jnp.float32) if initial_state is None
+              else initial_state.astype(jnp.float32))
+        u32 = u.astype(jnp.float32)
+        y, h_last = core(u32, effective_delta(delta, delta_bias, delta_softplus, mask), A.astype(jnp.float32),
+                         B.astype(jnp.float32), C.astype(jnp.float32), h0)
+        if D is not None:
+            y = y + u32 * D.astype(jnp.float32)
+        if z is not None:
+            y = y * jax.nn.silu(z.astype(jnp.float32))
+        y = y.astype(u.dtype)
+        return (y, h_last) if return_final_state else y
+
+    selective_scan_backend.__name__ = f"selective_scan_{name}"
+    selective_scan_backend.__doc__ = f"The selective scan with the `{name}` recurrence (see `common.py`)."
+    return selective_scan_backend
