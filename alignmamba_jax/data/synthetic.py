@@ -85,10 +85,10 @@ def _resolve(config) -> ml_collections.ConfigDict:
         if unknown:
             raise ValueError(f"data.synthetic: unknown keys {sorted(unknown)}; known: {sorted(c.keys())}")
         c.update(dict(config))
-    if c.audio_dim < c.code_dim + 1 or c.vision_dim < c.code_dim + 1:
+    if min(c.audio_dim, c.vision_dim, c.text_dim, c.image_dim, c.caption_dim) < c.code_dim + 1:
         raise ValueError(
-            f"data.synthetic: audio_dim ({c.audio_dim}) and vision_dim ({c.vision_dim}) must be >= code_dim + 1"
-            f" = {c.code_dim + 1}")
+            f"data.synthetic: text_dim ({c.text_dim}), audio_dim ({c.audio_dim}), vision_dim ({c.vision_dim}), "
+            f"image_dim ({c.image_dim}), caption_dim ({c.caption_dim}) must all be >= code_dim + 1 = {c.code_dim + 1}")
     if not 1 <= c.min_words <= c.max_words <= c.text_len - 2:
         raise ValueError(f"data.synthetic: need 1 <= min_words ({c.min_words}) <= max_words ({c.max_words})"
                          f" <= text_len - 2 ({c.text_len - 2})")
@@ -96,8 +96,8 @@ def _resolve(config) -> ml_collections.ConfigDict:
 
 
 def _orthonormal_columns(rng, rows, cols):
-    q, _ = np.linalg.qr(rng.standard_normal((rows, max(rows, cols))))
-    return q[:, :cols]
+    q, _ = np.linalg.qr(rng.standard_normal((rows, cols)))
+    return q
 
 
 def _spread_codes(rng, n, d):
@@ -119,7 +119,7 @@ class _World:
         k = c.code_dim
         self.codes = _spread_codes(rng, c.vocab_size + 1, k)  # last row: silence
         self.polarity = rng.choice(np.array([-1.0, -0.5, 0.0, 0.5, 1.0]), size=c.vocab_size)
-        nuisance = 16
+        nuisance = min(16, c.text_dim - (k + 1))  # per-word directions the other modalities do not see
         text_map = _orthonormal_columns(rng, c.text_dim, k + 1 + nuisance) * np.sqrt(c.text_dim / (k + 1))
         self.text_shift = 0.5 * rng.standard_normal(c.text_dim)
         vocab_in = np.concatenate(

@@ -1,0 +1,129 @@
+"""The synthetic default: reproducible from its seed, MOSI-shaped, and alignment genuinely matters."""
+import ml_collections
+import numpy as np
+import pytest
+
+from alignmamba_jax.data import load_splits, synthetic
+
+SMALL = dict(n_train=400, n_valid=8, n_test=200, text_dim=64)
+
+
+def _ridge_r2(x_train, y_train, x_test, y_test, lam=1e-1):
+    a = np.c_[x_train, np.ones(len(x_train))]
+    beta = np.linalg.solve(a.T @ a + lam * np.eye(a.shape[1]), a.T @ y_train)
+    pred = np.c_[x_test, np.ones(len(x_test))] @ beta
+    return 1.0 - np.mean((pred - y_test) ** 2) / np.var(y_test)
+
+
+def _pooled_products(split, how, proj, mu):
+    """Per sample: mean over text tokens j of text_j (projected) (x) [1, audio_j, vision_j], where audio_j /
+    vision_j are the source frames attached to token j by `how` ("oracle": the generator's word spans,
+    "uniform": equal-length segments of the valid frames, "none": the mean of all frames)."""
+    feats = []
+    for s in range(len(split["labels"])):
+        n_tok = int(split["text_mask"][s].sum())
+        t = (split["text"][s, :n_tok] - mu) @ proj
+        parts = [np.ones((n_tok, 1))]
+        for m in ("audio", "vision"):
+            n = int(split[m + "_mask"][s].sum())
+            x = split[m][s, :n]
+            if how == "oracle":
+                owner = split[m + "_word"][s, :n]
+            elif how == "uniform":
+                owner = np.minimum(np.arange(n) * n_tok // n, n_tok - 1)
+            if how == "none":
+                a = np.repeat(x.mean(0, keepdims=True), n_tok, 0)
+            else:
+                a = np.zeros((n_tok, x.shape[1]))
+                for j in range(n_tok):
+                    if np.any(owner == j):
+                        a[j] = x[owner == j].mean(0)
+            parts.append(a)
+        src = np.concatenate(parts, 1)
+        feats.append((t[:, :, None] * src[:, None, :]).reshape(n_tok, -1).mean(0) * np.sqrt(n_tok))
+    return np.array(feats)
+
+
+def _probe(data, n_components=8):
+    tr, te = data["train"], data["test"]
+    tokens = tr["text"][tr["text_mask"]]
+    mu = tokens.mean(0)
+    proj = np.linalg.svd(tokens - mu, full_matrices=False)[2][:n_components].T
+    return {how: _ridge_r2(_pooled_products(tr, how, proj, mu), tr["labels"],
+                           _pooled_products(te, how, proj, mu), te["labels"])
+            for how in ("oracle", "uniform", "none")}
+
+
+def test_reproducible_from_seed_and_seed_matters():
+    cfg = dict(n_train=6, n_valid=3, n_test=3, text_dim=32)
+    a, b = synthetic.generate_sentiment(cfg), synthetic.generate_sentiment(cfg)
+    c = synthetic.generate_sentiment({**cfg, "seed": 1})
+    for s in a:
+        for k in a[s]:
+            np.testing.assert_array_equal(a[s][k], b[s][k])
+    assert not np.array_equal(a["train"]["labels"], c["train"]["labels"])
+    bigger_test = synthetic.generate_sentiment({**cfg, "n_test": 5})  # other splits unchanged
+    np.testing.assert_array_equal(bigger_test["train"]["audio"], a["train"]["audio"])
+
+
+def test_mosi_shapes_padding_and_labels():
+    data = load_splits(ml_collections.ConfigDict(dict(
+        name="synthetic", modalities=("text", "audio", "vision"), task="regression",
+        synthetic=dict(n_train=20, n_valid=4, n_test=4))))
+    tr = data["train"]
+    assert tr["text"].shape == (20, 50, 768) and tr["audio"].shape == (20, 375, 5)
+    assert tr["vision"].shape == (20, 500, 20) and tr["labels"].shape == (20,)
+    assert sorted(tr) == sorted(["text", "text_mask", "audio", "audio_mask", "vision", "vision_mask", "labels",
+                                 "ids"])
+    for m in ("text", "audio", "vision"):
+        mask = tr[m + "_mask"]
+        lengths = mask.sum(1)
+        np.testing.assert_array_equal(mask, np.arange(mask.shape[1])[None] < lengths[:, None])  # right pad
+        assert np.all(tr[m][~mask] == 0) and np.all(np.abs(tr[m][mask]).sum(-1) > 0)
+        assert len(np.unique(lengths)) > 1
+    assert tr["labels"].dtype == np.float32 and np.all(np.abs(tr["labels"]) <= 3)
+    assert len(set(tr["ids"])) == 20
+
+
+def test_frames_follow_words_in_time():
+    data = synthetic.generate_sentiment(dict(n_train=30, n_valid=2, n_test=2, text_dim=16))["train"]
+    for s in range(30):
+        n_words = int(data["text_mask"][s].sum()) - 2
+        for m in ("audio", "vision"):
+            owner = data[m + "_word"][s, : int(data[m + "_mask"][s].sum())]
+            spoken = owner[owner > 0]
+            assert np.all(np.diff(spoken) >= 0) and spoken.max() <= n_words
+            assert owner[0] in (0, 1)  # a lead-in (silence) or the first word
+            assert np.all(data[m + "_word"][s, len(owner):] == -1)
+
+
+def test_oracle_alignment_beats_uniform_resampling():
+    r2 = _probe(synthetic.generate_sentiment(SMALL))
+    assert r2["oracle"] > 0.6
+    assert r2["oracle"] > r2["uniform"] + 0.3 and r2["oracle"] > r2["none"] + 0.3
+
+
+@pytest.mark.slow
+def test_oracle_alignment_beats_uniform_resampling_default_sizes(capsys):
+    r2 = _probe(synthetic.generate_sentiment())
+    with capsys.disabled():
+        print("\nsynthetic default, test R^2 of least squares on pooled token x frame products:", r2)
+    assert r2["oracle"] > r2["uniform"] + 0.4
+
+
+def test_image_text_classification_set():
+    data = load_splits(ml_collections.ConfigDict(dict(
+        name="synthetic", modalities=("image", "text"), task="classification", num_classes=3,
+        synthetic=dict(n_train=300, n_valid=10, n_test=10))))
+    tr = data["train"]
+    assert tr["image"].shape == (300, 49, 64) and tr["text"].shape == (300, 24, 64)
+    assert tr["labels"].dtype == np.int32
+    assert np.all(np.bincount(tr["labels"], minlength=3) >= 90)  # classes from train terciles
+    assert tr["text_mask"].sum(1).min() >= 4 and not tr["text_mask"].all()
+
+
+def test_bad_synthetic_config():
+    with pytest.raises(ValueError, match="unknown keys"):
+        synthetic.generate_sentiment({"n_trian": 5})
+    with pytest.raises(ValueError, match="code_dim"):
+        synthetic.generate_sentiment({"audio_dim": 3})
