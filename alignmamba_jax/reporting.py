@@ -1,52 +1,53 @@
 """What a run leaves behind: metrics.jsonl, TensorBoard events, results.json, tables and the curves PNG.
 
-Only process 0 writes; every other process gets a writer whose methods do nothing. `aggregate_runs` turns
+Paths go through `etils.epath`, so a workdir may be a bucket (gs://...) on a pod. Only process 0 writes; every other process gets a writer whose methods do nothing. `aggregate_runs` turns
 several workdirs (one per seed) into mean/std tables; run it as
 `python -m alignmamba_jax.reporting OUT_DIR WORKDIR [WORKDIR ...]`.
 """
 import json
 import math
-import os
 import sys
 from typing import Mapping, Optional, Sequence
 
 import numpy as np
+from etils import epath
 
 MISSING_RATES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
 
 
 class MetricWriter:
-    """Appends one JSON object per logged step to metrics.jsonl and mirrors scalars to TensorBoard."""
+    """Keeps metrics.jsonl (one JSON object per logged step) and mirrors scalars to TensorBoard.
+
+    The file is rewritten rather than appended to, because object stores cannot append.
+    """
 
     def __init__(self, workdir: str, active: bool):
         self.active = active
-        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.path = epath.Path(workdir) / "metrics.jsonl"
+        self.records = read_metrics(workdir) if active else []
         self._tb = None
         if active:
             from tensorboardX import SummaryWriter
-            os.makedirs(workdir, exist_ok=True)
-            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            self._tb = SummaryWriter(str(epath.Path(workdir) / "tensorboard"))
 
     def truncate_after(self, step: int) -> None:
         """Drops records logged after `step` (a resumed run re-logs them identically)."""
-        if not self.active or not os.path.exists(self.path):
-            return
-        with open(self.path) as f:
-            records = [json.loads(line) for line in f if line.strip()]
-        with open(self.path, "w") as f:
-            for record in records:
-                if record["step"] <= step:
-                    f.write(json.dumps(record) + "\n")
+        if self.active:
+            self.records = [r for r in self.records if r["step"] <= step]
+            self._flush()
 
     def write(self, step: int, scalars: Mapping[str, float]) -> None:
         if not self.active:
             return
-        record = {"step": int(step), **{k: float(v) for k, v in scalars.items()}}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        self.records.append({"step": int(step), **{k: float(v) for k, v in scalars.items()}})
+        self._flush()
         for k, v in scalars.items():
             self._tb.add_scalar(k, float(v), int(step))
         self._tb.flush()
+
+    def _flush(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
 
     def close(self) -> None:
         if self._tb is not None:
@@ -54,11 +55,10 @@ class MetricWriter:
 
 
 def read_metrics(workdir: str) -> list:
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.exists(path):
+    path = epath.Path(workdir) / "metrics.jsonl"
+    if not path.exists():
         return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def plot_curves(workdir: str, filename: str = "curves.png") -> Optional[str]:
@@ -87,10 +87,11 @@ def plot_curves(workdir: str, filename: str = "curves.png") -> Optional[str]:
         if ax.lines:
             ax.legend(fontsize=7)
     fig.tight_layout()
-    out = os.path.join(workdir, filename)
-    fig.savefig(out, dpi=110)
+    out = epath.Path(workdir) / filename
+    with out.open("wb") as f:
+        fig.savefig(f, dpi=110, format="png")
     plt.close(fig)
-    return out
+    return str(out)
 
 
 def _fmt(value) -> str:
@@ -133,20 +134,24 @@ def missing_table(sweep: Mapping[str, Mapping[str, Mapping[str, float]]], metric
     return {"table": table, "markdown": "\n".join(lines)}
 
 
+def write_text(workdir: str, name: str, text: str) -> None:
+    path = epath.Path(workdir) / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
 def write_results(workdir: str, results: Mapping[str, object]) -> None:
-    with open(os.path.join(workdir, "results.json"), "w") as f:
-        json.dump(results, f, indent=2, sort_keys=True)
+    write_text(workdir, "results.json", json.dumps(results, indent=2, sort_keys=True))
 
 
 def aggregate_runs(workdirs: Sequence[str]) -> dict:
     """Mean and (sample) std over runs of every numeric metric in results.json, per split."""
     runs = []
     for workdir in workdirs:
-        path = os.path.join(workdir, "results.json")
-        if not os.path.exists(path):
+        path = epath.Path(workdir) / "results.json"
+        if not path.exists():
             raise ValueError(f"{path} does not exist: is {workdir} a finished run?")
-        with open(path) as f:
-            runs.append(json.load(f))
+        runs.append(json.loads(path.read_text()))
     summary = {"runs": list(workdirs)}
     for split in ("valid", "test"):
         keys = [k for k in runs[0].get(split, {}) if all(k in r.get(split, {}) for r in runs)]
@@ -175,12 +180,9 @@ def main(argv: Sequence[str]) -> None:
         raise SystemExit("usage: python -m alignmamba_jax.reporting OUT_DIR WORKDIR [WORKDIR ...]")
     out_dir, workdirs = argv[1], argv[2:]
     summary = aggregate_runs(workdirs)
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "seeds.json"), "w") as f:
-        json.dump(summary, f, indent=2)
     table = aggregate_table(summary)
-    with open(os.path.join(out_dir, "seeds.md"), "w") as f:
-        f.write(table + "\n")
+    write_text(out_dir, "seeds.json", json.dumps(summary, indent=2))
+    write_text(out_dir, "seeds.md", table + "\n")
     print(table)
 
 

@@ -9,6 +9,7 @@ Determinism: the data order and the dropout keys are functions of (seed, step), 
 checkpoint ends bit-identical to an uninterrupted one on the same machine.
 """
 import functools
+import json
 import os
 import time
 from typing import Any, Mapping
@@ -24,6 +25,7 @@ from flax.training import train_state as train_state_lib
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from alignmamba_jax import data as data_lib
+from alignmamba_jax.data import synthetic as synthetic_data
 from alignmamba_jax import input_pipeline, metrics as metrics_lib, models, reporting
 
 NO_DECAY_LEAVES = ("A_log", "D", "bias", "scale")
@@ -65,11 +67,25 @@ def default_eval_config() -> ml_collections.ConfigDict:
     ))
 
 
+def default_data_config() -> ml_collections.ConfigDict:
+    """The keys `alignmamba_jax.data.load_splits` reads; the synthetic sentiment task by default."""
+    return ml_collections.ConfigDict(dict(
+        name="synthetic",         # synthetic | mmsa | mult | tfds | features_npz
+        path="",                  # file or directory of the real data (unused for synthetic)
+        tfds_name="mosi",         # for name="tfds": mosi | mosei (data_dir = path)
+        modalities=("text", "audio", "vision"),
+        anchor="text",            # the modality the others are aligned to
+        task="regression",        # regression (sentiment in [-3, 3]) | classification
+        num_classes=1,
+        synthetic=synthetic_data.default_config(),
+    ))
+
+
 def default_config() -> ml_collections.ConfigDict:
     """Every key a run may set; configs/*.py start here and override."""
     return ml_collections.ConfigDict(dict(
         seed=0,
-        data=data_lib.default_data_config(),
+        data=default_data_config(),
         model=models.default_model_config(),
         train=default_train_config(),
         eval=default_eval_config(),
@@ -242,10 +258,10 @@ def eval_step(params, batch, *, apply_fn, modalities):
     return apply_fn({"params": params}, features, masks, train=False)["prediction"]
 
 
-def split_metrics(task, predictions, labels) -> dict:
-    if task == "regression":
+def split_metrics(data_config, predictions, labels) -> dict:
+    if data_config.task == "regression":
         return metrics_lib.regression_metrics(predictions, labels)
-    return metrics_lib.classification_metrics(predictions, labels)
+    return metrics_lib.classification_metrics(predictions, labels, num_classes=data_config.num_classes)
 
 
 class Evaluator:
@@ -266,7 +282,9 @@ class Evaluator:
         for i, batch in enumerate(input_pipeline.local_eval_batches(
                 split, self.modalities, self.global_batch, self.rows)):
             if protocol is not None:
-                seed = (self.config.eval.missing_seed * 1_000_003 + i) * 4099 + jax.process_index()
+                # consecutive per batch (imder's low-discrepancy schedule), distinct per process
+                seed = (self.config.eval.missing_seed * 1_000_003 + i * jax.process_count()
+                        + jax.process_index())
                 batch = {**batch, **protocol(batch, rate, seed, self.modalities, self.config.data.anchor)}
             global_batch = input_pipeline.to_global(batch, self.sharding, self.global_batch)
             predictions.append(np.asarray(self._step(params, global_batch)))
@@ -275,7 +293,7 @@ class Evaluator:
 
     def evaluate(self, params, split, protocol=None, rate=0.0) -> dict:
         predictions = self.predict(params, split, protocol, rate)
-        return split_metrics(self.config.data.task, predictions, np.asarray(split["labels"]))
+        return split_metrics(self.config.data, predictions, np.asarray(split["labels"]))
 
 
 def validate_run(config, splits) -> None:
@@ -315,7 +333,7 @@ def _restore(manager, step, abstract_state):
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains, selects the best checkpoint on validation, evaluates it on valid/test; returns results.json."""
     check_config(config)
-    workdir = os.path.abspath(workdir)
+    workdir = workdir if "://" in workdir else os.path.abspath(workdir)
     is_chief = jax.process_index() == 0
     check_data_path(config.data)
     splits = data_lib.load_splits(config.data)
@@ -430,8 +448,14 @@ def missing_sweep(config, evaluator, params, split) -> dict:
     sweep = {}
     for name in config.eval.missing_protocols:
         protocol = data_lib.missing.PROTOCOLS[name]
-        sweep[name] = {f"{rate:g}": evaluator.evaluate(params, split, protocol, float(rate))
-                       for rate in config.eval.missing_rates}
+        sweep[name] = {}
+        for rate in config.eval.missing_rates:
+            try:
+                sweep[name][f"{rate:g}"] = evaluator.evaluate(params, split, protocol, float(rate))
+            except ValueError as error:  # e.g. per_sample allows at most (M - 1) / M of the modalities missing
+                if not str(error).startswith("rate:"):
+                    raise
+                logging.warning("missing-modality protocol %s skips rate %g: %s", name, rate, error)
     metrics = [m for m in config.eval.missing_metrics
                if all(m in r for rates in sweep.values() for r in rates.values())]
     return {"by_rate": sweep, **reporting.missing_table(sweep, metrics)}
@@ -439,15 +463,14 @@ def missing_sweep(config, evaluator, params, split) -> dict:
 
 def write_outputs(workdir: str, results: Mapping[str, Any], config) -> None:
     reporting.write_results(workdir, results)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(config.to_json_best_effort(indent=2))
+    reporting.write_text(workdir, "config.json", config.to_json_best_effort(indent=2))
     if "missing" in results:
-        with open(os.path.join(workdir, "missing_modality.md"), "w") as f:
-            f.write(results["missing"]["markdown"] + "\n")
+        reporting.write_text(workdir, "missing_modality.md", results["missing"]["markdown"] + "\n")
+        reporting.write_text(workdir, "missing_modality.json",
+                             json.dumps(results["missing"]["table"], indent=2, sort_keys=True))
     reporting.plot_curves(workdir)
     table = reporting.metrics_table(results)
-    with open(os.path.join(workdir, "results.md"), "w") as f:
-        f.write(f"best checkpoint: step {results['best_step']}\n\n{table}\n")
+    reporting.write_text(workdir, "results.md", f"best checkpoint: step {results['best_step']}\n\n{table}\n")
     print(f"\nResults (best validation checkpoint, step {results['best_step']}) in {workdir}\n{table}")
     if "missing" in results:
         print("\nMissing-modality robustness (test)\n" + results["missing"]["markdown"])
