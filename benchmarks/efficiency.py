@@ -7,7 +7,12 @@ random inputs (batch `--batch`, all tokens valid) and measured side by side in o
   memory_bytes  the compiled program's memory analysis: argument + output + temp bytes (minus aliased)
   flops         a scan-aware count over the jaxpr (see `count_flops`): XLA's `cost_analysis()` counts the body
                 of a `while` loop once, whatever its trip count, so it undercounts a recurrent scan by ~L times;
-                XLA's number is printed beside ours for reference.
+                XLA's number is printed beside ours for reference. Outputs other than the prediction are
+                dead-code eliminated first (XLA does the same), e.g. AlignMamba's MMD loss at inference.
+Doubling (`--doubling_lengths`): AlignMamba and its linear part alone ("mamba_fusion_only": projections,
+Mamba stack over the 3L concatenated tokens, no OT/MMD) at lengths L, 2L, 4L..., all compiled first and timed
+round-robin in one loop, so that time(2L)/time(L) is not skewed by load changing between lengths; written to
+`--doubling_json` (same row schema, those two model names).
 Audio and video lengths either equal L (`--av_lengths equal`, fused tokens = 3L, the paper's axis: L = 2176 is
 6.5k fused tokens) or follow CMU-MOSI's unaligned proportions 50:375:500 (`--av_lengths mosi`).
 
@@ -99,16 +104,32 @@ def count_flops(jaxpr):
     return flops, loops
 
 
+def dce(closed_jaxpr):
+    """The jaxpr without equations that do not reach its outputs (XLA would not run them either)."""
+    try:
+        from jax._src.interpreters import partial_eval as pe
+    except ImportError:  # private module moved: count without elimination (an overestimate)
+        return closed_jaxpr.jaxpr
+    jaxpr, _ = pe.dce_jaxpr(closed_jaxpr.jaxpr, [True] * len(closed_jaxpr.jaxpr.outvars))
+    return jaxpr
+
+
 def modality_lengths(text_len, av_lengths):
     if av_lengths == "equal":
         return {m: text_len for m in MOSI_INPUT_DIMS}
     return {m: max(1, int(round(text_len * MOSI_LENGTH_RATIO[m]))) for m in MOSI_INPUT_DIMS}
 
 
+FUSION_ONLY = {"name": "alignmamba", "fusion": "single_stream", "use_local_alignment": False,
+               "use_global_alignment": False}
+
+
 def build(name, args):
     from alignmamba_jax.models import create_model, default_model_config
     cfg = default_model_config()
     cfg.name = name
+    if name == "mamba_fusion_only":
+        cfg.update(FUSION_ONLY)
     cfg.d_model = args.d_model
     cfg.n_layers = args.n_layers
     cfg.dropout = 0.0
@@ -144,40 +165,55 @@ def prepare(name, model, lengths, args):
                      - mem.alias_size_in_bytes)
     xla = compiled.cost_analysis()
     xla = (xla[0] if isinstance(xla, (list, tuple)) else xla) or {}
-    flops, loops = count_flops(jax.make_jaxpr(forward)(params, feats, masks).jaxpr)
+    flops, loops = count_flops(dce(jax.make_jaxpr(forward)(params, feats, masks)))
     run = lambda: jax.block_until_ready(compiled(params, feats, masks))  # noqa: E731
     for _ in range(args.warmup):
         run()
     return run, dict(memory_bytes=memory, flops=int(flops), xla_flops=xla.get("flops"), open_loops=loops)
 
 
-def measure_length(text_len, models, args):
-    lengths = modality_lengths(text_len, args.av_lengths)
-    tokens = sum(lengths.values())
+def measure(pairs, args):
+    """Compiles every (model, text_len) program, then times them round-robin; returns rows (schema above)."""
     runs, info, times = {}, {}, {}
-    for name in models:
+    for name, text_len in pairs:
         try:
-            runs[name], info[name] = prepare(name, build(name, args), lengths, args)
-            times[name] = []
+            runs[name, text_len], info[name, text_len] = prepare(
+                name, build(name, args), modality_lengths(text_len, args.av_lengths), args)
+            times[name, text_len] = []
         except Exception as e:  # noqa: BLE001  (out of memory at long lengths is an expected outcome)
             print(f"  {name:19s} L={text_len:5d}: skipped ({type(e).__name__}: {str(e)[:120]})", flush=True)
     for _ in range(args.repeats):
-        for name in runs:
+        for key, run in runs.items():
             t0 = time.perf_counter()
-            runs[name]()
-            times[name].append(1e3 * (time.perf_counter() - t0))
+            run()
+            times[key].append(1e3 * (time.perf_counter() - t0))
     rows = []
-    for name in runs:
-        row = dict(model=name, text_len=text_len, tokens=tokens, time_ms=float(np.median(times[name])),
-                   memory_bytes=info[name]["memory_bytes"], flops=info[name]["flops"])
+    for (name, text_len), i in info.items():
+        tokens = sum(modality_lengths(text_len, args.av_lengths).values())
+        row = dict(model=name, text_len=text_len, tokens=tokens, time_ms=float(np.median(times[name, text_len])),
+                   memory_bytes=i["memory_bytes"], flops=i["flops"])
         rows.append(row)
-        xla = info[name]["xla_flops"]
+        xla = i["xla_flops"]
         print(f"  {name:19s} L={text_len:5d} tokens={tokens:6d} time={row['time_ms']:10.2f} ms "
               f"mem={row['memory_bytes'] / 2**20 if row['memory_bytes'] is not None else float('nan'):9.1f} MiB "
               f"flops={row['flops']:.3e} (xla cost_analysis {xla if xla is None else f'{xla:.3e}'}"
-              f"{', %d while-loop(s) counted once' % info[name]['open_loops'] if info[name]['open_loops'] else ''})",
+              f"{', %d while-loop(s) counted once' % i['open_loops'] if i['open_loops'] else ''})",
               flush=True)
     return rows
+
+
+def doubling_lines(rows, models):
+    by = {(r["model"], r["text_len"]): r for r in rows}
+    lines = []
+    for model in models:
+        lens = sorted(L for (m, L) in by if m == model)
+        for L in lens:
+            if 2 * L in lens:
+                a, b = by[model, L], by[model, 2 * L]
+                lines.append(f"doubling {model}: time({2 * L})/time({L}) = {b['time_ms'] / a['time_ms']:.2f}, "
+                             f"memory ratio {b['memory_bytes'] / a['memory_bytes']:.2f}, "
+                             f"flops ratio {b['flops'] / a['flops']:.2f}")
+    return lines
 
 
 def summarize(rows, min_tokens=6400):
@@ -198,14 +234,7 @@ def summarize(rows, min_tokens=6400):
             lines.append(f"vs {other} at L={L} ({a['tokens']} tokens): memory -{100 * d_mem:.1f}% "
                          f"(paper -{100 * p_mem:.1f}%), time -{100 * d_time:.1f}% (paper -{100 * p_time:.1f}%), "
                          f"flops -{100 * d_flops:.1f}%")
-    for model in MODELS:
-        lens = sorted(L for (m, L) in by if m == model)
-        pairs = [(L, 2 * L) for L in lens if 2 * L in lens]
-        for L, L2 in pairs:
-            lines.append(f"doubling {model}: time({L2})/time({L}) = "
-                         f"{by[model, L2]['time_ms'] / by[model, L]['time_ms']:.2f}, "
-                         f"memory ratio {by[model, L2]['memory_bytes'] / by[model, L]['memory_bytes']:.2f}, "
-                         f"flops ratio {by[model, L2]['flops'] / by[model, L]['flops']:.2f}")
+    lines += [l + " (lengths timed in separate loops)" for l in doubling_lines(rows, MODELS)]
     return lines
 
 
@@ -222,6 +251,9 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--max_tokens", type=int, default=None,
                    help="skip the Transformers above this many fused tokens (memory guard)")
+    p.add_argument("--doubling_lengths", type=int, nargs="*", default=[],
+                   help="AlignMamba and mamba_fusion_only at these lengths, timed in one round-robin loop")
+    p.add_argument("--doubling_json", default=None)
     p.add_argument("--json", required=True)
     p.add_argument("--plot_dir", default=None, help="write efficiency_time.png / efficiency_memory.png here")
     args = p.parse_args(argv)
@@ -234,12 +266,20 @@ def main(argv=None):
         tokens = sum(modality_lengths(L, args.av_lengths).values())
         models = [m for m in args.models
                   if m == "alignmamba" or args.max_tokens is None or tokens <= args.max_tokens]
-        rows.extend(measure_length(L, models, args))
+        rows.extend(measure([(m, L) for m in models], args))
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:  # rewritten after every length: a killed run keeps what it measured
             json.dump({"rows": rows}, f, indent=1)
     for line in summarize(rows):
         print(line)
+    if args.doubling_lengths:
+        print("# doubling: all lengths compiled first, timed round-robin", flush=True)
+        drows = measure([(m, L) for L in args.doubling_lengths for m in ("alignmamba", "mamba_fusion_only")], args)
+        if args.doubling_json:
+            with open(args.doubling_json, "w") as f:
+                json.dump({"rows": drows}, f, indent=1)
+        for line in doubling_lines(drows, ("alignmamba", "mamba_fusion_only")):
+            print(line)
     if args.plot_dir:
         from plotting import plot_efficiency
         plot_efficiency(rows, "time_ms", "inference time (ms)", os.path.join(args.plot_dir, "efficiency_time.png"),
