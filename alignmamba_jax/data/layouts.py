@@ -5,6 +5,7 @@ Content is noise; layout (keys, shapes, dtypes, right padding, -inf audio entrie
 """
 from __future__ import annotations
 
+import os
 import pickle
 
 import numpy as np
@@ -25,8 +26,8 @@ MULT_SHAPES = {
 }
 
 
-def mmsa_split(n, shapes, aligned, rng, neg_inf_per_sample=2, split="train"):
-    """One split dict in MMSA's layout (see `alignmamba_jax.data.mmsa`)."""
+def mmsa_split(n, shapes, aligned, rng, neg_inf_per_sample=2, split="train", alloc=np.zeros):
+    """One split dict in MMSA's layout (see `alignmamba_jax.data.mmsa`); features from alloc(shape, dtype)."""
     t_text = shapes["text"][0]
     text_len = rng.integers(3, t_text + 1, n)
     out = {"raw_text": np.array([f"utterance {i}" for i in range(n)], dtype=object),
@@ -36,7 +37,7 @@ def mmsa_split(n, shapes, aligned, rng, neg_inf_per_sample=2, split="train"):
     text_bert[:, 0] = np.where(text_bert[:, 1] > 0, rng.integers(1000, 30000, (n, t_text)), 0)
     out["text_bert"] = text_bert
     for m, (t, d) in shapes.items():
-        x = np.zeros((n, t, d), np.float32)
+        x = alloc((n, t, d), np.float32)
         lengths = text_len if (aligned or m == "text") else rng.integers(1, t + 1, n)
         for i in range(n):
             x[i, :lengths[i]] = rng.standard_normal((lengths[i], d), np.float32)
@@ -58,11 +59,24 @@ def mmsa_split(n, shapes, aligned, rng, neg_inf_per_sample=2, split="train"):
     return out
 
 
-def write_mmsa_pickle(path, dataset="mosi", aligned=False, sizes=(8, 4, 4), seed=0, protocol=4):
-    """Write an MMSA {aligned,unaligned}_50.pkl-layout pickle; returns the dict written."""
+def write_mmsa_pickle(path, dataset="mosi", aligned=False, sizes=(8, 4, 4), seed=0, protocol=4,
+                      scratch_dir=None):
+    """Write an MMSA {aligned,unaligned}_50.pkl-layout pickle; returns the dict written.
+
+    With `scratch_dir`, features are built in memory-mapped scratch files (for MOSEI-sized files: the writer
+    then holds about one array's bytes, which pickling copies, instead of the whole dataset).
+    """
     rng = np.random.default_rng(seed)
     shapes = MMSA_SHAPES[(dataset, aligned)]
-    data = {s: mmsa_split(n, shapes, aligned, rng, split=s) for s, n in zip(("train", "valid", "test"), sizes)}
+    alloc = np.zeros
+    if scratch_dir is not None:
+        counter = iter(range(10 ** 6))
+
+        def alloc(shape, dtype):
+            f = os.path.join(scratch_dir, f"scratch_{next(counter)}.npy")
+            return np.lib.format.open_memmap(f, mode="w+", dtype=dtype, shape=shape).view(np.ndarray)
+    data = {s: mmsa_split(n, shapes, aligned, rng, split=s, alloc=alloc)
+            for s, n in zip(("train", "valid", "test"), sizes)}
     with open(path, "wb") as f:
         pickle.dump(data, f, protocol=protocol)
     return data

@@ -1,66 +1,113 @@
-"""Unpickle a large pickle of numpy arrays while holding at most one array in memory.
+"""Unpickle a large pickle of numpy arrays without holding its arrays in memory.
 
-`load_spilled(path, out_dir)` writes every non-object ndarray of the pickle to its own .npy file under
-`out_dir` as soon as the unpickler has read it, and returns the pickle's structure with those arrays replaced by
-read-only memory maps. Peak memory is about the largest single array (the unpickler must materialise one
-array's bytes), not the file: MMSA's MOSEI unaligned pickle is ~13 GB, its largest array ~2.5 GB.
+`load_spilled(path, out_dir)` streams every large byte string of the pickle (an ndarray's data, protocols 3-5)
+straight into a .npy file under `out_dir`, in 64 MiB chunks, and returns the pickle's structure with those
+arrays as writable memory maps. The unpickler's memo keeps a reference to every byte string until the end of
+the load, so with the standard unpickler a 13 GB MMSA MOSEI pickle would sit in memory in full; here the memo
+only holds small placeholders and peak memory stays near one chunk. Byte strings below 64 KiB and
+protocol-2 pickles (data as latin-1 text) take the ordinary in-memory path.
 """
 from __future__ import annotations
 
 import itertools
 import os
 import pickle
+import struct
 
 import numpy as np
 
 _RECONSTRUCT = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct")}
 _FROMBUFFER = {("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer")}
+_HEADER = 4096  # reserved .npy header bytes (a multiple of 64, as the format requires)
+_CHUNK = 64 << 20
+_MIN_SPILL = 64 << 10  # pickle frames are 64 KiB: larger byte strings are written outside them
 
 
 class OnDisk:
-    """An array the unpickler wrote to `path` (.npy)."""
+    """A byte string (then an array) the unpickler wrote to `path`, after a reserved .npy header."""
 
-    def __init__(self, path):
-        self.path = path
+    def __init__(self, path, nbytes):
+        self.path, self.nbytes = path, nbytes
+
+    def finish(self, dtype, shape, fortran):
+        """Write the .npy header for the data already in the file; return self."""
+        dtype = np.dtype(dtype)
+        if int(np.prod(shape)) * dtype.itemsize != self.nbytes:
+            raise pickle.UnpicklingError(f"array of {shape} {dtype} does not match its {self.nbytes} data bytes")
+        header = repr({"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": bool(fortran),
+                       "shape": tuple(int(s) for s in shape)})
+        body = header.ljust(_HEADER - 10 - 1) + "\n"
+        with open(self.path, "r+b") as f:
+            f.write(b"\x93NUMPY\x01\x00" + struct.pack("<H", len(body)) + body.encode("latin1"))
+        return self
 
 
 class _SpilledArray:
-    """Stands in for an ndarray during unpickling; its state is written to disk, not kept."""
+    """Stands in for an ndarray during unpickling: its data either already is on disk or is written there."""
 
-    def __init__(self, writer):
-        self._writer = writer
+    def __init__(self, unpickler):
+        self._unpickler = unpickler
         self.value = None
 
     def __setstate__(self, state):
         _, shape, dtype, fortran, raw = state if len(state) == 5 else (1, *state)
-        if dtype.hasobject:
-            arr = np.ndarray.__new__(np.ndarray, (0,), np.uint8)
-            arr.__setstate__(state)
-            self.value = arr
-        else:
-            self.value = self._writer(raw, dtype, tuple(shape), "F" if fortran else "C")
+        if isinstance(raw, OnDisk):
+            self.value = raw.finish(dtype, shape, fortran)
+            return
+        arr = np.ndarray.__new__(np.ndarray, (0,), np.uint8)
+        arr.__setstate__(state)
+        self.value = arr
 
 
-class _SpillingUnpickler(pickle.Unpickler):
+class _SpillingUnpickler(pickle._Unpickler):  # the pure-Python unpickler: its opcodes can be overridden
+    dispatch = dict(pickle._Unpickler.dispatch)
+
     def __init__(self, file, out_dir):
         super().__init__(file, encoding="latin1")
         self._out_dir = out_dir
         self._counter = itertools.count()
 
-    def _write(self, raw, dtype, shape, order):
+    def _bytes(self, n):
+        if n < _MIN_SPILL:
+            return self.read(n)
         path = os.path.join(self._out_dir, f"array_{next(self._counter):05d}.npy")
-        mm = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape, fortran_order=order == "F")
-        flat = mm.reshape(-1, order="A")
-        flat[:] = np.frombuffer(raw, dtype=dtype, count=flat.size)
-        mm.flush()
-        del mm, flat
-        return OnDisk(path)
+        with open(path, "wb") as f:
+            f.write(b"\0" * _HEADER)
+            left = n
+            while left:
+                chunk = self.read(min(left, _CHUNK))
+                if not chunk:
+                    raise EOFError(f"pickle data ends {left} bytes before the end of a {n}-byte string")
+                f.write(chunk)
+                left -= len(chunk)
+        return OnDisk(path, n)
+
+    def load_binbytes(self):
+        (n,) = struct.unpack("<I", self.read(4))
+        self.append(self._bytes(n))
+
+    def load_binbytes8(self):
+        (n,) = struct.unpack("<Q", self.read(8))
+        self.append(self._bytes(n))
+
+    def load_bytearray8(self):
+        (n,) = struct.unpack("<Q", self.read(8))
+        b = self._bytes(n)
+        self.append(b if isinstance(b, OnDisk) else bytearray(b))
+
+    dispatch[pickle.BINBYTES[0]] = load_binbytes
+    dispatch[pickle.BINBYTES8[0]] = load_binbytes8
+    dispatch[pickle.BYTEARRAY8[0]] = load_bytearray8
 
     def find_class(self, module, name):
         if (module, name) in _RECONSTRUCT:
-            return lambda *args: _SpilledArray(self._write)
+            return lambda *args: _SpilledArray(self)
         if (module, name) in _FROMBUFFER:
-            return lambda buf, dtype, shape, order: self._write(memoryview(buf).cast("B"), dtype, shape, order)
+            def frombuffer(buf, dtype, shape, order):
+                if isinstance(buf, OnDisk):
+                    return buf.finish(dtype, shape, order == "F")
+                return np.frombuffer(buf, dtype=dtype).reshape(shape, order=order)
+            return frombuffer
         return super().find_class(module, name)
 
 
@@ -77,7 +124,7 @@ def _resolve(obj):
 
 
 def load_spilled(path, out_dir):
-    """Unpickle `path`, arrays spilled to `out_dir/*.npy`; returns the structure with writable memory maps."""
+    """Unpickle `path`, array data streamed to `out_dir/*.npy`; returns the structure with memory maps (r+)."""
     os.makedirs(out_dir, exist_ok=True)
     with open(path, "rb") as f:
         obj = _SpillingUnpickler(f, out_dir).load()

@@ -2,6 +2,8 @@
 expected vs found value, so a user with a malformed file knows what to fix."""
 from __future__ import annotations
 
+import mmap
+
 import numpy as np
 
 LABEL_RANGE = (-3.0, 3.0)
@@ -33,17 +35,26 @@ def features(x, where, key, ndim=3, n=None, length=None, dim=None):
 
 
 def zero_non_finite(x, where, key):
-    """Replace non-finite entries by 0 in place when writable (the real MMSA audio holds -inf); return count."""
+    """Replace non-finite entries by 0 in place when writable (the real MMSA audio holds -inf); return count.
+
+    Chunked (no full-size temporary); for a memory map, the scanned pages are released from this process
+    after each chunk, so scanning a 13 GB file does not grow the resident set by 13 GB.
+    """
     count = 0
     flat = x.reshape(x.shape[0], -1)
-    for start in range(0, flat.shape[0], 1024):  # chunked: no full-size boolean temporary
-        bad = ~np.isfinite(flat[start:start + 1024])
+    mapped = getattr(x, "_mmap", None) if isinstance(x, np.memmap) else None
+    rows = max(1, (64 << 20) // max(1, flat.shape[1] * flat.itemsize))
+    for start in range(0, flat.shape[0], rows):
+        bad = ~np.isfinite(flat[start:start + rows])
         n_bad = int(bad.sum())
         if n_bad:
             if not x.flags.writeable:
                 raise ValueError(f"{where}: key {key!r}: {n_bad} non-finite values in a read-only array")
-            flat[start:start + 1024][bad] = 0.0
+            flat[start:start + rows][bad] = 0.0
             count += n_bad
+        if mapped is not None:
+            mapped.flush()
+            mapped.madvise(mmap.MADV_DONTNEED)  # shared file mapping: data stays in the file / page cache
     return count
 
 
