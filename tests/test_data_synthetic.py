@@ -122,6 +122,18 @@ def test_image_text_classification_set():
     assert tr["text_mask"].sum(1).min() >= 4 and not tr["text_mask"].all()
 
 
+def test_image_text_npz_round_trip(tmp_path):
+    cfg = dict(n_train=12, n_valid=4, n_test=4)
+    synthetic.write_image_text_npz(tmp_path, cfg)
+    got = load_splits(ml_collections.ConfigDict(dict(
+        name="features_npz", path=str(tmp_path), modalities=("image", "text"), task="classification",
+        num_classes=3)))
+    want = synthetic.generate_image_text(cfg)
+    for s in want:
+        for k, v in want[s].items():
+            np.testing.assert_array_equal(got[s][k], v, err_msg=k)
+
+
 def test_bad_synthetic_config():
     with pytest.raises(ValueError, match="unknown keys"):
         synthetic.generate_sentiment({"n_trian": 5})

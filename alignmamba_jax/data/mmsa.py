@@ -6,7 +6,7 @@ Layout (MMSA / MMSA-FET releases): {"train","valid","test"} -> dict with
   aligned: T = 50); audio_lengths, vision_lengths (N,) (unaligned); regression_labels (N,) in [-3, 3];
   id (N,) 'video$_$clip'; raw_text, annotations, classification_labels (unused here).
 Masks: text from text_bert[:, 1] (the attention mask) or, without text_bert, all-valid; audio / vision from
-their lengths, or, for aligned files (T equal to the text length), the text mask. Non-finite features (the
+their lengths, or, for aligned files (T equal to the text length), the text mask (lengths ignored). Non-finite features (the
 real audio holds -inf) become 0 and are counted in the returned `stats`.
 
 Large files: `cache_dir` converts once (peak memory ~ the largest single array, via `pickle_spill`) into
@@ -62,7 +62,7 @@ def convert_split(split, where, stats):
     out = {"text": text, "text_mask": _text_mask(split, where, n, text.shape[1])}
     for m in ("audio", "vision"):
         x = validate.features(validate.require(split, m, where), where, m, n=n)
-        if x.shape[1] == text.shape[1] and m + "_lengths" not in split:
+        if x.shape[1] == text.shape[1]:  # aligned to the words: any *_lengths describe the raw streams
             mask = out["text_mask"]
         else:
             mask = validate.mask_from_lengths(validate.require(split, m + "_lengths", where), x.shape[1],

@@ -24,7 +24,8 @@ def load_splits(data_config) -> dict:
     Keys read: name in NAMES, path (file or directory; unused for "synthetic"), modalities, task
     ("regression" | "classification"), num_classes, synthetic (sub-config, see `synthetic.default_config`),
     tfds_name ("mosi" | "mosei", for name="tfds"; data_dir = path, the MMSA pickle in
-    path/downloads/manual/, TFDS's default manual_dir), tfds_config ("unaligned" | "aligned").
+    path/downloads/manual/, TFDS's default manual_dir), tfds_config ("unaligned" | "aligned"), cache_dir
+    (for name="mmsa": convert the pickle once to memory-mappable .npy files there; recommended for MOSEI).
     Only the requested modalities are returned.
     """
     name = _get(data_config, "name", "synthetic")
@@ -43,7 +44,7 @@ def load_splits(data_config) -> dict:
         splits = _synthetic(data_config, modalities, task)
     elif name == "mmsa":
         from alignmamba_jax.data.mmsa import load_mmsa_pickle
-        splits = load_mmsa_pickle(path)
+        splits = load_mmsa_pickle(path, cache_dir=_get(data_config, "cache_dir", None) or None)
     elif name == "mult":
         from alignmamba_jax.data.mult import load_mult_pickle
         splits = load_mult_pickle(path)

@@ -2,7 +2,7 @@
 
 Owns `default_config()` (the `data.synthetic` sub-config), `generate_sentiment` (language / audio / vision
 regression, the shape of MMSA's MOSI `unaligned_50.pkl`) and `generate_image_text` (two-modality
-classification for AlignMamba-2 experiments, the layout of `features_npz`).
+classification for AlignMamba-2 experiments; `write_image_text_npz` stores it in the `features_npz` layout).
 
 Generative story of `generate_sentiment` (every random choice below comes from `seed`):
 
@@ -32,8 +32,11 @@ separately loses which emphasis belongs to which word; uniform resampling of the
 mixes neighbouring words, because word durations, pauses and the lead-in are random; with alignment (each
 frame to the text token of the same code: 1 - cosine after per-modality linear maps recovers it) the label is
 a sum of per-token products. The text-only part (text_weight) is what a language-only model can get.
-Measured (least squares on pooled token x aligned-frame products, see tests/test_data_synthetic.py and the
-data report): oracle alignment fits the test labels much better than uniform resampling or no alignment.
+Measured on the defaults (seed 0; ridge least squares on the train split, R^2 on test; features: the mean
+over text tokens j of PCA-8(text_j) (x) [1, audio_j, vision_j], audio_j / vision_j the frames attached to token
+j; tests/test_data_synthetic.py has the probe): oracle alignment (the generator's word spans) 0.89,
+frames assigned by 1 - cosine after least-squares linear maps (the relaxed-OT rule) 0.50, uniform segment-mean
+resampling to the text length 0.08, no alignment (frame means) 0.06, text only 0.21.
 """
 from __future__ import annotations
 
@@ -266,3 +269,9 @@ def generate_image_text(config=None) -> dict:
     for split in out.values():
         split["labels"] = np.searchsorted(edges, split.pop("score")).astype(np.int32)
     return out
+
+
+def write_image_text_npz(directory, config=None):
+    """Write `generate_image_text(config)` as train/valid/test.npz (the `features_npz` layout)."""
+    from alignmamba_jax.data.features_npz import save_features_npz
+    save_features_npz(directory, generate_image_text(config))
