@@ -1,0 +1,94 @@
+"""Tests of the Pallas backends in interpret mode (GPU/Triton kernel and TPU/Mosaic kernel), and of their
+lowering for real accelerators through `jax.export` from this CPU machine.
+
+Interpret mode runs every grid step through the JAX interpreter, so shapes are tiny and chunk/block sizes are
+shrunk to exercise several chunks, several channel blocks and padding of length, channels and state.
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import export
+
+from alignmamba_jax.kernels import selective_scan, selective_scan_reference
+from alignmamba_jax.kernels.common import make_backend
+from alignmamba_jax.kernels.pallas_gpu import pallas_gpu_core
+from alignmamba_jax.kernels.testing import OPTION_SETS, assert_close_tree, grads_of_all_inputs, make_inputs
+
+BACKENDS = {
+    "pallas_gpu_small_blocks": make_backend(functools.partial(pallas_gpu_core, chunk=4, block_c=2), "pallas"),
+    "pallas": functools.partial(selective_scan, backend="pallas"),
+}
+CASES = [("pallas_gpu_small_blocks", (1, 1, 1, 1), "all"), ("pallas_gpu_small_blocks", (2, 11, 5, 3), "all"),
+         ("pallas_gpu_small_blocks", (1, 9, 4, 2), "plain"), ("pallas", (2, 13, 3, 4), "mask")]
+
+
+@pytest.mark.parametrize("backend,shape,options", CASES)
+def test_pallas_matches_reference_values_and_gradients(backend, shape, options):
+    fn = BACKENDS[backend]
+    args, kwargs = make_inputs(2, *shape, OPTION_SETS[options].items())
+    y, h = jax.jit(lambda a: fn(*a, return_final_state=True, **kwargs))(args)
+    y_ref, h_ref = selective_scan_reference(*args, return_final_state=True, **kwargs)
+    assert y.dtype == y_ref.dtype and h.dtype == jnp.float32
+    assert_close_tree([y, h], [y_ref, h_ref], rtol=1e-4, atol=1e-4, what="values")
+    assert_close_tree(grads_of_all_inputs(fn, args, kwargs),
+                      grads_of_all_inputs(selective_scan_reference, args, kwargs), rtol=1e-3, atol=1e-3,
+                      what="gradients")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", list(BACKENDS))
+@pytest.mark.parametrize("shape,options", [((2, 100, 70, 16), "all"), ((3, 67, 33, 5), "bias_softplus_h0")])
+def test_pallas_matches_reference_on_larger_shapes(backend, shape, options):
+    test_pallas_matches_reference_values_and_gradients(backend, shape, options)
+
+
+def test_pallas_bfloat16_extremes_and_vmap():
+    fn = BACKENDS["pallas_gpu_small_blocks"]
+    args, kwargs = make_inputs(5, 2, 10, 3, 4, OPTION_SETS["all"].items(), dtype=jnp.bfloat16)
+    y, h = fn(*args, return_final_state=True, **kwargs)
+    assert y.dtype == jnp.bfloat16 and h.dtype == jnp.float32
+    up = [None if a is None else a.astype(jnp.float32) for a in args]
+    y_ref, h_ref = selective_scan_reference(*up, return_final_state=True,
+                                            **dict(kwargs, initial_state=kwargs["initial_state"].astype(jnp.float32)))
+    np.testing.assert_allclose(np.asarray(y, np.float32), y_ref, rtol=3e-2, atol=5e-2)
+    np.testing.assert_allclose(h, h_ref, rtol=3e-2, atol=5e-2)
+
+    args, _ = make_inputs(6, 1, 6, 3, 2)
+    stacked = [jnp.stack([a, 2 * a]) for a in args[:5]]
+    stacked[1] = jnp.full_like(stacked[1], 1e3)
+    stacked[2] = jnp.full_like(stacked[2], -1e3)
+    y_v, vjp = jax.vjp(jax.vmap(fn), *stacked)
+    grads = vjp(jnp.ones_like(y_v))
+    assert np.all(np.isfinite(y_v)) and all(np.all(np.isfinite(g)) for g in grads)
+    for i in range(2):
+        np.testing.assert_allclose(y_v[i], selective_scan_reference(*[s[i] for s in stacked]), rtol=1e-4,
+                                   atol=1e-3)
+
+
+def test_pallas_interpret_memory_has_no_full_state_temporary():
+    batch, length, channels, state = 2, 512, 64, 16
+    args, _ = make_inputs(9, batch, length, channels, state)
+    loss = lambda *a: jnp.sum(selective_scan(*a, backend="pallas"))
+    compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4))).lower(*args[:5]).compile()
+    assert compiled.memory_analysis().temp_size_in_bytes < batch * length * channels * state * 4
+
+
+def _export_for(platform, fn, disabled_target):
+    b, L, c, n = 2, 256, 128, 16
+    shapes = [(b, L, c), (b, L, c), (c, n), (b, L, n), (b, L, n)]
+    dtypes = [jnp.bfloat16, jnp.float32, jnp.float32, jnp.bfloat16, jnp.bfloat16]
+    sds = [jax.ShapeDtypeStruct(s, d) for s, d in zip(shapes, dtypes)]
+    checks = [export.DisabledSafetyCheck.custom_call(disabled_target)]
+    grad = jax.jit(jax.grad(lambda *a: fn(*a).astype(jnp.float32).sum(), argnums=(0, 1, 2, 3, 4)))
+    return [export.export(f, platforms=[platform], disabled_checks=checks)(*sds).mlir_module()
+            for f in (jax.jit(fn), grad)]
+
+
+def test_pallas_gpu_kernels_lower_for_cuda_via_export():
+    fn = make_backend(functools.partial(pallas_gpu_core, interpret=False), "pallas")
+    forward, backward = _export_for("cuda", fn, "__gpu$xla.gpu.triton")
+    assert "selective_scan_fwd" in forward and "xla.gpu.triton" in forward
+    assert "selective_scan_fwd" in backward and "selective_scan_bwd" in backward
