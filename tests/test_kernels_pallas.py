@@ -15,14 +15,18 @@ from jax import export
 from alignmamba_jax.kernels import selective_scan, selective_scan_reference
 from alignmamba_jax.kernels.common import make_backend
 from alignmamba_jax.kernels.pallas_gpu import pallas_gpu_core
+from alignmamba_jax.kernels.pallas_tpu import pallas_tpu_core
 from alignmamba_jax.kernels.testing import OPTION_SETS, assert_close_tree, grads_of_all_inputs, make_inputs
 
 BACKENDS = {
     "pallas_gpu_small_blocks": make_backend(functools.partial(pallas_gpu_core, chunk=4, block_c=2), "pallas"),
     "pallas": functools.partial(selective_scan, backend="pallas"),
+    "pallas_tpu_small_chunks": make_backend(functools.partial(pallas_tpu_core, chunk=8), "pallas_tpu"),
+    "pallas_tpu": functools.partial(selective_scan, backend="pallas_tpu"),
 }
 CASES = [("pallas_gpu_small_blocks", (1, 1, 1, 1), "all"), ("pallas_gpu_small_blocks", (2, 11, 5, 3), "all"),
-         ("pallas_gpu_small_blocks", (1, 9, 4, 2), "plain"), ("pallas", (2, 13, 3, 4), "mask")]
+         ("pallas_gpu_small_blocks", (1, 9, 4, 2), "plain"), ("pallas", (2, 13, 3, 4), "mask"),
+         ("pallas_tpu_small_chunks", (2, 19, 5, 3), "all"), ("pallas_tpu", (1, 1, 2, 2), "mask")]
 
 
 @pytest.mark.parametrize("backend,shape,options", CASES)
@@ -40,7 +44,8 @@ def test_pallas_matches_reference_values_and_gradients(backend, shape, options):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", list(BACKENDS))
-@pytest.mark.parametrize("shape,options", [((2, 100, 70, 16), "all"), ((3, 67, 33, 5), "bias_softplus_h0")])
+@pytest.mark.parametrize("shape,options", [((2, 100, 70, 16), "all"), ((3, 67, 33, 5), "bias_softplus_h0"),
+                                           ((1, 150, 130, 4), "mask")])
 def test_pallas_matches_reference_on_larger_shapes(backend, shape, options):
     test_pallas_matches_reference_values_and_gradients(backend, shape, options)
 
@@ -92,3 +97,10 @@ def test_pallas_gpu_kernels_lower_for_cuda_via_export():
     forward, backward = _export_for("cuda", fn, "__gpu$xla.gpu.triton")
     assert "selective_scan_fwd" in forward and "xla.gpu.triton" in forward
     assert "selective_scan_fwd" in backward and "selective_scan_bwd" in backward
+
+
+def test_pallas_tpu_kernels_lower_for_tpu_via_export():
+    fn = make_backend(functools.partial(pallas_tpu_core, interpret=False), "pallas_tpu")
+    forward, backward = _export_for("tpu", fn, "tpu_custom_call")
+    assert "selective_scan_fwd_tpu" in forward and "tpu_custom_call" in forward
+    assert "selective_scan_fwd_tpu" in backward and "selective_scan_bwd_tpu" in backward
