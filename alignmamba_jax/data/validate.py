@@ -23,8 +23,8 @@ def require(mapping, key, where):
 
 
 def features(x, where, key, ndim=3, n=None, length=None, dim=None):
-    """float32 view/copy of a (N, T, d) feature array, shape-checked."""
-    x = np.asarray(x)
+    """float32 view/copy of a (N, T, d) feature array, shape-checked (memory maps stay memory maps)."""
+    x = np.asanyarray(x)
     if x.ndim != ndim or (n is not None and x.shape[0] != n) or (length is not None and x.shape[1] != length) \
             or (dim is not None and x.shape[2] != dim):
         expect = (n if n is not None else "N", length if length is not None else "T", dim if dim is not None else "d")
