@@ -1,0 +1,198 @@
+"""Models: every ablation switch and missing modalities run forward + backward under jit; the wiring of OT, MMD
+and the interleave is checked against the pure functions; masked tokens are inert; a tiny batch is overfit."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from alignmamba_jax.align import mmd, ot_align, segment_mean_resample
+from alignmamba_jax.models import create_model, default_model_config, interleave_time_major, masked_pool
+
+# Tiny graphs: XLA's backend optimisations cost far more compile time than they save at run time.
+fast_jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
+MODS = ("text", "audio", "vision")
+DIMS = {"text": 6, "audio": 3, "vision": 4}
+LENS = {"text": 5, "audio": 7, "vision": 4}
+
+
+def tiny_config(**overrides):
+    cfg = default_model_config()
+    cfg.d_model, cfg.n_layers, cfg.d_state, cfg.n_heads, cfg.sinkhorn_iters = 8, 1, 2, 2, 5
+    cfg.scan_backend = "reference"
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+def make_batch(seed=0, batch=3):
+    rng = np.random.default_rng(seed)
+    feats = {m: rng.normal(size=(batch, LENS[m], DIMS[m])).astype(np.float32) for m in MODS}
+    masks = {m: np.arange(LENS[m])[None, :] < rng.integers(1, LENS[m] + 1, size=(batch, 1)) for m in MODS}
+    masks["audio"][1] = False               # sample 1: audio missing entirely
+    masks["vision"][2, :] = False           # sample 2: vision missing entirely
+    return feats, masks
+
+
+def run_forward_backward(cfg, feats, masks, task="regression", num_classes=1, modalities=MODS):
+    model = create_model(cfg, modalities, "text", DIMS, task=task, num_classes=num_classes)
+
+    def loss_fn(p):
+        out = model.apply({"params": p}, feats, masks, train=True, rngs={"dropout": jax.random.PRNGKey(1)})
+        pred = out["prediction"]
+        task_loss = jnp.mean(pred ** 2) if task == "regression" else jnp.mean(jax.nn.logsumexp(pred, -1))
+        return task_loss + out["align_loss"], out
+
+    @fast_jit
+    def init_and_grad(key):
+        params = model.init(key, feats, masks)["params"]
+        return params, jax.value_and_grad(loss_fn, has_aux=True)(params)
+
+    params, ((loss, out), grads) = init_and_grad(jax.random.PRNGKey(0))
+    assert np.isfinite(loss)
+    assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
+    assert any(np.any(np.asarray(g) != 0) for g in jax.tree.leaves(grads))
+    return model, params, out
+
+
+VARIANTS = {
+    "full": {},
+    "wo_local": {"use_local_alignment": False},
+    "wo_global": {"use_global_alignment": False},
+    "single_stream": {"fusion": "single_stream"},
+    "multi_stream": {"fusion": "multi_stream"},
+    "wo_audio": {"drop_modalities": ("audio",)},
+    "wo_vision": {"drop_modalities": ("vision",)},
+    "wo_language": {"drop_modalities": ("text",)},
+    "alignmamba2": {"name": "alignmamba2"},
+    "transformer_single": {"name": "transformer_single"},
+    "transformer_multi": {"name": "transformer_multi"},
+}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_every_variant_forward_backward_under_jit_with_missing_modalities(variant):
+    feats, masks = make_batch()
+    cfg = tiny_config(**VARIANTS[variant])
+    _, _, out = run_forward_backward(cfg, feats, masks)
+    assert out["prediction"].shape == (3,) and out["prediction"].dtype == jnp.float32
+    assert out["align_loss"].shape == ()
+    if variant == "wo_global" or variant.startswith("transformer"):
+        assert float(out["align_loss"]) == 0.0
+    else:
+        assert float(out["align_loss"]) > 0.0
+
+
+def test_full_model_wiring_matches_pure_functions():
+    feats, masks = make_batch(seed=1)
+    cfg = tiny_config(return_plans=True, dropout=0.0)
+    model = create_model(cfg, MODS, "text", DIMS)
+    params = fast_jit(model.init)(jax.random.PRNGKey(0), feats, masks)["params"]
+    out = fast_jit(lambda p: model.apply({"params": p}, feats, masks))(params)
+    proj = {m: feats[m] @ np.asarray(params["projections"][f"proj_{m}"]["kernel"])
+            + np.asarray(params["projections"][f"proj_{m}"]["bias"]) for m in MODS}
+    expected_loss = 0.0
+    for m in ("audio", "vision"):
+        aligned, plan = ot_align(proj[m], proj["text"], masks[m], masks["text"])
+        assert out["ot_plans"][m].shape == (3, LENS[m], LENS["text"])
+        np.testing.assert_allclose(out["ot_plans"][m], plan, atol=1e-6)
+        aligned_mask = masks["text"] & masks[m].any(-1, keepdims=True)
+        per_sample = np.asarray(mmd(aligned, proj["text"], cfg.mmd_sigma, aligned_mask, masks["text"]))
+        present = masks[m].any(-1) & masks["text"].any(-1)
+        expected_loss += per_sample[present].mean()
+    np.testing.assert_allclose(out["align_loss"], expected_loss, rtol=1e-4)
+
+    wo_local = create_model(tiny_config(return_plans=True, use_local_alignment=False), MODS, "text", DIMS)
+    plans = fast_jit(lambda p: wo_local.apply({"params": p}, feats, masks))(params)["ot_plans"]
+    np.testing.assert_allclose(plans["audio"], segment_mean_resample(proj["audio"], LENS["text"], masks["audio"],
+                                                                     masks["text"])[1], atol=1e-6)
+
+
+def test_interleave_is_time_major_and_pooling_respects_masks():
+    a, v, l = (np.full((1, 2, 1), c, np.float32) + np.arange(2)[None, :, None] for c in (10, 20, 30))
+    ma, mv, ml = np.array([[True, True]]), np.array([[False, True]]), np.array([[True, False]])
+    x, m = interleave_time_major([a, v, l], [ma, mv, ml])
+    np.testing.assert_array_equal(x[0, :, 0], [10, 20, 30, 11, 21, 31])
+    np.testing.assert_array_equal(m[0], [True, False, True, True, True, False])
+    np.testing.assert_allclose(masked_pool(x, m, "mean")[0, 0], np.mean([10, 30, 11, 21]))
+    np.testing.assert_allclose(masked_pool(x, m, "last")[0, 0], 21)
+    assert np.all(np.asarray(masked_pool(x, np.zeros_like(m), "mean")) == 0)
+
+
+@pytest.mark.parametrize("name", ["alignmamba", "alignmamba2"])
+def test_masked_tokens_and_missing_modalities_do_not_change_predictions(name):
+    feats, masks = make_batch(seed=2)
+    model = create_model(tiny_config(name=name), MODS, "text", DIMS)
+    params = fast_jit(model.init)(jax.random.PRNGKey(0), feats, masks)["params"]
+    apply = fast_jit(lambda f: model.apply({"params": params}, f, masks)["prediction"])
+    rng = np.random.default_rng(3)
+    noisy = {m: feats[m] + 100 * rng.normal(size=feats[m].shape).astype(np.float32) * ~masks[m][..., None]
+             for m in MODS}
+    np.testing.assert_allclose(apply(feats), apply(noisy), rtol=1e-5, atol=1e-5)
+
+
+def test_alignmamba2_does_no_alignment_at_inference_and_classification_head():
+    feats, masks = make_batch()
+    model = create_model(tiny_config(name="alignmamba2"), MODS, "text", DIMS, task="classification", num_classes=3)
+    params = fast_jit(model.init)(jax.random.PRNGKey(0), feats, masks)["params"]
+    out = fast_jit(lambda p: model.apply({"params": p}, feats, masks, train=False))(params)
+    assert out["prediction"].shape == (3, 3)
+    assert float(out["align_loss"]) == 0.0 and float(out["aux"]["ot"]) == 0.0
+    jaxpr = str(jax.make_jaxpr(lambda p: model.apply({"params": p}, feats, masks, train=False))(params))
+    jaxpr_train = str(jax.make_jaxpr(lambda p: model.apply({"params": p}, feats, masks, train=True,
+                                                           rngs={"dropout": jax.random.PRNGKey(0)}))(params))
+    # Sinkhorn's log-sum-exp iterations appear only in the training graph.
+    assert jaxpr.count("reduce_max") < jaxpr_train.count("reduce_max")
+    assert {"in_proj", "conv1d", "x_proj", "dt_proj", "A_log", "D", "out_proj"} <= set(
+        params["layer_0"]["mamba"]["mixer"])
+
+
+def test_bad_inputs_raise_clear_errors():
+    feats, masks = make_batch()
+    model = create_model(tiny_config(), MODS, "text", DIMS)
+    bad = dict(feats, audio=feats["audio"][..., :2])
+    with pytest.raises(ValueError, match=r"features\['audio'\].*\(3, T, 3\).*\(3, 7, 2\)"):
+        model.init(jax.random.PRNGKey(0), bad, masks)
+    with pytest.raises(ValueError, match="anchor modality 'text'"):
+        model.init(jax.random.PRNGKey(0), {m: feats[m] for m in ("audio", "vision")}, masks)
+    with pytest.raises(ValueError, match=r"masks\['vision'\] must have shape \(3, 4\)"):
+        model.init(jax.random.PRNGKey(0), feats, dict(masks, vision=masks["vision"][:, :3]))
+    with pytest.raises(ValueError, match="anchor 'speech'"):
+        create_model(tiny_config(), MODS, "speech", DIMS)
+    with pytest.raises(ValueError, match="input_dims lacks"):
+        create_model(tiny_config(), MODS, "text", {"text": 6})
+    with pytest.raises(ValueError, match="cfg.fusion"):
+        create_model(tiny_config(fusion="late"), MODS, "text", DIMS)
+
+
+def test_two_modalities_and_loss_decreases_when_overfitting_a_tiny_batch():
+    rng = np.random.default_rng(4)
+    dims = {"image": 5, "text": 4}
+    feats = {"image": rng.normal(size=(4, 6, 5)).astype(np.float32),
+             "text": rng.normal(size=(4, 5, 4)).astype(np.float32)}
+    masks = {"image": np.ones((4, 6), bool), "text": np.arange(5)[None] < np.array([[5], [4], [3], [5]])}
+    labels = np.array([1.5, -2.0, 0.5, -0.5], np.float32)
+    cfg = tiny_config(dropout=0.0, d_model=16)
+    model = create_model(cfg, ("text", "image"), "text", dims)
+    params = fast_jit(model.init)(jax.random.PRNGKey(0), feats, masks)["params"]
+    opt = optax.adam(1e-2)
+    state = opt.init(params)
+
+    def loss_fn(p):
+        out = model.apply({"params": p}, feats, masks, train=True, rngs={"dropout": jax.random.PRNGKey(0)})
+        return jnp.mean((out["prediction"] - labels) ** 2) + cfg.align_weight * out["align_loss"]
+
+    @fast_jit
+    def step(p, s):
+        loss, g = jax.value_and_grad(loss_fn)(p)
+        updates, s = opt.update(g, s, p)
+        return optax.apply_updates(p, updates), s, loss
+
+    losses = []
+    for _ in range(60):
+        params, state, loss = step(params, state)
+        losses.append(float(loss))
+    assert np.isfinite(losses).all()
+    assert losses[-1] < 0.1 * losses[0], losses[::10]
