@@ -15,6 +15,8 @@ import argparse
 import os
 import sys
 
+import numpy as np
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import study  # noqa: E402
 
@@ -30,6 +32,12 @@ def rate_key(rate):
     return f"{rate:g}"
 
 
+def available_rates(runs, protocol):
+    """Rates every run evaluated (a protocol may reject some, e.g. per_sample above (M - 1) / M)."""
+    keys = [set(r["missing"]["by_rate"].get(protocol, {})) for r in runs.values()]
+    return [x for x in RATES if all(rate_key(x) in k for k in keys)]
+
+
 def summarize(per_seed, protocols, metrics):
     """{model: {seed: results}} -> {protocol: {metric: {model: {column: (mean, std)}}}}."""
     out = {}
@@ -40,17 +48,16 @@ def summarize(per_seed, protocols, metrics):
             for model, runs in per_seed.items():
                 if not runs:
                     continue
+                rates = available_rates(runs, protocol)
+                value = lambda r, x: r["missing"]["by_rate"][protocol][rate_key(x)][metric]  # noqa: E731
                 cols = {"0": [r["test"][metric] for r in runs.values()]}
-                for rate in RATES:
-                    cols[rate_key(rate)] = [r["missing"]["by_rate"][protocol][rate_key(rate)][metric]
-                                            for r in runs.values()]
-                per_run_avg = [sum(r["missing"]["by_rate"][protocol][rate_key(x)][metric] for x in RATES) / len(RATES)
-                               for r in runs.values()]
-                per_run_drop = [r["missing"]["by_rate"][protocol]["0.1"][metric]
-                                - r["missing"]["by_rate"][protocol]["0.7"][metric] for r in runs.values()]
+                for x in rates:
+                    cols[rate_key(x)] = [value(r, x) for r in runs.values()]
                 row = {c: study.mean_std(v) for c, v in cols.items()}
-                row["average"] = study.mean_std(per_run_avg)
-                row["drop 0.1->0.7"] = study.mean_std(per_run_drop)
+                if rates:
+                    row["average"] = study.mean_std([np.mean([value(r, x) for x in rates]) for r in runs.values()])
+                if 0.1 in rates and 0.7 in rates:
+                    row["drop 0.1->0.7"] = study.mean_std([value(r, 0.1) - value(r, 0.7) for r in runs.values()])
                 out[protocol][metric][model] = row
     return out
 
@@ -108,13 +115,16 @@ def main(argv=None):
         study.write_text(args.markdown, table)
     if args.plot:
         from plotting import plot_curve_panels
-        xs = [0.0] + list(RATES)
-        cols = ["0"] + [rate_key(r) for r in RATES]
         metric = args.metrics[0]
-        panels = [(protocol, metric, {model: ([row[c][0] for c in cols], [row[c][1] for c in cols])
-                                      for model, row in summary[protocol][metric].items()})
-                  for protocol in protocols]
-        plot_curve_panels(xs, panels, "missing rate", args.plot,
+        panels = []
+        for protocol in protocols:
+            curves = {}
+            for model, row in summary[protocol][metric].items():
+                xs = [0.0] + [x for x in RATES if rate_key(x) in row]
+                curves[model] = (xs, [row[rate_key(x)][0] for x in xs],
+                                 [row[rate_key(x)][1] for x in xs])
+            panels.append((protocol, metric, curves))
+        plot_curve_panels(panels, "missing rate", args.plot,
                           title="Missing-modality robustness, synthetic default (mean ± std over seeds)")
     return 0
 

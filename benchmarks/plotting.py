@@ -100,11 +100,11 @@ def plot_curves(xs, curves, xlabel, ylabel, path, title=None):
     return _save(fig, path)
 
 
-def plot_curve_panels(xs, panels, xlabel, path, title=None):
-    """panels = [(panel title, ylabel, {label: (means, stds)}), ...] side by side, shared xs."""
+def plot_curve_panels(panels, xlabel, path, title=None):
+    """panels = [(panel title, ylabel, {label: (xs, means, stds)}), ...] side by side."""
     fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.8), squeeze=False)
     for ax, (panel_title, ylabel, curves) in zip(axes[0], panels):
-        for label, (means, stds) in curves.items():
+        for label, (xs, means, stds) in curves.items():
             line, = ax.plot(xs, means, marker="o", label=label)
             ax.fill_between(xs, [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)],
                             color=line.get_color(), alpha=0.15)
