@@ -1,4 +1,5 @@
 """MambaMixer shapes, parameter names/dtypes, causality, masking and init statistics; the modality-aware MoE."""
+import functools
 import math
 
 import jax
@@ -7,12 +8,14 @@ import numpy as np
 
 from alignmamba_jax.modules import MambaMixer, MambaStack, ModalityAwareMambaLayer, ModalityAwareMoE
 
+# Tiny graphs: XLA's backend optimisations cost far more compile time than they save at run time.
+fast_jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
 D_MODEL = 8
 
 
 def init_mixer(d_state=4, length=6, **kw):
     m = MambaMixer(D_MODEL, d_state=d_state, d_conv=3, scan_backend="reference", **kw)
-    params = jax.jit(m.init)(jax.random.PRNGKey(0), jnp.zeros((2, length, D_MODEL)))["params"]
+    params = fast_jit(m.init)(jax.random.PRNGKey(0), jnp.zeros((2, length, D_MODEL)))["params"]
     return m, params
 
 
@@ -28,7 +31,7 @@ def test_mixer_shapes_names_and_float32_ssm_params():
                       "out_proj": {"kernel": (d_inner, D_MODEL)}}
     assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(params))
     x = jax.random.normal(jax.random.PRNGKey(1), (2, 6, D_MODEL))
-    y = jax.jit(m.apply)({"params": params}, x.astype(jnp.bfloat16))
+    y = fast_jit(m.apply)({"params": params}, x.astype(jnp.bfloat16))
     assert y.shape == (2, 6, D_MODEL) and y.dtype == jnp.bfloat16
     assert np.all(np.isfinite(np.asarray(y, np.float32)))
 
@@ -36,7 +39,7 @@ def test_mixer_shapes_names_and_float32_ssm_params():
 def test_mixer_is_causal():
     m, params = init_mixer()
     x = jax.random.normal(jax.random.PRNGKey(1), (1, 6, D_MODEL))
-    jac = jax.jit(jax.jacrev(lambda v: m.apply({"params": params}, v)))(x)[0, :, :, 0, :, :]   # (t, o, s, i)
+    jac = fast_jit(jax.jacrev(lambda v: m.apply({"params": params}, v)))(x)[0, :, :, 0, :, :]   # (t, o, s, i)
     strength = np.abs(np.asarray(jac)).sum(axis=(1, 3))                             # (t_out, t_in)
     assert np.all(strength[np.triu_indices(6, k=1)] == 0)
     assert np.all(np.diag(strength) > 0) and np.all(np.diag(strength, k=-2) > 0)
@@ -47,7 +50,7 @@ def test_masked_tokens_do_not_influence_valid_ones():
     x = jax.random.normal(jax.random.PRNGKey(2), (1, 7, D_MODEL))
     mask = jnp.array([[True, True, False, True, True, False, False]])
     noise = jax.random.normal(jax.random.PRNGKey(3), x.shape) * 10 * (~mask)[..., None]
-    apply = jax.jit(m.apply)
+    apply = fast_jit(m.apply)
     y1 = apply({"params": params}, x, mask)
     y2 = apply({"params": params}, x + noise, mask)
     np.testing.assert_allclose(y1[mask], y2[mask], rtol=1e-5, atol=1e-6)
@@ -59,7 +62,7 @@ def test_masked_tokens_do_not_influence_valid_ones():
 def test_init_statistics_follow_mamba_ssm():
     dt_min, dt_max = 0.001, 0.1
     m = MambaMixer(64, d_state=16, scan_backend="reference", dt_min=dt_min, dt_max=dt_max)
-    params = jax.jit(m.init)(jax.random.PRNGKey(0), jnp.zeros((1, 2, 64)))["params"]
+    params = fast_jit(m.init)(jax.random.PRNGKey(0), jnp.zeros((1, 2, 64)))["params"]
     d_inner, dt_rank = 128, 4
     A = -np.exp(np.asarray(params["A_log"]))
     np.testing.assert_allclose(A, -np.tile(np.arange(1, 17), (d_inner, 1)), rtol=1e-6)
@@ -77,8 +80,8 @@ def test_init_statistics_follow_mamba_ssm():
 def test_stack_shapes_and_out_proj_rescaling():
     stack = MambaStack(D_MODEL, n_layers=4, d_state=4, scan_backend="reference")
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 5, D_MODEL))
-    params = jax.jit(stack.init)(jax.random.PRNGKey(1), x)["params"]
-    assert jax.jit(stack.apply)({"params": params}, x).shape == (2, 5, D_MODEL)
+    params = fast_jit(stack.init)(jax.random.PRNGKey(1), x)["params"]
+    assert fast_jit(stack.apply)({"params": params}, x).shape == (2, 5, D_MODEL)
     assert set(params) == {"block_0", "block_1", "block_2", "block_3", "norm_f"}
     bound = np.abs(np.asarray(params["block_0"]["mixer"]["out_proj"]["kernel"])).max()
     assert bound <= 1 / math.sqrt(2 * D_MODEL) / math.sqrt(4)
@@ -88,10 +91,10 @@ def test_stack_shapes_and_out_proj_rescaling():
 def test_moe_routes_each_token_to_shared_and_its_own_experts():
     moe = ModalityAwareMoE(num_modalities=3, d_model=4, num_shared_experts=2, hidden_mult=2)
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 3, 4))
-    p = jax.jit(moe.init)(jax.random.PRNGKey(1), x)["params"]
+    p = fast_jit(moe.init)(jax.random.PRNGKey(1), x)["params"]
     rng = np.random.default_rng(0)
     p = jax.tree.map(lambda a: np.asarray(a) + 0.1 * rng.normal(size=a.shape).astype(np.float32), p)  # biases != 0
-    y = np.asarray(jax.jit(moe.apply)({"params": p}, x))
+    y = np.asarray(fast_jit(moe.apply)({"params": p}, x))
     gelu = lambda v: 0.5 * v * (1 + np.tanh(np.sqrt(2 / np.pi) * (v + 0.044715 * v ** 3)))
     xn = np.asarray(x)
     for k in range(3):
@@ -106,7 +109,7 @@ def test_modality_aware_layer_shapes_and_mask():
     layer = ModalityAwareMambaLayer(num_modalities=3, d_model=D_MODEL, d_state=4, scan_backend="reference")
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 12, D_MODEL))
     mask = jnp.ones((2, 12), bool).at[1, 6:].set(False)
-    p = jax.jit(layer.init)(jax.random.PRNGKey(1), x, mask)["params"]
-    y = jax.jit(layer.apply)({"params": p}, x, mask)
+    p = fast_jit(layer.init)(jax.random.PRNGKey(1), x, mask)["params"]
+    y = fast_jit(layer.apply)({"params": p}, x, mask)
     assert y.shape == x.shape and np.all(np.isfinite(y))
     assert set(p) == {"mamba", "moe_norm", "moe"}
