@@ -161,6 +161,21 @@ class MambaStack(nn.Module):
         return nn.RMSNorm(epsilon=1e-5, dtype=jnp.float32, name="norm_f")(x)
 
 
+class ModalityDense(nn.Module):
+    """One Dense layer per modality: x (..., M, d_in) -> (..., M, d_out), modality k uses kernel[k], bias[k]."""
+    num_modalities: int
+    features: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        m, d_in = self.num_modalities, x.shape[-1]
+        kernel = self.param("kernel", nn.initializers.lecun_normal(batch_axis=(0,)), (m, d_in, self.features))
+        bias = self.param("bias", nn.initializers.zeros, (m, self.features))
+        return (jnp.einsum("...md,mdf->...mf", x.astype(self.dtype), kernel.astype(self.dtype))
+                + bias.astype(self.dtype))
+
+
 class ModalityAwareMoE(nn.Module):
     """Modality-aware mixture of experts: modality-shared experts plus one modality-specific expert per modality.
 
@@ -189,13 +204,8 @@ class ModalityAwareMoE(nn.Module):
             u = nn.gelu(nn.Dense(h, dtype=self.dtype, name=f"shared_{e}_up")(x))
             shared = shared + nn.Dense(d, dtype=self.dtype, name=f"shared_{e}_down")(u)
         shared = shared / max(self.num_shared_experts, 1)
-        w_up = self.param("specific_up_kernel", nn.initializers.lecun_normal(batch_axis=(0,)), (m, d, h))
-        b_up = self.param("specific_up_bias", nn.initializers.zeros, (m, h))
-        w_down = self.param("specific_down_kernel", nn.initializers.lecun_normal(batch_axis=(0,)), (m, h, d))
-        b_down = self.param("specific_down_bias", nn.initializers.zeros, (m, d))
-        u = nn.gelu(jnp.einsum("...md,mdh->...mh", x, w_up.astype(self.dtype)) + b_up.astype(self.dtype))
-        specific = jnp.einsum("...mh,mhd->...md", u, w_down.astype(self.dtype)) + b_down.astype(self.dtype)
-        return shared + specific
+        u = nn.gelu(ModalityDense(m, h, self.dtype, name="specific_up")(x))
+        return shared + ModalityDense(m, d, self.dtype, name="specific_down")(u)
 
 
 class ModalityAwareMambaLayer(nn.Module):

@@ -98,8 +98,8 @@ def test_moe_routes_each_token_to_shared_and_its_own_experts():
     gelu = lambda v: 0.5 * v * (1 + np.tanh(np.sqrt(2 / np.pi) * (v + 0.044715 * v ** 3)))
     xn = np.asarray(x)
     for k in range(3):
-        spec = gelu(xn[:, :, k] @ p["specific_up_kernel"][k] + p["specific_up_bias"][k])
-        spec = spec @ p["specific_down_kernel"][k] + p["specific_down_bias"][k]
+        spec = gelu(xn[:, :, k] @ p["specific_up"]["kernel"][k] + p["specific_up"]["bias"][k])
+        spec = spec @ p["specific_down"]["kernel"][k] + p["specific_down"]["bias"][k]
         shared = sum(gelu(xn[:, :, k] @ p[f"shared_{e}_up"]["kernel"] + p[f"shared_{e}_up"]["bias"])
                      @ p[f"shared_{e}_down"]["kernel"] + p[f"shared_{e}_down"]["bias"] for e in range(2)) / 2
         np.testing.assert_allclose(y[:, :, k], spec + shared, rtol=1e-4, atol=1e-5)
