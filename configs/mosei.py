@@ -8,7 +8,7 @@ from alignmamba_jax import train
 
 def get_config(variant: str = "full"):
     config = train.default_config()
-    config.data.update(name="mmsa", path="data/MOSEI/Processed/unaligned_50.pkl")
+    config.data.update(name="mmsa", path="data/MOSEI/Processed/unaligned_50.pkl", tfds_name="mosei")
     config.model.update(d_model=128, n_layers=2, d_state=16, dropout=0.1, align_weight=0.1)
     # 16326 training utterances: 255 steps per epoch at batch 64; 20 epochs, validation once per epoch.
     config.train.update(batch_size=64, steps=5100, learning_rate=5e-4, warmup_steps=500, weight_decay=0.01,

@@ -1,0 +1,141 @@
+"""Training throughput (samples/s of the full jit train step: forward, backward, AdamW) on MOSI-shaped data.
+
+AlignMamba and the single-stream Transformer baseline at the same width are measured side by side: rounds
+alternate between the models, each round times `--steps` steps after compilation, and the table reports the
+median over rounds. Inputs are random arrays in the shapes of MMSA's unaligned MOSI (text 50 x 768, audio
+375 x 5, vision 500 x 20, every token valid), so only the model's cost is measured, not data loading.
+
+    python benchmarks/train_throughput.py [--batch_size 16 --d_model 128 --rounds 5 --steps 5]
+        [--write_results benchmarks/RESULTS.md]
+"""
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from alignmamba_jax import train
+
+SHAPES = {"text": (50, 768), "audio": (375, 5), "vision": (500, 20)}
+SECTION = "## Training throughput"
+
+
+def build(model_name, args):
+    config = train.default_config()
+    config.model.update(name=model_name, d_model=args.d_model, n_layers=args.n_layers, dropout=0.1)
+    config.train.update(batch_size=args.batch_size, steps=10_000, warmup_steps=10)
+    mesh = train.create_mesh(1)
+    splits = {"train": {m: np.zeros((1, t, d), np.float32) for m, (t, d) in SHAPES.items()}}
+    model = train.create_model_for_data(config, splits)
+    features, masks = train.example_inputs(config, splits)
+    state, shardings = train.create_train_state(config, model, features, masks, mesh)
+    data_sharding = train.batch_sharding(mesh)
+    step = jax.jit(lambda s, b: train.train_step(s, b, config=config), in_shardings=(shardings, data_sharding),
+                   out_shardings=(shardings, NamedSharding(mesh, P())), donate_argnums=0)
+    rng = np.random.default_rng(0)
+    batch = {"labels": jnp.asarray(rng.uniform(-3, 3, args.batch_size), jnp.float32),
+             "weights": jnp.ones((args.batch_size,), jnp.float32)}
+    for m, (t, d) in SHAPES.items():
+        batch[m] = jnp.asarray(rng.standard_normal((args.batch_size, t, d)), jnp.float32)
+        batch[m + "_mask"] = jnp.ones((args.batch_size, t), bool)
+    batch = jax.device_put(batch, data_sharding)
+    t0 = time.perf_counter()
+    state, metrics = step(state, batch)
+    jax.block_until_ready(metrics)
+    compile_s = time.perf_counter() - t0
+    n_params = sum(x.size for x in jax.tree.leaves(state.params))
+    return {"step": step, "state": state, "batch": batch, "compile_s": compile_s, "params": n_params}
+
+
+def time_round(entry, steps):
+    state = entry["state"]
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        state, metrics = entry["step"](state, entry["batch"])
+    jax.block_until_ready((state, metrics))
+    entry["state"] = state
+    return (time.perf_counter() - t0) / steps
+
+
+def machine_description():
+    device = jax.devices()[0]
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = re.search(r"model name\s*:\s*(.*)", f.read()).group(1)
+    except (OSError, AttributeError):
+        pass
+    return f"{device.platform}: {device.device_kind}; host {cpu}, {os.cpu_count()} cores; jax {jax.__version__}"
+
+
+def markdown(rows, args, command):
+    ref = rows[0]["samples_per_s"]
+    lines = [SECTION, "",
+             f"Measured {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC} on {machine_description()}.",
+             f"Command: `{command}`", "",
+             f"Full jit train step (forward, backward, AdamW) on MOSI-shaped random inputs (text 50x768, audio "
+             f"375x5, vision 500x20), batch {args.batch_size}, d_model {args.d_model}, {args.n_layers} layers; "
+             f"median of {args.rounds} alternating rounds of {args.steps} steps after compilation.", "",
+             "| model | params | compile (s) | step (ms) | samples/s | relative to alignmamba |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['params']:,} | {r['compile_s']:.1f} | {r['step_ms']:.1f} | "
+                     f"{r['samples_per_s']:.1f} | {r['samples_per_s'] / ref:.2f}x |")
+    if jax.devices()[0].platform == "cpu":
+        lines += ["", "CPU figures are for comparing the two models with each other only (shared machine)."]
+    return "\n".join(lines) + "\n"
+
+
+def write_section(path, section):
+    """Replaces this benchmark's section of RESULTS.md (creating the file if missing), leaving others intact."""
+    text = open(path).read() if os.path.exists(path) else "# Benchmark results\n"
+    pattern = re.compile(re.escape(SECTION) + r"\n.*?(?=^## |\Z)", re.S | re.M)
+    text = pattern.sub(lambda _: section + "\n", text) if pattern.search(text) else (
+        text.rstrip("\n") + "\n\n" + section)
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["alignmamba", "transformer_single"])
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--d_model", type=int, default=128)
+    parser.add_argument("--n_layers", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--json", help="also write the rows to this JSON file")
+    parser.add_argument("--write_results", help="replace the 'Training throughput' section of this file")
+    args = parser.parse_args()
+    command = "python benchmarks/train_throughput.py " + " ".join(sys.argv[1:])
+
+    entries = {name: build(name, args) for name in args.models}
+    times = {name: [] for name in args.models}
+    for _ in range(args.rounds):
+        for name in args.models:
+            times[name].append(time_round(entries[name], args.steps))
+    rows = []
+    for name in args.models:
+        step_s = float(np.median(times[name]))
+        rows.append({"model": name, "params": int(entries[name]["params"]),
+                     "compile_s": entries[name]["compile_s"], "step_ms": 1e3 * step_s,
+                     "samples_per_s": args.batch_size / step_s, "round_step_ms": [1e3 * t for t in times[name]]})
+    section = markdown(rows, args, command)
+    print(section)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": machine_description(), "command": command, "rows": rows}, f, indent=2)
+    if args.write_results:
+        write_section(args.write_results, section)
+
+
+if __name__ == "__main__":
+    main()

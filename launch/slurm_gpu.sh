@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Multi-node GPU training under SLURM: one JAX process per node, each driving all of its GPUs.
+#
+#   sbatch --nodes=2 launch/slurm_gpu.sh --config configs/mosei.py --workdir /shared/runs/mosei
+#
+# jax.distributed detects SLURM (SLURM_NTASKS > 1) and takes the coordinator, process count and ids from it;
+# the workdir and data.path must be on a file system every node sees. Install with `pip install -e ".[cuda]"`
+# into the environment named by $VENV (default: .venv in the submission directory).
+#SBATCH --job-name=alignmamba
+#SBATCH --ntasks-per-node=1
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=16
+#SBATCH --time=04:00:00
+#SBATCH --output=alignmamba-%j.out
+set -euo pipefail
+
+VENV=${VENV:-$SLURM_SUBMIT_DIR/.venv}
+cd "$SLURM_SUBMIT_DIR"
+export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}
+srun "$VENV/bin/python" -m alignmamba_jax.main "$@"
