@@ -10,12 +10,14 @@ World (shared by all splits). A vocabulary of `vocab_size` words. Word w has a p
 {-1, -0.5, 0, 0.5, 1} and an identity code c_w, a random unit vector in R^code_dim. A further code c_sil marks
 silence; the [CLS] and [SEP] text tokens carry it too. Each modality m sees the codes through its own fixed
 random linear map and mean shift (language: R_l in R^{768 x (code_dim+1+16)} applied to [c_w, p_w, r_w] with a
-random per-word nuisance vector r_w; audio: an orthogonal 5 x 5 map of [c_w, a]; vision: 20 x (code_dim+1)
-orthonormal columns of [c_w, v]), so the same word is linearly recoverable from every modality, but the
-modalities' feature distributions differ (rotated, scaled, shifted): the MMD term has something to pull together.
+random per-word nuisance vector r_w; audio: 5 x (code_dim+1) orthogonal columns, each scaled by a random
+factor in [0.7, 1.5], applied to [c_w, a]; vision: the same with 20 x (code_dim+1), applied to [c_w, v]), so
+the same word is linearly recoverable from every modality, but the modalities' feature distributions differ
+(rotated, scaled, shifted): the MMD term has something to pull together.
 
 Sample. n words w_1..w_n, n uniform in [min_words, max_words]. Text tokens: [CLS], w_1..w_n, [SEP], then zero
-padding to `text_len` (mask = first n+2 tokens). On a continuous timeline, word j lasts a log-normal duration
+padding to `text_len` (mask = first n+2 tokens); a token's features are its word's embedding plus Gaussian
+noise (`text_noise`). On a continuous timeline, word j lasts a log-normal duration
 (sigma `duration_sigma`), a pause may follow it (probability `pause_prob`), and the utterance starts after a
 random lead-in of up to `max_lead_in` of the speech time and ends with a random tail. Audio has n_a valid
 frames and vision n_v (each uniform in [`min_frac`, 1] of its padded length, independently: as in the real
