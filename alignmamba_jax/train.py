@@ -425,6 +425,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             drain()
             _save(latest, done, state, {"step": done})
             last_good = done
+        if done % tc.eval_every == 0 or done % tc.checkpoint_every == 0:
+            window_start = time.perf_counter()  # throughput counts training steps only
     if progress is not None:
         progress.close()
     latest.wait_until_finished()
