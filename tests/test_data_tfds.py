@@ -17,8 +17,35 @@ def built(tmp_path_factory):
     manual = root / "downloads" / "manual"
     manual.mkdir(parents=True)
     layouts.write_mmsa_pickle(manual / "unaligned_50.pkl", "mosi", False, sizes=(11, 3, 4), seed=7)
+    mp = pytest.MonkeyPatch()
+    mp.setattr(tfds_builders, "_SHARD_BYTES", 4 * 210_000)  # ~4 MOSI examples per shard: 3 train shards
     builder = tfds_builders.prepare("mosi", root)
+    mp.undo()
     return root, builder
+
+
+def test_sharded_files_written(built):
+    root, builder = built
+    assert builder.info.splits["train"].num_shards == 3
+    assert builder.info.splits["train"].shard_lengths == [4, 4, 3]
+    files = os.listdir(builder.data_dir)
+    assert "dataset_info.json" in files and sum("train.array_record" in f for f in files) == 3
+
+
+def test_generator_builder_path_writes_the_same_records(built, tmp_path):
+    root, _ = built
+    builder = tfds_builders.MmsaMosi(data_dir=tmp_path, config="unaligned", file_format="array_record")
+    builder.download_and_prepare(download_config=tfds_builders.tfds.download.DownloadConfig(
+        manual_dir=os.fspath(root / "downloads" / "manual")))
+    theirs = builder.as_data_source()
+    ours = tfds_builders.prepare("mosi", root).as_data_source()
+    for s in SPLITS:
+        assert len(theirs[s]) == len(ours[s])
+        for i in range(len(ours[s])):
+            a, b = theirs[s][i], ours[s][i]
+            assert a.keys() == b.keys() and a["ids"] == b["ids"]
+            for k in a:
+                np.testing.assert_array_equal(a[k], b[k])
 
 
 def test_round_trip_equals_pickle(built):

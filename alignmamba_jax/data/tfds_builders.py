@@ -1,11 +1,16 @@
 """TFDS builders for CMU-MOSI / CMU-MOSEI from MMSA's pickles, stored as array_record (no TensorFlow needed).
 
-`prepare(name, data_dir, config="unaligned", manual_dir=None)` converts once: the pickle is read and checked
-completely (via `mmsa.load_mmsa_pickle`, arrays spilled to disk so memory stays ~ one array) before any
-record is written, the dataset is built in a temporary directory beside `data_dir/<builder>` and renamed into
-place only when complete: on failure nothing is left in `data_dir`. `load_tfds_splits` returns the data
-contract (in memory); `alignmamba_jax.data.grain_pipeline` streams batches per process instead.
-Records keep the pickle's order (shuffling disabled), so test predictions line up with MMSA's.
+`MmsaMosi` / `MmsaMosei` are ordinary `tfds.core.GeneratorBasedBuilder`s (configs "unaligned", "aligned"; the
+pickle in the manual directory). `prepare(name, data_dir, config)` is how this project builds them: it writes
+the same on-disk dataset (array_record shards + dataset_info.json, readable by the builder class,
+`tfds.builder_from_directory` and `as_data_source()`) with a streaming writer, because TFDS's own writer
+buffers a split in memory and, above 1 GB (MOSEI's train split is ~6 GB), spills it through `tf.io.gfile`,
+i.e. needs TensorFlow; and even then sorts a whole bucket in memory when shuffling is disabled.
+The pickle is read and checked completely (`mmsa.load_mmsa_pickle`, arrays spilled to disk so memory stays
+about one 64 MiB chunk) before any record is written; the dataset is built in a temporary directory beside
+`data_dir/<builder>` and renamed into place only when complete: on failure nothing is left in `data_dir`.
+`load_tfds_splits` returns the data contract (in memory); `alignmamba_jax.data.grain_pipeline` streams
+batches per process instead. Records keep the pickle's order, so test predictions line up with MMSA's.
 """
 from __future__ import annotations
 
@@ -60,13 +65,8 @@ class _MmsaBuilder(tfds.core.GeneratorBasedBuilder):
         path = os.path.join(dl_manager.manual_dir, f"{self.builder_config.name}_50.pkl")
         if not os.path.isfile(path):
             raise ValueError(f"{path}: no such file.\n{_INSTRUCTIONS}")
-        # spilled copy under downloads/: removed with the staging directory by `prepare`
-        splits = load_mmsa_pickle(path, cache_dir=os.path.join(dl_manager.download_dir, ".mmsa_cache"))
-        for s in SPLITS:
-            for m, shape in self.SHAPES[self.builder_config.name].items():
-                if splits[s][m].shape[1:] != shape:
-                    raise ValueError(f"{path}:{s}: key {m!r}: expected shape (N, {shape[0]}, {shape[1]}) for "
-                                     f"{self.name}/{self.builder_config.name}, found {splits[s][m].shape}")
+        splits = load_mmsa_pickle(path)  # TFDS's writer holds a split in memory anyway; `prepare` streams
+        _check_shapes(type(self), self.builder_config.name, splits, path)
         return {s: self._generate_examples(splits[s]) for s in SPLITS}
 
     def _generate_examples(self, split):
@@ -94,10 +94,58 @@ class MmsaMosei(_MmsaBuilder):
 BUILDERS = {"mosi": MmsaMosi, "mosei": MmsaMosei}
 
 
+def _check_shapes(cls, config, splits, path):
+    for s in SPLITS:
+        for m, shape in cls.SHAPES[config].items():
+            if splits[s][m].shape[1:] != shape:
+                raise ValueError(f"{path}:{s}: key {m!r}: expected shape (N, {shape[0]}, {shape[1]}) for "
+                                 f"{cls.name}/{config}, found {splits[s][m].shape}")
+
+
 def _builder_class(name):
     if name not in BUILDERS:
         raise ValueError(f"data.tfds_name: expected one of {sorted(BUILDERS)}, found {name!r}")
     return BUILDERS[name]
+
+
+_SHARD_BYTES = 1 << 30
+
+
+def _write_array_record(builder, splits):
+    """Serialize `splits` with the builder's features into array_record shards + dataset_info.json."""
+    from array_record.python import array_record_module
+    from tensorflow_datasets.core import example_serializer, naming
+
+    info = builder.info
+    features = info.features
+    serializer = example_serializer.ExampleSerializer(features.get_serialized_info())
+    out_dir = builder.data_dir
+    os.makedirs(out_dir, exist_ok=True)
+    split_infos = []
+    for s in SPLITS:
+        split = splits[s]
+        n = len(split["labels"])
+        per_example = sum(split[k][0].nbytes for k in split if k != "ids") if n else 0
+        n_shards = max(1, min(n, -(-n * per_example // _SHARD_BYTES)))
+        template = naming.ShardedFileTemplate(data_dir=out_dir, dataset_name=builder.name, split=s,
+                                              filetype_suffix="array_record")
+        lengths, num_bytes = [], 0
+        for shard, idx in enumerate(np.array_split(np.arange(n), n_shards)):
+            path = os.fspath(template.sharded_filepath(shard_index=shard, num_shards=n_shards))
+            writer = array_record_module.ArrayRecordWriter(path, "group_size:1")
+            for i in idx:
+                example = {k: np.asarray(split[k][i]) for k in split if k != "ids"}
+                example["ids"] = str(split["ids"][i])
+                record = serializer.serialize_example(features.encode_example(example))
+                writer.write(record)
+                num_bytes += len(record)
+            writer.close()
+            lengths.append(len(idx))
+        split_infos.append(tfds.core.SplitInfo(name=s, shard_lengths=lengths, num_bytes=num_bytes,
+                                               filename_template=template))
+    info.set_file_format("array_record")
+    info.set_splits(tfds.core.SplitDict(split_infos))
+    info.write_to_directory(out_dir)
 
 
 def prepare(name, data_dir, config="unaligned", manual_dir=None):
@@ -108,11 +156,17 @@ def prepare(name, data_dir, config="unaligned", manual_dir=None):
     if builder.is_prepared():
         return builder
     manual_dir = manual_dir or os.path.join(data_dir, "downloads", "manual")
+    path = os.path.join(manual_dir, f"{config}_50.pkl")
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: no such file.\n{_INSTRUCTIONS}")
     os.makedirs(data_dir, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tmp-build-", dir=data_dir)
     try:
-        staging = cls(data_dir=tmp, config=config, file_format="array_record")
-        staging.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+        splits = load_mmsa_pickle(path, cache_dir=os.path.join(tmp, "cache"))
+        _check_shapes(cls, config, splits, path)
+        staging = cls(data_dir=os.path.join(tmp, "data"), config=config, file_format="array_record")
+        _write_array_record(staging, splits)
+        del splits
         final = builder.data_dir
         os.makedirs(os.path.dirname(final), exist_ok=True)
         os.replace(staging.data_dir, final)
