@@ -1,10 +1,15 @@
 """ot_align, mmd, sinkhorn, segment_mean_resample against brute-force NumPy versions of their equations."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from alignmamba_jax.align import cosine_cost, mmd, ot_align, segment_mean_resample, sinkhorn
+
+# Tiny graphs: XLA's backend optimisations cost far more compile time than they save at run time.
+fast_jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
 
 
 def right_padded_mask(lengths, t):
@@ -58,7 +63,7 @@ def test_ot_align_matches_paper_equations_with_masks(rng):
     sm = right_padded_mask([7, 4, 0, 6], ts)
     am = right_padded_mask([5, 3, 5, 0], ta)
     am[0, 1] = False                         # an interior hole: argmin must skip it
-    aligned, plan = jax.jit(ot_align)(src, anc, sm, am)
+    aligned, plan = fast_jit(ot_align)(src, anc, sm, am)
     ref_aligned, ref_plan = ot_align_numpy(src, anc, sm, am)
     np.testing.assert_allclose(plan, ref_plan, atol=1e-7)
     np.testing.assert_allclose(aligned, ref_aligned, rtol=1e-5, atol=1e-6)
@@ -86,7 +91,7 @@ def test_ot_align_degenerate_inputs_are_finite_and_gradients_flow_to_source_only
         aligned, _ = ot_align(s, a, sm, None)
         return jnp.sum(aligned ** 2) + jnp.sum(aligned)
 
-    value, (gs, ga) = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(src, anc)
+    value, (gs, ga) = fast_jit(jax.value_and_grad(loss, argnums=(0, 1)))(src, anc)
     assert np.isfinite(value) and np.all(np.isfinite(gs)) and np.all(np.isfinite(ga))
     assert np.all(np.asarray(ga) == 0)
     assert np.any(np.asarray(gs) != 0)
@@ -125,7 +130,7 @@ def test_mmd_matches_double_loop_with_masks_and_bandwidths(rng):
     xm = right_padded_mask([5, 2, 0], 5)
     ym = right_padded_mask([6, 4, 6], 6)
     for sigma in (1.0, (0.5, 2.0)):
-        got = jax.jit(mmd)(x, y, sigma, xm, ym)
+        got = fast_jit(mmd)(x, y, sigma, xm, ym)
         sig = sigma if isinstance(sigma, tuple) else (sigma,)
         ref = [mmd_numpy(x[n], y[n], sig, xm[n], ym[n]) for n in range(3)]
         np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-6)
@@ -150,7 +155,7 @@ def test_sinkhorn_marginals_and_distance(rng):
     xm = right_padded_mask([6, 4], 6)
     ym = right_padded_mask([5, 3], 5)
     cost = cosine_cost(x, y)
-    plan, dist = jax.jit(lambda c: sinkhorn(c, xm, ym, epsilon=0.1, num_iters=300))(cost)
+    plan, dist = fast_jit(lambda c: sinkhorn(c, xm, ym, epsilon=0.1, num_iters=300))(cost)
     plan = np.asarray(plan)
     for n in range(2):
         nx, ny = xm[n].sum(), ym[n].sum()

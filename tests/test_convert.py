@@ -1,10 +1,16 @@
 """PyTorch-layout <-> Flax conversion of the Mamba mixer, checked against an independent NumPy forward."""
+import functools
+
 import jax
 import numpy as np
 import pytest
 
 from alignmamba_jax.convert import mamba_mixer_params_from_torch, mamba_mixer_params_to_torch
 from alignmamba_jax.modules import MambaMixer
+
+
+# Tiny graphs: XLA's backend optimisations cost far more compile time than they save at run time.
+fast_jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
 
 D_MODEL, D_STATE, D_CONV, EXPAND = 8, 4, 3, 2
 D_INNER, DT_RANK = EXPAND * D_MODEL, 1
@@ -64,7 +70,7 @@ def test_converted_torch_weights_reproduce_numpy_forward():
     x = rng.normal(size=(2, 7, D_MODEL)).astype(np.float32)
     params = mamba_mixer_params_from_torch({"layers.0.mixer." + k: v for k, v in sd.items()},
                                            prefix="layers.0.mixer.")
-    out = jax.jit(mixer().apply)({"params": params}, x)
+    out = fast_jit(mixer().apply)({"params": params}, x)
     ref = np.stack([mamba_forward_numpy({k: v.astype(np.float64) for k, v in sd.items()}, x[n].astype(np.float64))
                     for n in range(2)])
     np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5)
