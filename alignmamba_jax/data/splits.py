@@ -10,7 +10,7 @@ def _get(cfg, key, default=None):
     return cfg.get(key, default) if hasattr(cfg, "get") else getattr(cfg, key, default)
 
 
-def _synthetic(cfg, modalities, task):
+def _synthetic(cfg, task):
     from alignmamba_jax.data import synthetic
     sub = _get(cfg, "synthetic")
     if task == "classification":
@@ -41,7 +41,7 @@ def load_splits(data_config) -> dict:
     if name != "synthetic" and not path:
         raise ValueError(f"data.path: required for data.name={name!r}, found {path!r}")
     if name == "synthetic":
-        splits = _synthetic(data_config, modalities, task)
+        splits = _synthetic(data_config, task)
     elif name == "mmsa":
         from alignmamba_jax.data.mmsa import load_mmsa_pickle
         splits = load_mmsa_pickle(path, cache_dir=_get(data_config, "cache_dir", None) or None)

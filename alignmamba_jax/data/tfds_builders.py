@@ -14,6 +14,7 @@ batches per process instead. Records keep the pickle's order, so test prediction
 """
 from __future__ import annotations
 
+import mmap
 import os
 import shutil
 import tempfile
@@ -141,6 +142,9 @@ def _write_array_record(builder, splits):
                 num_bytes += len(record)
             writer.close()
             lengths.append(len(idx))
+            for arr in split.values():  # drop the shard's pages of the memory-mapped inputs from this process
+                if isinstance(arr, np.memmap) and arr._mmap is not None:
+                    arr._mmap.madvise(mmap.MADV_DONTNEED)
         split_infos.append(tfds.core.SplitInfo(name=s, shard_lengths=lengths, num_bytes=num_bytes,
                                                filename_template=template))
     info.set_file_format("array_record")
