@@ -5,7 +5,7 @@ Conventions: tokens are (..., T, d) with any leading batch dims; masks are bool 
 None means all valid. Masked tokens carry no mass and receive none. Every function is jit/vmap/grad-safe and
 returns finite values (no NaN) for identical tokens, all-zero tokens and fully masked inputs.
 """
-from typing import Optional, Sequence, Union
+from typing import Sequence, Union
 
 import jax
 import jax.numpy as jnp

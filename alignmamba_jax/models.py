@@ -15,7 +15,7 @@ carried as masked tokens: identity steps of every scan, excluded from pooling an
 """
 import dataclasses
 import math
-from typing import Any, Dict, Optional, Sequence, Tuple, Union
+from typing import Dict, Sequence, Tuple, Union
 
 import flax.linen as nn
 import jax
@@ -50,7 +50,9 @@ def default_model_config() -> ml_collections.ConfigDict:
     c.use_global_alignment = True    # False: "w/o global" -> no MMD term
     c.fusion = "interleave"          # "interleave" | "single_stream" | "multi_stream" (AlignMamba only)
     c.drop_modalities = ()           # e.g. ("audio",) for "w/o audio"
-    c.mmd_sigma = 1.0                # Gaussian kernel bandwidth; a tuple gives multi-bandwidth MMD (ours)
+    # Gaussian kernel bandwidths, kernels averaged; (s,) for a single sigma (ours). A single sigma = 1 saturates
+    # (kernel ~ 0 between sets, no gradient) once the projected tokens spread beyond unit distance.
+    c.mmd_sigma = (1.0, 2.0, 4.0, 8.0, 16.0)
     c.align_weight = 0.1             # lambda in L = L_task + lambda * align_loss; used by the trainer (ours)
     c.return_plans = False           # also return the OT plans (for plot_ot_plan)
     # AlignMamba-2
@@ -85,7 +87,7 @@ class ModelSpec:
     use_local_alignment: bool
     use_global_alignment: bool
     fusion: str
-    mmd_sigma: Union[float, Tuple[float, ...]]
+    mmd_sigma: Tuple[float, ...]
     return_plans: bool
     moe_num_shared_experts: int
     moe_hidden_mult: int
@@ -142,7 +144,7 @@ def create_model(cfg, modalities: Sequence[str], anchor: str, input_dims: Dict[s
         expand=cfg.expand, dt_rank=cfg.dt_rank, scan_backend=cfg.scan_backend, dtype=cfg.dtype,
         dropout=cfg.dropout, pooling=cfg.pooling, use_local_alignment=cfg.use_local_alignment,
         use_global_alignment=cfg.use_global_alignment, fusion=cfg.fusion,
-        mmd_sigma=tuple(float(s) for s in sigma) if isinstance(sigma, (tuple, list)) else float(sigma),
+        mmd_sigma=tuple(float(s) for s in sigma) if isinstance(sigma, (tuple, list)) else (float(sigma),),
         return_plans=cfg.return_plans, moe_num_shared_experts=cfg.moe_num_shared_experts,
         moe_hidden_mult=cfg.moe_hidden_mult, sinkhorn_epsilon=cfg.sinkhorn_epsilon,
         sinkhorn_iters=cfg.sinkhorn_iters, n_heads=cfg.n_heads, mlp_mult=cfg.mlp_mult)
