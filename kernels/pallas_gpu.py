@@ -101,7 +101,7 @@ def _backward_kernel(u_ref, d_ref, A_ref, B_ref, C_ref, h_starts_ref, dy_ref, dh
     dA_ref[...] = dA
 
 
-def _specs(batch, length, channels, state, chunk, block_c):
+def _specs(length, state, chunk, block_c):
     seq_c = pl.BlockSpec((None, length, block_c), lambda b, c: (b, 0, c))
     seq_n = pl.BlockSpec((None, length, state), lambda b, c: (b, 0, 0))
     mat = pl.BlockSpec((block_c, state), lambda b, c: (c, 0))
@@ -122,7 +122,7 @@ def _forward(u, delta, A, B, C, h0, chunk, block_c, interpret):
     batch, length, channels = u.shape
     state = A.shape[1]
     n_chunks = length // chunk
-    seq_c, seq_n, mat, st, starts, _, _ = _specs(batch, length, channels, state, chunk, block_c)
+    seq_c, seq_n, mat, st, starts, _, _ = _specs(length, state, chunk, block_c)
     f32 = jnp.float32
     out_shape = (jax.ShapeDtypeStruct((batch, length, channels), f32),
                  jax.ShapeDtypeStruct((batch, n_chunks, channels, state), f32),
@@ -149,7 +149,7 @@ def _pallas_scan_bwd(chunk, block_c, interpret, res, cotangents):
     batch, length, channels = u.shape
     state = A.shape[1]
     n_blocks = channels // block_c
-    seq_c, seq_n, mat, st, starts, per_block_n, work = _specs(batch, length, channels, state, chunk, block_c)
+    seq_c, seq_n, mat, st, starts, per_block_n, work = _specs(length, state, chunk, block_c)
     f32 = jnp.float32
     out_shape = (jax.ShapeDtypeStruct((batch, length, channels), f32),
                  jax.ShapeDtypeStruct((batch, length, channels), f32),

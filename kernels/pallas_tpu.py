@@ -27,7 +27,10 @@ LANES = 128
 
 
 def _params(interpret):
-    return pltpu.InterpretParams() if interpret else False
+    if not interpret:
+        return False
+    interpret_params = getattr(pltpu, "InterpretParams", None)       # TPU interpret mode, where jax has it
+    return interpret_params() if interpret_params is not None else True
 
 
 def _compiler_params():

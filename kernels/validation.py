@@ -31,9 +31,13 @@ def _require_shape(name, x, expected, names):
 def _require_negative_real(A):
     if jnp.iscomplexobj(A):
         raise ValueError(f"A: expected a real negative matrix (channels, state), found complex {_shape(A)}")
-    if not isinstance(A, jax.core.Tracer) and np.any(np.asarray(A, np.float32) > 0):
+    try:
+        values = np.asarray(A, np.float32)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return                                                      # traced (e.g. -exp(A_log) under jit)
+    if np.any(values > 0):
         raise ValueError(f"A: expected real negative values (channels, state) (a decaying state), found "
-                         f"max {float(np.max(np.asarray(A, np.float32)))} in shape {_shape(A)}")
+                         f"max {float(values.max())} in shape {_shape(A)}")
 
 
 def validate_scan_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state, mask, backend):
