@@ -96,6 +96,7 @@ def main(argv=None):
         print(f"{m:7s} -> language, share of in-word frames mapped to their word: "
               + ", ".join(f"{k} {v:.3f}" for k, v in acc.items()))
 
+    os.makedirs(os.path.dirname(os.path.abspath(args.png)), exist_ok=True)
     i = args.sample
     ids = test["token_ids"][i]
     n_text = int(masks["text"][i].sum())
