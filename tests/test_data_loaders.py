@@ -218,3 +218,12 @@ def test_load_splits_config_errors():
         load_splits(ml_collections.ConfigDict(dict(name="nope")))
     with pytest.raises(ValueError, match="data.path"):
         load_splits(ml_collections.ConfigDict(dict(name="mmsa", path="")))
+
+
+def test_load_splits_mult(tmp_path):
+    path = tmp_path / "mosi_data.pkl"
+    raw = layouts.write_mult_pickle(path, sizes=(3, 2, 2), left_pad=False)
+    got = load_splits(ml_collections.ConfigDict(dict(name="mult", path=str(path), modalities=("text", "audio"),
+                                                     task="regression")))
+    np.testing.assert_array_equal(got["valid"]["labels"], raw["valid"]["labels"].reshape(-1))
+    assert sorted(got["valid"]) == ["audio", "audio_mask", "ids", "labels", "text", "text_mask"]

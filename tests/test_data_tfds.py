@@ -116,3 +116,17 @@ def test_missing_manual_file_explains_where_to_get_it(tmp_path):
     with pytest.raises(Exception, match="thuiar/MMSA"):
         tfds_builders.prepare("mosei", tmp_path, config="aligned")
     assert [p for p in os.listdir(tmp_path) if p != "downloads"] == []
+
+
+def test_load_splits_tfds_config(built):
+    import ml_collections
+    from alignmamba_jax.data import load_splits
+    root, _ = built
+    cfg = ml_collections.ConfigDict(dict(name="tfds", path=str(root), tfds_name="mosi", tfds_config="unaligned",
+                                         modalities=("text", "audio", "vision"), task="regression",
+                                         num_classes=1))
+    got = load_splits(cfg)
+    want = load_mmsa_pickle(root / "downloads" / "manual" / "unaligned_50.pkl")
+    for s in SPLITS:
+        for k, v in want[s].items():
+            np.testing.assert_array_equal(got[s][k], v, err_msg=f"{s}/{k}")
