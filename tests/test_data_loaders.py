@@ -149,8 +149,8 @@ def _label_nan(d):
     d["valid"]["regression_labels"][0] = np.nan
 
 
-def _lengths_too_long(d):
-    d["train"]["audio_lengths"][0] = 376
+def _lengths_negative(d):
+    d["train"]["audio_lengths"][0] = -1
 
 
 @pytest.mark.parametrize("mutate,split,key,detail", [
@@ -158,7 +158,7 @@ def _lengths_too_long(d):
     (_wrong_shape, "test", "audio", "expected shape"),
     (_label_range, "train", "regression_labels", "[-3.0, 3.0]"),
     (_label_nan, "valid", "regression_labels", "NaN"),
-    (_lengths_too_long, "train", "audio_lengths", "[0, 375]"),
+    (_lengths_negative, "train", "audio_lengths", ">= 0"),
 ])
 @pytest.mark.parametrize("cached", [False, True])
 def test_mmsa_bad_input_names_file_split_key(tmp_path, mutate, split, key, detail, cached):
@@ -170,6 +170,14 @@ def test_mmsa_bad_input_names_file_split_key(tmp_path, mutate, split, key, detai
     assert str(path) in msg and f":{split}" in msg and repr(key) in msg and detail in msg, msg
     if cached:
         assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_mmsa_lengths_beyond_padding_are_clipped(tmp_path, caplog):
+    def too_long(d):
+        d["train"]["audio_lengths"][0] = 400
+    path = _mutated(tmp_path, too_long)
+    got = load_mmsa_pickle(path)
+    assert got["train"]["audio_mask"][0].all() and "clipped" in caplog.text
 
 
 def test_mmsa_missing_split(tmp_path):

@@ -2,11 +2,13 @@
 expected vs found value, so a user with a malformed file knows what to fix."""
 from __future__ import annotations
 
+import logging
 import mmap
 
 import numpy as np
 
 LABEL_RANGE = (-3.0, 3.0)
+_log = logging.getLogger(__name__)
 
 
 def as_array(value):
@@ -59,13 +61,17 @@ def zero_non_finite(x, where, key):
 
 
 def mask_from_lengths(lengths, length, where, key, n=None):
+    """Right-padding mask (N, length). Lengths above `length` (sequences truncated after their length was
+    recorded) are clipped with a warning; negative ones are an error."""
     lengths = np.asarray(lengths).reshape(-1)
     if n is not None and lengths.shape[0] != n:
         raise ValueError(f"{where}: key {key!r}: expected {n} lengths, found {lengths.shape[0]}")
-    if lengths.size and (np.any(lengths < 0) or np.any(lengths > length)):
-        raise ValueError(f"{where}: key {key!r}: lengths must be in [0, {length}], found range "
-                         f"[{lengths.min()}, {lengths.max()}]")
-    return np.arange(length)[None, :] < lengths.astype(np.int64)[:, None]
+    if lengths.size and np.any(lengths < 0):
+        raise ValueError(f"{where}: key {key!r}: lengths must be >= 0, found minimum {lengths.min()}")
+    if lengths.size and np.any(lengths > length):
+        _log.warning("%s: key %r: %d lengths above the padded length %d (max %d) clipped to it", where, key,
+                     int(np.sum(lengths > length)), length, int(lengths.max()))
+    return np.arange(length)[None, :] < np.minimum(lengths.astype(np.int64), length)[:, None]
 
 
 def regression_labels(y, where, key, n=None):
