@@ -6,10 +6,10 @@ Layout (MMSA / MMSA-FET releases): {"train","valid","test"} -> dict with
   aligned: T = 50); audio_lengths, vision_lengths (N,) (unaligned); regression_labels (N,) in [-3, 3];
   id (N,) 'video$_$clip'; raw_text, annotations, classification_labels (unused here).
 Masks: text from text_bert[:, 1] (the attention mask) or, without text_bert, all-valid; audio / vision from
-their lengths, or, for aligned files (T equal to the text length), the text mask (lengths ignored). Non-finite features (the
-real audio holds -inf) become 0 and are counted in the returned `stats`.
+their lengths, or, for aligned files (T equal to the text length), the text mask (lengths ignored).
+Non-finite features (the real audio holds -inf) become 0 and are counted in the returned `stats`.
 
-Large files: `cache_dir` converts once (peak memory ~ the largest single array, via `pickle_spill`) into
+Large files: `cache_dir` converts once (streaming, peak memory ~0.2 GB whatever the size, via `pickle_spill`) into
 `cache_dir/<name>/<split>/<key>.npy` and returns read-only memory maps; later calls only map the files.
 """
 from __future__ import annotations
