@@ -97,6 +97,22 @@ def test_frames_follow_words_in_time():
             assert np.all(data[m + "_word"][s, len(owner):] == -1)
 
 
+def test_aligned_variant_is_word_means_of_the_same_samples():
+    cfg = dict(n_train=6, n_valid=2, n_test=2, text_dim=16)
+    raw = synthetic.generate_sentiment(cfg)["train"]
+    aligned = synthetic.generate_sentiment({**cfg, "aligned": True})["train"]
+    np.testing.assert_array_equal(aligned["labels"], raw["labels"])
+    np.testing.assert_array_equal(aligned["text"], raw["text"])
+    for m in ("audio", "vision"):
+        assert aligned[m].shape == (6, 50, raw[m].shape[2])
+        np.testing.assert_array_equal(aligned[m + "_mask"], raw["text_mask"])
+        for s in range(6):
+            for j in range(int(raw["text_mask"][s].sum())):
+                frames = raw[m][s][raw[m + "_word"][s] == j] if j else np.zeros((0, raw[m].shape[2]))
+                want = frames.mean(0) if len(frames) else np.zeros(raw[m].shape[2])
+                np.testing.assert_allclose(aligned[m][s, j], want, rtol=1e-5, atol=1e-6)
+
+
 def test_oracle_alignment_beats_uniform_resampling():
     r2 = _probe(synthetic.generate_sentiment(SMALL))
     assert r2["oracle"] > 0.6

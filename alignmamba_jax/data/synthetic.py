@@ -74,6 +74,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.frame_noise = 0.15
     c.text_weight = 0.5
     c.label_noise = 0.1
+    # True: audio / vision given word-aligned, like MMSA's aligned_50.pkl: each text token gets the mean of its
+    # word's frames (zeros for [CLS], [SEP] and padding), shapes (N, text_len, d). The upper bound alignment
+    # can reach on this data; False (default): the raw unaligned frames.
+    c.aligned = False
     # image-text classification (features_npz layout)
     c.image_len = 49
     c.image_dim = 64
@@ -151,6 +155,17 @@ def _frames(times, starts, ends, word_ids, emphasis, codes, fmap, shift, noise, 
     return x.astype(np.float32), np.where(inside, j, -1)
 
 
+def _word_means(frames, owner, t_text):
+    """(N, T, d) frames -> (N, t_text, d): token j gets the mean of the frames whose word is token j."""
+    out = np.zeros((frames.shape[0], t_text, frames.shape[2]), np.float32)
+    for s in range(frames.shape[0]):
+        for j in range(1, t_text):
+            sel = owner[s] == j
+            if sel.any():
+                out[s, j] = frames[s, sel].mean(0)
+    return out
+
+
 def _sentiment_split(c, world, n, rng, name):
     t_l, t_a, t_v = c.text_len, c.audio_len, c.vision_len
     text = np.zeros((n, t_l, c.text_dim), np.float32)
@@ -196,6 +211,11 @@ def _sentiment_split(c, world, n, rng, name):
         labels[s] = 3.0 * np.tanh(raw) + c.label_noise * rng.standard_normal()
     labels = np.clip(labels, -3.0, 3.0).astype(np.float32)
     t_idx = np.arange(t_l)
+    if c.aligned:
+        audio, vision = _word_means(audio, audio_word, t_l), _word_means(vision, vision_word, t_l)
+        audio_len = vision_len = text_len
+        audio_word = vision_word = np.where(t_idx[None] < text_len[:, None], t_idx[None], -1).astype(np.int16)
+        t_a = t_v = t_l
     return {
         "text": text, "text_mask": t_idx[None] < text_len[:, None],
         "audio": audio, "audio_mask": np.arange(t_a)[None] < audio_len[:, None],
