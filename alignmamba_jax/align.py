@@ -10,7 +10,7 @@ from typing import Sequence, Union
 import jax
 import jax.numpy as jnp
 
-_EPS = 1e-8
+_EPS = 1e-12
 
 
 def _mask_or_ones(x, mask, name):
@@ -29,11 +29,16 @@ def _check_pair(x, y, xname, yname):
         raise ValueError(f"{xname} {x.shape} and {yname} {y.shape} must share batch dims and feature width")
 
 
+def _unit(x):
+    # rsqrt(max(|x|^2, eps^2)) rather than x / max(norm(x), eps): the gradient of norm at a zero vector is NaN,
+    # and 0 * NaN survives the max's zero cotangent.
+    return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), _EPS ** 2))
+
+
 def cosine_cost(x, y):
-    """C[..., i, j] = 1 - cos(x_i, y_j) in [0, 2]; a zero vector has cosine 0 with everything."""
-    xn = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), _EPS)
-    yn = y / jnp.maximum(jnp.linalg.norm(y, axis=-1, keepdims=True), _EPS)
-    return 1.0 - jnp.einsum("...id,...jd->...ij", xn, yn)
+    """C[..., i, j] = 1 - cos(x_i, y_j) in [0, 2]; a zero vector has cosine 0 with everything (and a finite
+    gradient)."""
+    return 1.0 - jnp.einsum("...id,...jd->...ij", _unit(x), _unit(y))
 
 
 def ot_align(source, anchor, source_mask=None, anchor_mask=None):

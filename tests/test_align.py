@@ -99,6 +99,21 @@ def test_ot_align_degenerate_inputs_are_finite_and_gradients_flow_to_source_only
     assert np.all(np.isfinite(plan))
 
 
+def test_cosine_cost_and_sinkhorn_gradients_are_finite_at_zero_tokens():
+    x = np.zeros((1, 3, 2), np.float32)
+    x[0, 0] = [1.0, 2.0]
+    y = np.zeros((1, 2, 2), np.float32)
+    y[0, 1] = [0.5, -1.0]
+    cost = cosine_cost(x, y)
+    np.testing.assert_allclose(cost[0], [[1, 1 - (0.5 - 2) / (np.sqrt(5) * np.sqrt(1.25))], [1, 1], [1, 1]],
+                               rtol=1e-6)
+    gx, gy = jax.grad(lambda a, b: jnp.sum(sinkhorn(cosine_cost(a, b), num_iters=20)[1]), argnums=(0, 1))(x, y)
+    assert np.all(np.isfinite(gx)) and np.all(np.isfinite(gy))
+    xm = np.array([[True, False, False]])              # zero padding: no gradient reaches it
+    gx = jax.grad(lambda a: jnp.sum(sinkhorn(cosine_cost(a, y), xm, num_iters=20)[1]))(x)
+    assert np.all(np.asarray(gx)[0, 1:] == 0) and np.any(np.asarray(gx)[0, 0] != 0)
+
+
 def test_ot_align_rejects_bad_masks(rng):
     src, anc = np.ones((2, 3, 4), np.float32), np.ones((2, 5, 4), np.float32)
     with pytest.raises(ValueError, match="source_mask"):

@@ -33,6 +33,8 @@ def make_batch(seed=0, batch=3):
     masks = {m: np.arange(LENS[m])[None, :] < rng.integers(1, LENS[m] + 1, size=(batch, 1)) for m in MODS}
     masks["audio"][1] = False               # sample 1: audio missing entirely
     masks["vision"][2, :] = False           # sample 2: vision missing entirely
+    for m in MODS:
+        feats[m][~masks[m]] = 0.0              # zero padding, as real data has: zero vectors must stay finite
     return feats, masks
 
 
