@@ -5,6 +5,7 @@ Conventions: tokens are (..., T, d) with any leading batch dims; masks are bool 
 None means all valid. Masked tokens carry no mass and receive none. Every function is jit/vmap/grad-safe and
 returns finite values (no NaN) for identical tokens, all-zero tokens and fully masked inputs.
 """
+import math
 from typing import Sequence, Union
 
 import jax
@@ -58,10 +59,16 @@ def ot_align(source, anchor, source_mask=None, anchor_mask=None):
     nearest = jnp.argmin(cost, axis=-1)
     n_src = jnp.sum(sm, axis=-1, dtype=jnp.float32)[..., None, None]
     keep = sm[..., :, None] & jnp.any(am, axis=-1)[..., None, None]
-    plan = jax.nn.one_hot(nearest, anchor.shape[-2], dtype=jnp.float32)
-    plan = jnp.where(keep, plan / jnp.maximum(n_src, 1.0), 0.0)
-    aligned = jnp.einsum("...ij,...id->...jd", plan, source.astype(jnp.float32)).astype(source.dtype)
-    return aligned, plan
+    mass = jnp.where(keep, 1.0 / jnp.maximum(n_src, 1.0), 0.0)[..., 0]            # (..., T_s)
+    plan = jax.nn.one_hot(nearest, anchor.shape[-2], dtype=jnp.float32) * mass[..., None]
+    # M^T source as a segment sum over each token's nearest anchor, so that the dense plan is only
+    # materialised when the caller uses it.
+    t_s, t_a, d = source.shape[-2], anchor.shape[-2], source.shape[-1]
+    n = math.prod(source.shape[:-2])
+    segment = (nearest.reshape(n, t_s) + t_a * jnp.arange(n)[:, None]).reshape(-1)
+    weighted = (source.astype(jnp.float32) * mass[..., None]).reshape(n * t_s, d)
+    aligned = jax.ops.segment_sum(weighted, segment, num_segments=n * t_a)
+    return aligned.reshape(source.shape[:-2] + (t_a, d)).astype(source.dtype), plan
 
 
 def segment_mean_resample(source, target_length: int, source_mask=None, target_mask=None):
