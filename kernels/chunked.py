@@ -1,9 +1,10 @@
 """The `chunked` backend, the default on CPU: a sequential scan over time, organised in chunks, with a
 hand-written VJP that keeps only chunk-boundary states.
 
-Forward: an outer `lax.scan` over chunks of `chunk` steps, an inner `lax.scan` over the steps of a chunk with
-the (batch, channels, state) state as carry; the outer scan emits the state at the start of each chunk, which
-is all the backward pass keeps (n_chunks x (batch, channels, state)).
+Forward under differentiation: an outer `lax.scan` over chunks of `chunk` steps, an inner `lax.scan` over the
+steps of a chunk with the (batch, channels, state) state as carry; the outer scan emits the state at the
+start of each chunk, which is all the backward pass keeps (n_chunks x (batch, channels, state)). Without
+differentiation the forward is one flat scan over time (nothing needs keeping).
 Backward: a reverse scan over chunks. For each chunk it recomputes the chunk's states from its boundary state,
 runs the adjoint recurrence g_t = exp(delta_{t+1} A) g_{t+1} + C_t dy_t backwards through the chunk, and forms
 the gradients with dense (batch, chunk, channels, state) arithmetic. The working set is one chunk; the
@@ -38,18 +39,21 @@ def _from_time_major_chunks(x):                                     # (n_chunks,
     return jnp.transpose(x, (2, 0, 1, 3)).reshape(batch, n_chunks * chunk, k)
 
 
-def _forward(u, delta, A, B, C, h0, chunk):
-    """Returns y (b, L, c), h_last and the states at the start of every chunk (n_chunks, b, c, n)."""
-    length = u.shape[1]
-    xs = [_time_major_chunks(x, chunk) for x in _pad_to_chunks(chunk, u, delta, B, C)]
-
+def _step(A):
     def step(h, x):
         u_t, d_t, B_t, C_t = x
         h = jnp.exp(d_t[..., None] * A) * h + (d_t * u_t)[..., None] * B_t[:, None, :]
         return h, jnp.einsum("bcn,bn->bc", h, C_t)
+    return step
+
+
+def _forward_with_chunk_starts(u, delta, A, B, C, h0, chunk):
+    """Returns y (b, L, c), h_last and the states at the start of every chunk (n_chunks, b, c, n)."""
+    length = u.shape[1]
+    xs = [_time_major_chunks(x, chunk) for x in _pad_to_chunks(chunk, u, delta, B, C)]
 
     def chunk_body(h, x):
-        h_end, y = jax.lax.scan(step, h, x)
+        h_end, y = jax.lax.scan(_step(A), h, x)
         return h_end, (y, h)
 
     h_last, (y, h_starts) = jax.lax.scan(chunk_body, h0, xs)
@@ -58,12 +62,14 @@ def _forward(u, delta, A, B, C, h0, chunk):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
 def _chunked_scan(u, delta, A, B, C, h0, chunk):
-    y, h_last, _ = _forward(u, delta, A, B, C, h0, chunk)
-    return y, h_last
+    """Without differentiation no chunk states are needed: one flat scan over time is fastest."""
+    xs = [jnp.swapaxes(x, 0, 1) for x in (u, delta, B, C)]
+    h_last, y = jax.lax.scan(_step(A), h0, xs)
+    return jnp.swapaxes(y, 0, 1), h_last
 
 
 def _chunked_scan_fwd(u, delta, A, B, C, h0, chunk):
-    y, h_last, h_starts = _forward(u, delta, A, B, C, h0, chunk)
+    y, h_last, h_starts = _forward_with_chunk_starts(u, delta, A, B, C, h0, chunk)
     return (y, h_last), (u, delta, A, B, C, h_starts)
 
 
