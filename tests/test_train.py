@@ -15,6 +15,8 @@ import pytest
 from alignmamba_jax import input_pipeline, models, train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+# Tiny models: LLVM optimisation costs more compile time than it saves; every compared run uses the same flags.
+FAST_COMPILE = "--xla_backend_optimization_level=0"
 
 TINY_CONFIG = """
 from alignmamba_jax import train
@@ -47,7 +49,7 @@ def config_file(tmp_path_factory):
 
 def run_main(config_file, workdir, *overrides, devices=1, wait=True):
     env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+               XLA_FLAGS=f"{FAST_COMPILE} --xla_force_host_platform_device_count={devices}")
     command = [sys.executable, "-m", "alignmamba_jax.main", f"--config={config_file}", f"--workdir={workdir}",
                *overrides]
     process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -207,8 +209,8 @@ def test_global_batch_not_divisible_by_devices_is_rejected_before_training(confi
 def test_two_gloo_processes_match_one_process_with_the_same_global_batch(config_file, tmp_path):
     rc, output = run_main(config_file, tmp_path / "single", devices=2)
     assert rc == 0, output
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1",
-               PORT="23456")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PORT="23456",
+               XLA_FLAGS=f"{FAST_COMPILE} --xla_force_host_platform_device_count=1")
     result = subprocess.run(["bash", "launch/local_multiprocess.sh", "2", f"--config={config_file}",
                              f"--workdir={tmp_path / 'multi'}"], cwd=REPO, env=env, capture_output=True,
                             text=True, timeout=600)
