@@ -202,3 +202,16 @@ def test_sinkhorn_gradient_matches_finite_differences_and_masked_is_finite(rng):
     assert np.all(np.isfinite(g))
     plan, dist = sinkhorn(np.ones((1, 3, 2), np.float32), empty, None, num_iters=10)
     assert np.all(np.asarray(plan) == 0) and float(dist[0]) == 0.0
+
+
+def test_plot_ot_plan_writes_a_png_cropped_to_valid_tokens(tmp_path, rng):
+    from alignmamba_jax.visualize import plot_ot_plan
+    src, anc = rng.normal(size=(1, 6, 3)).astype(np.float32), rng.normal(size=(1, 4, 3)).astype(np.float32)
+    sm, am = right_padded_mask([5], 6), right_padded_mask([3], 4)
+    _, plan = ot_align(src, anc, sm, am)
+    path = plot_ot_plan(plan[0], str(tmp_path / "plan.png"), source_mask=sm[0], anchor_mask=am[0],
+                        anchor_tokens=["a", "b", "c"])
+    with open(path, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="plan must be"):
+        plot_ot_plan(plan, str(tmp_path / "bad.png"))

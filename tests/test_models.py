@@ -78,7 +78,9 @@ VARIANTS = {
 def test_every_variant_forward_backward_under_jit_with_missing_modalities(variant):
     feats, masks = make_batch()
     cfg = tiny_config(**VARIANTS[variant])
-    _, _, out = run_forward_backward(cfg, feats, masks)
+    # MulT-like cross attention costs a stack per ordered pair: two modalities keep the compile small.
+    modalities = ("text", "audio") if variant == "transformer_multi" else MODS
+    _, _, out = run_forward_backward(cfg, feats, masks, modalities=modalities)
     assert out["prediction"].shape == (3,) and out["prediction"].dtype == jnp.float32
     assert out["align_loss"].shape == ()
     if variant == "wo_global" or variant.startswith("transformer"):
