@@ -86,10 +86,23 @@ def make_config(config_file, variant, overrides, seed):
     return config
 
 
-def _comparable(config_json):
-    """Everything that changes what is trained; eval settings may differ between reuses of one run."""
-    cfg = json.loads(config_json) if isinstance(config_json, str) else config_json
-    return {k: v for k, v in cfg.items() if k != "eval"}
+def _same_training(saved, wanted, defaults):
+    """True when a saved config.json trains what `wanted` would. Eval settings may differ between reuses of
+    one run; a key the saved run did not have yet (added to the defaults since) matches its default value."""
+    if isinstance(wanted, dict):
+        if not isinstance(saved, dict):
+            return False
+        for key, value in wanted.items():
+            if key == "eval" and defaults is not None and "train" in defaults:
+                continue
+            sub_defaults = defaults.get(key) if isinstance(defaults, dict) else None
+            if key not in saved:
+                if not (isinstance(defaults, dict) and key in defaults and defaults[key] == value):
+                    return False
+            elif not _same_training(saved[key], value, sub_defaults):
+                return False
+        return True
+    return saved == wanted
 
 
 def run(config, workdir, log=print):
@@ -103,8 +116,10 @@ def run(config, workdir, log=print):
     config_path = os.path.join(workdir, "config.json")
     want_missing = bool(config.eval.missing_rates)
     if os.path.exists(results_path) and os.path.exists(config_path):
+        from alignmamba_jax.train import default_config
         with open(config_path) as f:
-            same = _comparable(f.read()) == _comparable(config.to_json_best_effort())
+            same = _same_training(json.load(f), json.loads(config.to_json_best_effort()),
+                                  json.loads(default_config().to_json_best_effort()))
         with open(results_path) as f:
             results = json.load(f)
         if same and (not want_missing or "missing" in results):
