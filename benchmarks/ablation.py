@@ -42,14 +42,16 @@ def summarize(per_seed, metrics):
             for label, runs in per_seed.items() if runs}
 
 
-def markdown(summary, metrics, seeds):
-    head = "| row | " + " | ".join(metrics) + " | paper MOSI Acc-2 |\n|---|" + "---|" * (len(metrics) + 1) + "\n"
+def markdown(summary, metrics, seeds, per_seed):
+    head = ("| row | seeds | " + " | ".join(metrics) + " | paper MOSI Acc-2 |\n|---|---|"
+            + "---|" * (len(metrics) + 1) + "\n")
     lines = []
     for label, stats in summary.items():
-        cells = [study.fmt(*stats[m], digits=4 if m in ("MAE", "Corr") else 2) for m in metrics]
+        cells = [study.fmt(*stats[m], digits=4 if m in ("MAE", "Corr") else 3) for m in metrics]
         paper = PAPER_MOSI_ACC2.get(label)
-        lines.append(f"| {label} | " + " | ".join(cells) + f" | {paper if paper else ''} |")
-    return head + "\n".join(lines) + f"\n\nmean ± std over seeds {list(seeds)} (test split, best-validation checkpoint)\n"
+        lines.append(f"| {label} | {len(per_seed[label])} | " + " | ".join(cells) + f" | {paper if paper else ''} |")
+    return head + "\n".join(lines) + (f"\n\nmean ± std (ddof=1) over the finished runs of seeds {list(seeds)} "
+                                      "(test split, best-validation checkpoint)\n")
 
 
 def full_vs_alignment(summary, metrics):
@@ -90,7 +92,9 @@ def main(argv=None):
             print(f"[ablation] {label} seed {seed}", flush=True)
             config = study.make_config(args.config, variant, overrides, seed)
             workdir = os.path.join(args.workdir_root, f"{variant}_s{seed}")
-            results = study.run(config, workdir)
+            results = study.run(config, workdir, reuse_only=args.reuse_only)
+            if results is None:
+                continue
             per_seed[label][seed] = {m: float(results["test"][m]) for m in args.metrics}
             summary = summarize(per_seed, args.metrics)
             study.write_json(args.json, {
@@ -98,7 +102,11 @@ def main(argv=None):
                 "per_seed": per_seed, "summary": summary,
                 "full_beats": full_vs_alignment(summary, args.metrics)})
 
-    table = markdown(summary, args.metrics, args.seeds)
+    summary = summarize(per_seed, args.metrics)
+    study.write_json(args.json, {"config": args.config, "overrides": overrides, "seeds": args.seeds,
+                                 "per_seed": per_seed, "summary": summary,
+                                 "full_beats": full_vs_alignment(summary, args.metrics)})
+    table = markdown(summary, args.metrics, args.seeds, per_seed)
     print(table)
     for label, wins in full_vs_alignment(summary, args.metrics).items():
         print(f"full vs {label}: " + ", ".join(f"{m} {'better' if w else 'NOT better'}" for m, w in wins.items()))

@@ -102,10 +102,12 @@ def inference_cost(config_file, task_over, base, repeats, warmup, log=print):
             t0 = time.perf_counter()
             jax.block_until_ready(compiled(params, feats, masks))
             info[label]["times"].append(1e3 * (time.perf_counter() - t0))
-    out = {label: {"time_ms": float(np.median(v["times"])), "flops": v["flops"]} for label, v in info.items()}
+    out = {label: {"time_ms": float(np.median(v["times"])), "time_min_ms": float(np.min(v["times"])),
+                   "flops": v["flops"]} for label, v in info.items()}
     shapes = {m: list(feats[m].shape) for m in modalities}
     for label, v in out.items():
-        log(f"  {label:24s} {v['time_ms']:9.2f} ms  {v['flops']:.4e} flops  inputs {shapes}")
+        log(f"  {label:24s} {v['time_ms']:9.2f} ms (min {v['time_min_ms']:.2f})  {v['flops']:.4e} flops  "
+            f"inputs {shapes}")
     return {"batch_shapes": shapes, "models": out}
 
 
@@ -120,13 +122,14 @@ def cost_ratios(cost):
     }
 
 
-def markdown(accuracy, costs, seeds):
+def markdown(accuracy, costs, seeds, per_seed):
     lines = []
     for task, by_model in accuracy.items():
         if not by_model:
             continue
         metrics = list(next(iter(by_model.values())))
-        lines += [f"**{task}** (test, best-validation checkpoint, mean ± std over seeds {list(seeds)})", "",
+        lines += [f"**{task}** (test, best-validation checkpoint, mean ± std over the finished runs of seeds "
+                  f"{list(seeds)}: " + ", ".join(f"{k} {len(v)}" for k, v in per_seed.get(task, {}).items()) + ")", "",
                   "| model | " + " | ".join(metrics) + " |", "|---|" + "---|" * len(metrics)]
         for model, stats in by_model.items():
             lines.append(f"| {model} | " + " | ".join(
@@ -134,9 +137,9 @@ def markdown(accuracy, costs, seeds):
         lines.append("")
     for task, cost in costs.items():
         lines += [f"**{task} inference** (inputs {cost['batch_shapes']}, median of repeats, side by side)", "",
-                  "| model | time (ms) | FLOPs |", "|---|---|---|"]
+                  "| model | median time (ms) | min time (ms) | FLOPs |", "|---|---|---|---|"]
         for label, v in cost["models"].items():
-            lines.append(f"| {label} | {v['time_ms']:.2f} | {v['flops']:.4e} |")
+            lines.append(f"| {label} | {v['time_ms']:.2f} | {v['time_min_ms']:.2f} | {v['flops']:.4e} |")
         lines.append("")
         for k, v in cost_ratios(cost).items():
             lines.append(f"- {k}: {100 * v:+.1f}%" if "overhead" in k else f"- {k}: {v:.2f}x")
@@ -173,7 +176,9 @@ def main(argv=None):
             for label, name, model_over in MODELS:
                 print(f"[am2] {task} {label} seed {seed}", flush=True)
                 config = study.make_config(args.config, "full", {**base, **task_over, **model_over}, seed)
-                results = study.run(config, os.path.join(root, f"{name}_s{seed}"))
+                results = study.run(config, os.path.join(root, f"{name}_s{seed}"), reuse_only=args.reuse_only)
+                if results is None:
+                    continue
                 metrics = TASK_METRICS[task] or sorted(k for k, v in results["test"].items()
                                                        if isinstance(v, (int, float)))
                 per_seed[task][label][seed] = {m: float(results["test"][m]) for m in metrics}
@@ -181,7 +186,7 @@ def main(argv=None):
                                   for lab, runs in per_seed[task].items() if runs}
                 study.write_json(args.json, {**payload, "accuracy": accuracy, "inference": costs,
                                              "per_seed": per_seed})
-    table = markdown(accuracy, costs, args.seeds)
+    table = markdown(accuracy, costs, args.seeds, per_seed)
     print(table)
     if args.markdown:
         study.write_text(args.markdown, table)

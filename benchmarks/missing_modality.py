@@ -62,7 +62,7 @@ def summarize(per_seed, protocols, metrics):
     return out
 
 
-def markdown(summary, seeds):
+def markdown(summary, seeds, per_seed):
     blocks = []
     for protocol, by_metric in summary.items():
         for metric, by_model in by_metric.items():
@@ -70,7 +70,8 @@ def markdown(summary, seeds):
                 continue
             cols = list(next(iter(by_model.values())))
             digits = 4 if metric in ("MAE", "Corr") else 2
-            lines = [f"**{protocol}, {metric}** (rate 0 = complete test data)", "",
+            lines = [f"**{protocol}, {metric}** (rate 0 = complete test data; seeds per model: "
+                     + ", ".join(f"{k} {len(v)}" for k, v in per_seed.items()) + ")", "",
                      "| model | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
             for model, row in by_model.items():
                 lines.append(f"| {model} | " + " | ".join(study.fmt(*row[c], digits=digits) for c in cols) + " |")
@@ -103,13 +104,17 @@ def main(argv=None):
         for label, variant, extra, name in MODELS:
             print(f"[missing] {label} seed {seed}", flush=True)
             config = study.make_config(args.config, variant, {**base, **extra}, seed)
-            results = study.run(config, os.path.join(args.workdir_root, f"{name}_s{seed}"))
+            results = study.run(config, os.path.join(args.workdir_root, f"{name}_s{seed}"),
+                                reuse_only=args.reuse_only)
+            if results is None:
+                continue
             per_seed[label][seed] = {"test": results["test"], "missing": {"by_rate": results["missing"]["by_rate"]}}
             summary = summarize(per_seed, protocols, args.metrics)
             study.write_json(args.json, {"config": args.config, "overrides": base, "seeds": args.seeds,
                                          "rates": RATES, "protocols": protocols, "summary": summary,
                                          "per_seed": per_seed})
-    table = markdown(summary, args.seeds)
+    summary = summarize(per_seed, protocols, args.metrics)
+    table = markdown(summary, args.seeds, per_seed)
     print(table)
     if args.markdown:
         study.write_text(args.markdown, table)

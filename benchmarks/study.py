@@ -105,11 +105,11 @@ def _same_training(saved, wanted, defaults):
     return saved == wanted
 
 
-def run(config, workdir, log=print):
+def run(config, workdir, log=print, reuse_only=False):
     """Trains and evaluates in workdir, or returns the saved results when the same config already finished.
 
     A finished run re-entered with different eval settings (e.g. missing_rates) resumes at its last step,
-    restores its best checkpoint and only evaluates.
+    restores its best checkpoint and only evaluates. reuse_only: return None instead of training.
     """
     from alignmamba_jax.train import train_and_evaluate
     results_path = os.path.join(workdir, "results.json")
@@ -125,6 +125,9 @@ def run(config, workdir, log=print):
         if same and (not want_missing or "missing" in results):
             log(f"  reuse {workdir}")
             return results
+    if reuse_only:
+        log(f"  no finished run in {workdir}: left out")
+        return None
     t0 = time.time()
     results = train_and_evaluate(config, workdir)
     log(f"  ran {workdir} in {time.time() - t0:.0f} s")
@@ -166,6 +169,8 @@ def add_common_args(parser, default_root):
                         help="extra config overrides for every run, e.g. data.synthetic.n_train=256")
     parser.add_argument("--workdir_root", default=default_root,
                         help="one workdir per run below this (finished runs with the same config are reused)")
+    parser.add_argument("--reuse_only", action="store_true",
+                        help="train nothing: tabulate the finished runs (rows report how many seeds they have)")
 
 
 def common_overrides(args):
