@@ -140,7 +140,8 @@ def check_data_path(data_config) -> None:
     if not data_config.path:
         raise ValueError(f"data.path is required for data.name={data_config.name!r}")
     if not os.path.exists(data_config.path):
-        raise ValueError(f"data.path={data_config.path!r} does not exist")
+        raise ValueError(f"data.path={data_config.path!r} does not exist (MMSA pickles: see the README, "
+                         f"\"Training on CMU-MOSI / CMU-MOSEI\")")
 
 
 def create_mesh(fsdp: int) -> jax.sharding.Mesh:
