@@ -73,6 +73,8 @@ def default_data_config() -> ml_collections.ConfigDict:
         name="synthetic",         # synthetic | mmsa | mult | tfds | features_npz
         path="",                  # file or directory of the real data (unused for synthetic)
         tfds_name="mosi",         # for name="tfds": mosi | mosei (data_dir = path)
+        tfds_config="unaligned",  # for name="tfds": unaligned | aligned
+        cache_dir="",             # for name="mmsa": convert the pickle once to memory-mapped .npy files here
         modalities=("text", "audio", "vision"),
         anchor="text",            # the modality the others are aligned to
         task="regression",        # regression (sentiment in [-3, 3]) | classification
