@@ -1,12 +1,13 @@
 """Cross-modal alignment as pure functions: the paper's relaxed OT (`ot_align`), Gaussian-kernel MMD (`mmd`),
-log-domain entropic OT (`sinkhorn`), and mask-aware segment-mean resampling (`segment_mean_resample`).
+log-domain entropic OT (`sinkhorn`), mask-aware segment-mean resampling (`segment_mean_resample`) and per-sequence
+mean-centring (`masked_centre`).
 
 Conventions: tokens are (..., T, d) with any leading batch dims; masks are bool (..., T), True = valid, and
 None means all valid. Masked tokens carry no mass and receive none. Every function is jit/vmap/grad-safe and
 returns finite values (no NaN) for identical tokens, all-zero tokens and fully masked inputs.
 """
 import math
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -42,21 +43,51 @@ def cosine_cost(x, y):
     return 1.0 - jnp.einsum("...id,...jd->...ij", _unit(x), _unit(y))
 
 
-def ot_align(source, anchor, source_mask=None, anchor_mask=None):
+def masked_centre(x, mask=None):
+    """x minus the mean of its valid tokens, per sequence: (..., T, d) -> (..., T, d); masked tokens -> 0.
+
+    Features that share a large common offset all have cosine ~1 with each other, so the relaxed-OT argmin
+    sends every source token to the same anchor token ("hub collapse"); centring each sequence removes it.
+    """
+    m = _mask_or_ones(x, mask, "mask")
+    w = m.astype(jnp.float32)[..., None]
+    x32 = x.astype(jnp.float32)
+    mean = jnp.sum(x32 * w, axis=-2, keepdims=True) / jnp.maximum(jnp.sum(w, axis=-2, keepdims=True), 1.0)
+    return jnp.where(m[..., None], x32 - mean, 0.0).astype(x.dtype)
+
+
+def ot_align(source, anchor, source_mask=None, anchor_mask=None, *, centred: bool = False,
+             straight_through_tau: Optional[float] = None, barycentric: bool = False):
     """AlignMamba's local alignment: relaxed OT with the anchor's incoming-mass constraint dropped.
 
     source (..., T_s, d), anchor (..., T_a, d). Cost C(i, j) = 1 - cos(source_i, anchor_j) (eq. 3); each valid
     source token sends all its mass 1/T_s to its cheapest valid anchor token, M(i, j) = 1/T_s iff
     j = argmin_j' C(i, j') (eq. 5; T_s = number of valid source tokens); aligned = M^T source (eq. 6).
-    Returns (aligned (..., T_a, d), plan M (..., T_s, T_a)). The plan is piecewise constant in the inputs,
-    so gradients reach `source` through M^T source only and never reach `anchor`.
+    Returns (aligned (..., T_a, d), plan M (..., T_s, T_a)). The defaults are the paper exactly: the plan is
+    piecewise constant in the inputs, so gradients reach `source` through M^T source only, never `anchor`.
+
+    Options (ours; the forward plan stays the hard argmin plan above in every case):
+    centred: the cost is taken between `masked_centre`d source and anchor (each sequence minus the mean of its
+      valid tokens); aligned still averages the uncentred source.
+    straight_through_tau: a straight-through plan M + S - stop_gradient(S) with the soft plan
+      S(i, j) = (1/T_s) softmax_j(-C(i, j) / tau) over valid anchor tokens: the forward values (plan and
+      aligned) are exactly the hard ones, the gradient is that of S^T source with respect to the cost (so it
+      reaches both `source` and `anchor` and teaches the projections which token matches which) plus the hard
+      plan's M^T d(source).
+    barycentric: aligned_j = sum_i M(i, j) source_i / sum_i M(i, j), the mean of the tokens assigned to anchor
+      token j (0 where none is), instead of the 1/T_s-scaled sum.
     """
     _check_pair(source, anchor, "source", "anchor")
     sm = _mask_or_ones(source, source_mask, "source_mask")
     am = _mask_or_ones(anchor, anchor_mask, "anchor_mask")
-    cost = jax.lax.stop_gradient(cosine_cost(source, anchor))
-    cost = jnp.where(am[..., None, :], cost, jnp.inf)
-    nearest = jnp.argmin(cost, axis=-1)
+    if straight_through_tau is not None and not straight_through_tau > 0:
+        raise ValueError(f"straight_through_tau must be None or > 0, found {straight_through_tau}")
+    cost = (cosine_cost(masked_centre(source, sm), masked_centre(anchor, am)) if centred
+            else cosine_cost(source, anchor))
+    if straight_through_tau is None:
+        cost = jax.lax.stop_gradient(cost)
+    masked_cost = jnp.where(am[..., None, :], cost, jnp.inf)
+    nearest = jnp.argmin(jax.lax.stop_gradient(masked_cost), axis=-1)
     n_src = jnp.sum(sm, axis=-1, dtype=jnp.float32)[..., None, None]
     keep = sm[..., :, None] & jnp.any(am, axis=-1)[..., None, None]
     mass = jnp.where(keep, 1.0 / jnp.maximum(n_src, 1.0), 0.0)[..., 0]            # (..., T_s)
@@ -66,9 +97,20 @@ def ot_align(source, anchor, source_mask=None, anchor_mask=None):
     t_s, t_a, d = source.shape[-2], anchor.shape[-2], source.shape[-1]
     n = math.prod(source.shape[:-2])
     segment = (nearest.reshape(n, t_s) + t_a * jnp.arange(n)[:, None]).reshape(-1)
-    weighted = (source.astype(jnp.float32) * mass[..., None]).reshape(n * t_s, d)
-    aligned = jax.ops.segment_sum(weighted, segment, num_segments=n * t_a)
-    return aligned.reshape(source.shape[:-2] + (t_a, d)).astype(source.dtype), plan
+    source32 = source.astype(jnp.float32)
+    weighted = (source32 * mass[..., None]).reshape(n * t_s, d)
+    aligned = jax.ops.segment_sum(weighted, segment, num_segments=n * t_a).reshape(source.shape[:-2] + (t_a, d))
+    if straight_through_tau is not None:
+        logits = jnp.where(am[..., None, :], -cost.astype(jnp.float32) / straight_through_tau, -1e9)
+        soft = jax.nn.softmax(logits, axis=-1) * mass[..., None]
+        # x - stop_gradient(x) is exactly 0 in the forward pass, so the values stay the hard ones bit for bit.
+        plan = plan + (soft - jax.lax.stop_gradient(soft))
+        soft_aligned = jnp.einsum("...ij,...id->...jd", soft, jax.lax.stop_gradient(source32))
+        aligned = aligned + (soft_aligned - jax.lax.stop_gradient(soft_aligned))
+    if barycentric:
+        column_mass = jax.lax.stop_gradient(jnp.sum(jax.nn.one_hot(nearest, t_a) * mass[..., None], axis=-2))
+        aligned = jnp.where(column_mass[..., None] > 0, aligned / jnp.maximum(column_mass, _EPS)[..., None], 0.0)
+    return aligned.astype(source.dtype), plan
 
 
 def segment_mean_resample(source, target_length: int, source_mask=None, target_mask=None):

@@ -28,6 +28,7 @@ from alignmamba_jax.modules import MambaStack, ModalityAwareMambaLayer
 MODEL_NAMES = ("alignmamba", "alignmamba2", "transformer_single", "transformer_multi")
 FUSIONS = ("interleave", "single_stream", "multi_stream")
 POOLINGS = ("mean", "last")
+MMD_ON = ("aligned", "projected", "both")
 TASKS = ("regression", "classification")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -53,6 +54,14 @@ def default_model_config() -> ml_collections.ConfigDict:
     # Gaussian kernel bandwidths, kernels averaged; (s,) for a single sigma (ours). A single sigma = 1 saturates
     # (kernel ~ 0 between sets, no gradient) once the projected tokens spread beyond unit distance.
     c.mmd_sigma = (1.0, 2.0, 4.0, 8.0, 16.0)
+    # Local-alignment options (ours; the inference plan is the paper's hard argmin plan whatever they are).
+    # The paper exactly: ot_centred=False, ot_straight_through_tau=0.0, ot_barycentric=False, mmd_on="aligned".
+    c.ot_centred = True              # cost on per-sequence mask-aware mean-centred features (no hub collapse)
+    c.ot_straight_through_tau = 0.1  # > 0: training gradient through softmax(-cost / tau) (straight-through);
+                                     # 0: hard plan only (no gradient reaches the cost)
+    c.ot_barycentric = True          # aligned token = mean of its assigned frames, not their 1/T_s-scaled sum
+    c.mmd_on = "aligned"             # MMD of each source vs the anchor on: "aligned" tokens (paper), "projected"
+                                     # source tokens (before alignment), or "both" (sum of the two)
     c.align_weight = 0.1             # lambda in L = L_task + lambda * align_loss; used by the trainer (ours)
     c.return_plans = False           # also return the OT plans (for plot_ot_plan)
     # AlignMamba-2
@@ -88,6 +97,10 @@ class ModelSpec:
     use_global_alignment: bool
     fusion: str
     mmd_sigma: Tuple[float, ...]
+    ot_centred: bool
+    ot_straight_through_tau: float
+    ot_barycentric: bool
+    mmd_on: str
     return_plans: bool
     moe_num_shared_experts: int
     moe_hidden_mult: int
@@ -115,6 +128,10 @@ def create_model(cfg, modalities: Sequence[str], anchor: str, input_dims: Dict[s
         raise ValueError(f"cfg.fusion must be one of {FUSIONS}, found {cfg.fusion!r}")
     if cfg.pooling not in POOLINGS:
         raise ValueError(f"cfg.pooling must be one of {POOLINGS}, found {cfg.pooling!r}")
+    if cfg.mmd_on not in MMD_ON:
+        raise ValueError(f"cfg.mmd_on must be one of {MMD_ON}, found {cfg.mmd_on!r}")
+    if cfg.ot_straight_through_tau < 0:
+        raise ValueError(f"cfg.ot_straight_through_tau must be >= 0 (0 = off), found {cfg.ot_straight_through_tau}")
     if cfg.dtype not in DTYPES:
         raise ValueError(f"cfg.dtype must be one of {tuple(DTYPES)}, found {cfg.dtype!r}")
     if task not in TASKS:
@@ -145,6 +162,8 @@ def create_model(cfg, modalities: Sequence[str], anchor: str, input_dims: Dict[s
         dropout=cfg.dropout, pooling=cfg.pooling, use_local_alignment=cfg.use_local_alignment,
         use_global_alignment=cfg.use_global_alignment, fusion=cfg.fusion,
         mmd_sigma=tuple(float(s) for s in sigma) if isinstance(sigma, (tuple, list)) else (float(sigma),),
+        ot_centred=bool(cfg.ot_centred), ot_straight_through_tau=float(cfg.ot_straight_through_tau),
+        ot_barycentric=bool(cfg.ot_barycentric), mmd_on=cfg.mmd_on,
         return_plans=cfg.return_plans, moe_num_shared_experts=cfg.moe_num_shared_experts,
         moe_hidden_mult=cfg.moe_hidden_mult, sinkhorn_epsilon=cfg.sinkhorn_epsilon,
         sinkhorn_iters=cfg.sinkhorn_iters, n_heads=cfg.n_heads, mlp_mult=cfg.mlp_mult)
@@ -235,8 +254,10 @@ class AlignMamba(nn.Module):
     interleave, no local "w/o local": each source -> segment-mean resampled to the anchor length instead
     single_stream        all projected tokens concatenated modality after modality, one Mamba stack, no OT
     multi_stream         one Mamba stack per modality, pooled outputs concatenated, no OT
-    MMD (if use_global_alignment) compares each source with the anchor: after alignment/resampling for
-    interleave, on the projected tokens otherwise.
+    MMD (if use_global_alignment) compares each source with the anchor: for interleave on the aligned/resampled
+    tokens, the projected source tokens, or both (spec.mmd_on); on the projected tokens otherwise.
+    Local alignment uses ot_align with spec.ot_centred / ot_straight_through_tau (training only: the forward
+    values are the hard plan's either way) / ot_barycentric; all three off is the paper's rule exactly.
     """
     spec: ModelSpec
 
@@ -248,23 +269,27 @@ class AlignMamba(nn.Module):
         anchor, am = x[spec.anchor], masks[spec.anchor]
         aux, plans, mmd_terms = {}, {}, []
 
-        def add_mmd(m, src, src_mask):
+        def add_mmd(m, src, src_mask, name=None):
             value = mmd(src, anchor, spec.mmd_sigma, src_mask, am)
             present = jnp.any(src_mask, -1) & jnp.any(am, -1)
-            aux[f"mmd/{m}"] = _batch_mean(value, present)
-            mmd_terms.append(aux[f"mmd/{m}"])
+            aux[name or f"mmd/{m}"] = _batch_mean(value, present)
+            mmd_terms.append(aux[name or f"mmd/{m}"])
 
         if spec.fusion == "interleave":
             seqs, seq_masks = [], []
             for m in spec.sources:
                 if spec.use_local_alignment:
-                    aligned, plan = ot_align(x[m], anchor, masks[m], am)
+                    tau = spec.ot_straight_through_tau if train and spec.ot_straight_through_tau > 0 else None
+                    aligned, plan = ot_align(x[m], anchor, masks[m], am, centred=spec.ot_centred,
+                                             straight_through_tau=tau, barycentric=spec.ot_barycentric)
                 else:
                     aligned, plan = segment_mean_resample(x[m], anchor.shape[1], masks[m], am)
                 aligned_mask = am & jnp.any(masks[m], axis=-1, keepdims=True)
                 plans[m] = plan
-                if spec.use_global_alignment:
+                if spec.use_global_alignment and spec.mmd_on in ("aligned", "both"):
                     add_mmd(m, aligned, aligned_mask)
+                if spec.use_global_alignment and spec.mmd_on in ("projected", "both"):
+                    add_mmd(m, x[m], masks[m], name=f"mmd_projected/{m}" if spec.mmd_on == "both" else None)
                 seqs.append(aligned)
                 seq_masks.append(aligned_mask)
             stream, stream_mask = interleave_time_major(seqs + [anchor], seq_masks + [am])

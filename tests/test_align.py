@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from alignmamba_jax.align import cosine_cost, mmd, ot_align, segment_mean_resample, sinkhorn
+from alignmamba_jax.align import cosine_cost, masked_centre, mmd, ot_align, segment_mean_resample, sinkhorn
 
 # Tiny graphs: XLA's backend optimisations cost far more compile time than they save at run time.
 fast_jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
@@ -120,6 +120,93 @@ def test_ot_align_rejects_bad_masks(rng):
         ot_align(src, anc, np.ones((2, 4), bool))
     with pytest.raises(ValueError, match="feature width"):
         ot_align(src, np.ones((2, 5, 3), np.float32))
+
+
+def test_masked_centre_matches_numpy_per_sequence_mean(rng):
+    x = rng.normal(size=(3, 5, 2)).astype(np.float32) + 4.0
+    m = right_padded_mask([5, 2, 0], 5)
+    m[0, 2] = False
+    ref = np.zeros_like(x)
+    for n in range(3):
+        if m[n].any():
+            ref[n][m[n]] = x[n][m[n]] - x[n][m[n]].mean(axis=0)
+    np.testing.assert_allclose(masked_centre(x, m), ref, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(masked_centre(x[:1]), x[:1] - x[:1].mean(axis=1, keepdims=True), atol=1e-6)
+
+
+def test_centred_cost_removes_a_shared_offset_hub(rng):
+    """Source tokens = shared offset + small codes all point at the anchor closest to the offset (a hub);
+    centring each sequence recovers the planted matching."""
+    codes = rng.normal(size=(4, 3)).astype(np.float32)
+    offset = np.full(3, 20.0, np.float32)
+    anc = (codes + offset)[None]
+    src = (0.05 * np.repeat(codes, 3, axis=0) + offset + 1e-4 * rng.normal(size=(12, 3)))[None].astype(np.float32)
+    truth = np.repeat(np.arange(4), 3)
+    _, hub_plan = ot_align(src, anc)
+    assert len(np.unique(np.argmax(hub_plan[0], -1))) == 1
+    _, plan = ot_align(src, anc, centred=True)
+    src_c = src[0] - src[0].mean(0)
+    anc_c = anc[0] - anc[0].mean(0)
+    ref_aligned, ref_plan = ot_align_numpy(src_c[None], anc_c[None], np.ones((1, 12), bool), np.ones((1, 4), bool))
+    np.testing.assert_array_equal(np.argmax(plan[0], -1), truth)
+    np.testing.assert_allclose(plan, ref_plan, atol=1e-7)
+
+
+def test_straight_through_forward_is_the_hard_plan_and_gradient_is_the_soft_plans(rng):
+    b, ts, ta, d, tau = 3, 6, 4, 5, 0.2
+    src = rng.normal(size=(b, ts, d)).astype(np.float32) + 1.0
+    anc = rng.normal(size=(b, ta, d)).astype(np.float32) + 1.0
+    sm = right_padded_mask([6, 3, 0], ts)
+    am = right_padded_mask([4, 2, 4], ta)
+    g_out = rng.normal(size=(b, ta, d)).astype(np.float32)
+    for centred in (False, True):
+        hard = ot_align(src, anc, sm, am, centred=centred)
+        st = ot_align(src, anc, sm, am, centred=centred, straight_through_tau=tau)
+        np.testing.assert_array_equal(st[0], hard[0])
+        np.testing.assert_array_equal(st[1], hard[1])
+
+        def soft_plan(s, a):
+            """(1/T_s) softmax_j(-C/tau) over valid anchors, written out independently of ot_align."""
+            s = masked_centre(s, sm) if centred else s
+            a = masked_centre(a, am) if centred else a
+            su = s / jnp.maximum(jnp.linalg.norm(s, axis=-1, keepdims=True), 1e-12)
+            au = a / jnp.maximum(jnp.linalg.norm(a, axis=-1, keepdims=True), 1e-12)
+            logits = jnp.where(am[:, None, :], -(1.0 - su @ jnp.swapaxes(au, 1, 2)) / tau, -jnp.inf)
+            mass = sm / np.maximum(sm.sum(-1, keepdims=True), 1)
+            return jax.nn.softmax(logits, axis=-1) * mass[..., None]
+
+        def st_loss(s, a):
+            return jnp.sum(ot_align(s, a, sm, am, centred=centred, straight_through_tau=tau)[0] * g_out)
+
+        def ref_loss(s, a):
+            # d/d(s, a) of <G, S(s, a)^T s_fixed> + <G, M_hard^T s>
+            return (jnp.sum(jnp.einsum("bij,bid->bjd", soft_plan(s, a), src) * g_out)
+                    + jnp.sum(jnp.einsum("bij,bid->bjd", hard[1], s) * g_out))
+
+        gs, ga = jax.grad(st_loss, argnums=(0, 1))(src, anc)
+        rs, ra = jax.grad(ref_loss, argnums=(0, 1))(src, anc)
+        np.testing.assert_allclose(gs, rs, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(ga, ra, rtol=1e-4, atol=1e-6)
+        assert np.any(np.asarray(ga) != 0)
+        assert np.all(np.asarray(gs)[2] == 0) and np.all(np.asarray(ga)[1, 2:] == 0)   # masked: no gradient
+    with pytest.raises(ValueError, match="straight_through_tau"):
+        ot_align(src, anc, straight_through_tau=0.0)
+
+
+def test_barycentric_aligned_tokens_are_means_of_assigned_tokens(rng):
+    src = rng.normal(size=(2, 8, 3)).astype(np.float32)
+    anc = rng.normal(size=(2, 4, 3)).astype(np.float32)
+    sm = right_padded_mask([8, 5], 8)
+    am = right_padded_mask([4, 3], 4)
+    aligned, plan = ot_align(src, anc, sm, am, barycentric=True)
+    _, ref_plan = ot_align_numpy(src, anc, sm, am)
+    np.testing.assert_allclose(plan, ref_plan, atol=1e-7)
+    assigned = ref_plan > 0
+    for n in range(2):
+        for j in range(4):
+            rows = assigned[n, :, j]
+            expect = src[n][rows].mean(0) if rows.any() else np.zeros(3)
+            np.testing.assert_allclose(aligned[n, j], expect, rtol=1e-5, atol=1e-6)
 
 
 def test_segment_mean_resample_matches_adaptive_average_pooling(rng):

@@ -62,6 +62,7 @@ def run_forward_backward(cfg, feats, masks, task="regression", num_classes=1, mo
 VARIANTS = {
     "full": {},
     "wo_local": {"use_local_alignment": False},
+    "paper_exact_local": {"ot_centred": False, "ot_straight_through_tau": 0.0, "ot_barycentric": False},
     "wo_global": {"use_global_alignment": False},
     "single_stream": {"fusion": "single_stream"},
     "multi_stream": {"fusion": "multi_stream"},
@@ -89,23 +90,35 @@ def test_every_variant_forward_backward_under_jit_with_missing_modalities(varian
         assert float(out["align_loss"]) > 0.0
 
 
-def test_full_model_wiring_matches_pure_functions():
+PAPER_EXACT = {"ot_centred": False, "ot_straight_through_tau": 0.0, "ot_barycentric": False, "mmd_on": "aligned"}
+
+
+@pytest.mark.parametrize("options", [{}, dict(PAPER_EXACT, mmd_on="both")], ids=["defaults", "paper_mmd_both"])
+def test_full_model_wiring_matches_pure_functions(options):
     feats, masks = make_batch(seed=1)
-    cfg = tiny_config(return_plans=True, dropout=0.0)
+    cfg = tiny_config(return_plans=True, dropout=0.0, **options)
     model = create_model(cfg, MODS, "text", DIMS)
     params = fast_jit(model.init)(jax.random.PRNGKey(0), feats, masks)["params"]
     out = fast_jit(lambda p: model.apply({"params": p}, feats, masks))(params)
+    # The straight-through plan changes gradients only: training-mode values are the inference values.
+    out_train = fast_jit(lambda p: model.apply({"params": p}, feats, masks, train=True))(params)
+    np.testing.assert_array_equal(out_train["prediction"], out["prediction"])
     proj = {m: feats[m] @ np.asarray(params["projections"][f"proj_{m}"]["kernel"])
             + np.asarray(params["projections"][f"proj_{m}"]["bias"]) for m in MODS}
     expected_loss = 0.0
     for m in ("audio", "vision"):
-        aligned, plan = ot_align(proj[m], proj["text"], masks[m], masks["text"])
+        aligned, plan = ot_align(proj[m], proj["text"], masks[m], masks["text"], centred=cfg.ot_centred,
+                                 barycentric=cfg.ot_barycentric)
         assert out["ot_plans"][m].shape == (3, LENS[m], LENS["text"])
         np.testing.assert_allclose(out["ot_plans"][m], plan, atol=1e-6)
-        aligned_mask = masks["text"] & masks[m].any(-1, keepdims=True)
-        per_sample = np.asarray(mmd(aligned, proj["text"], cfg.mmd_sigma, aligned_mask, masks["text"]))
         present = masks[m].any(-1) & masks["text"].any(-1)
-        expected_loss += per_sample[present].mean()
+        if cfg.mmd_on in ("aligned", "both"):
+            aligned_mask = masks["text"] & masks[m].any(-1, keepdims=True)
+            per_sample = np.asarray(mmd(aligned, proj["text"], cfg.mmd_sigma, aligned_mask, masks["text"]))
+            expected_loss += per_sample[present].mean()
+        if cfg.mmd_on in ("projected", "both"):
+            per_sample = np.asarray(mmd(proj[m], proj["text"], cfg.mmd_sigma, masks[m], masks["text"]))
+            expected_loss += per_sample[present].mean()
     np.testing.assert_allclose(out["align_loss"], expected_loss, rtol=1e-4)
 
     wo_local = create_model(tiny_config(return_plans=True, use_local_alignment=False), MODS, "text", DIMS)
@@ -169,6 +182,10 @@ def test_bad_inputs_raise_clear_errors():
         create_model(tiny_config(), MODS, "text", {"text": 6})
     with pytest.raises(ValueError, match="cfg.fusion"):
         create_model(tiny_config(fusion="late"), MODS, "text", DIMS)
+    with pytest.raises(ValueError, match="mmd_on"):
+        create_model(tiny_config(mmd_on="tokens"), MODS, "text", DIMS)
+    with pytest.raises(ValueError, match="ot_straight_through_tau"):
+        create_model(tiny_config(ot_straight_through_tau=-1.0), MODS, "text", DIMS)
 
 
 def test_two_modalities_and_loss_decreases_when_overfitting_a_tiny_batch():
