@@ -69,7 +69,7 @@ def markdown(summary, seeds, per_seed):
             if not by_model:
                 continue
             cols = list(next(iter(by_model.values())))
-            digits = 4 if metric in ("MAE", "Corr") else 2
+            digits = 4 if metric in ("MAE", "Corr") else 3
             lines = [f"**{protocol}, {metric}** (rate 0 = complete test data; seeds per model: "
                      + ", ".join(f"{k} {len(v)}" for k, v in per_seed.items()) + ")", "",
                      "| model | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
