@@ -57,7 +57,8 @@ def masked_centre(x, mask=None):
 
 
 def ot_align(source, anchor, source_mask=None, anchor_mask=None, *, centred: bool = False,
-             straight_through_tau: Optional[float] = None, barycentric: bool = False):
+             straight_through_tau: Optional[float] = None, barycentric: bool = False,
+             source_key=None, anchor_key=None):
     """AlignMamba's local alignment: relaxed OT with the anchor's incoming-mass constraint dropped.
 
     source (..., T_s, d), anchor (..., T_a, d). Cost C(i, j) = 1 - cos(source_i, anchor_j) (eq. 3); each valid
@@ -76,14 +77,23 @@ def ot_align(source, anchor, source_mask=None, anchor_mask=None, *, centred: boo
       plan's M^T d(source).
     barycentric: aligned_j = sum_i M(i, j) source_i / sum_i M(i, j), the mean of the tokens assigned to anchor
       token j (0 where none is), instead of the 1/T_s-scaled sum.
+    source_key (..., T_s, k), anchor_key (..., T_a, k): if given, the cost is taken between these (e.g. learned
+      matching features, like attention's queries and keys) instead of between source and anchor; aligned
+      still averages `source`.
     """
     _check_pair(source, anchor, "source", "anchor")
     sm = _mask_or_ones(source, source_mask, "source_mask")
     am = _mask_or_ones(anchor, anchor_mask, "anchor_mask")
     if straight_through_tau is not None and not straight_through_tau > 0:
         raise ValueError(f"straight_through_tau must be None or > 0, found {straight_through_tau}")
-    cost = (cosine_cost(masked_centre(source, sm), masked_centre(anchor, am)) if centred
-            else cosine_cost(source, anchor))
+    source_key = source if source_key is None else source_key
+    anchor_key = anchor if anchor_key is None else anchor_key
+    _check_pair(source_key, anchor_key, "source_key", "anchor_key")
+    if source_key.shape[:-1] != source.shape[:-1] or anchor_key.shape[:-1] != anchor.shape[:-1]:
+        raise ValueError(f"source_key {source_key.shape} / anchor_key {anchor_key.shape} must have the token axes "
+                         f"of source {source.shape} / anchor {anchor.shape}")
+    cost = (cosine_cost(masked_centre(source_key, sm), masked_centre(anchor_key, am)) if centred
+            else cosine_cost(source_key, anchor_key))
     if straight_through_tau is None:
         cost = jax.lax.stop_gradient(cost)
     masked_cost = jnp.where(am[..., None, :], cost, jnp.inf)

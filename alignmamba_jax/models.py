@@ -59,6 +59,9 @@ def default_model_config() -> ml_collections.ConfigDict:
     c.ot_centred = True              # cost on per-sequence mask-aware mean-centred features (no hub collapse)
     c.ot_straight_through_tau = 0.1  # > 0: training gradient through softmax(-cost / tau) (straight-through);
                                      # 0: hard plan only (no gradient reaches the cost)
+    c.ot_match_dim = 0               # > 0: the OT cost compares separate learned linear "matching" projections
+                                     # of the raw features (width ot_match_dim), as attention's queries / keys;
+                                     # 0: the cost compares the projected tokens themselves (paper)
     c.ot_barycentric = True          # aligned token = mean of its assigned frames, not their 1/T_s-scaled sum
     c.mmd_on = "aligned"             # MMD of each source vs the anchor on: "aligned" tokens (paper), "projected"
                                      # source tokens (before alignment), or "both" (sum of the two)
@@ -100,6 +103,7 @@ class ModelSpec:
     ot_centred: bool
     ot_straight_through_tau: float
     ot_barycentric: bool
+    ot_match_dim: int
     mmd_on: str
     return_plans: bool
     moe_num_shared_experts: int
@@ -163,7 +167,7 @@ def create_model(cfg, modalities: Sequence[str], anchor: str, input_dims: Dict[s
         use_global_alignment=cfg.use_global_alignment, fusion=cfg.fusion,
         mmd_sigma=tuple(float(s) for s in sigma) if isinstance(sigma, (tuple, list)) else (float(sigma),),
         ot_centred=bool(cfg.ot_centred), ot_straight_through_tau=float(cfg.ot_straight_through_tau),
-        ot_barycentric=bool(cfg.ot_barycentric), mmd_on=cfg.mmd_on,
+        ot_barycentric=bool(cfg.ot_barycentric), ot_match_dim=int(cfg.ot_match_dim), mmd_on=cfg.mmd_on,
         return_plans=cfg.return_plans, moe_num_shared_experts=cfg.moe_num_shared_experts,
         moe_hidden_mult=cfg.moe_hidden_mult, sinkhorn_epsilon=cfg.sinkhorn_epsilon,
         sinkhorn_iters=cfg.sinkhorn_iters, n_heads=cfg.n_heads, mlp_mult=cfg.mlp_mult)
@@ -257,7 +261,8 @@ class AlignMamba(nn.Module):
     MMD (if use_global_alignment) compares each source with the anchor: for interleave on the aligned/resampled
     tokens, the projected source tokens, or both (spec.mmd_on); on the projected tokens otherwise.
     Local alignment uses ot_align with spec.ot_centred / ot_straight_through_tau (training only: the forward
-    values are the hard plan's either way) / ot_barycentric; all three off is the paper's rule exactly.
+    values are the hard plan's either way) / ot_barycentric / ot_match_dim (the cost on learned matching
+    projections); all four off is the paper's rule exactly.
     """
     spec: ModelSpec
 
@@ -268,6 +273,10 @@ class AlignMamba(nn.Module):
         x = Projections(spec, name="projections")(features, train)
         anchor, am = x[spec.anchor], masks[spec.anchor]
         aux, plans, mmd_terms = {}, {}, []
+        keys = {m: None for m in spec.modalities}
+        if spec.fusion == "interleave" and spec.use_local_alignment and spec.ot_match_dim > 0:
+            keys = {m: nn.Dense(spec.ot_match_dim, name=f"match_{m}")(features[m].astype(jnp.float32))
+                    for m in spec.modalities}
 
         def add_mmd(m, src, src_mask, name=None):
             value = mmd(src, anchor, spec.mmd_sigma, src_mask, am)
@@ -281,7 +290,8 @@ class AlignMamba(nn.Module):
                 if spec.use_local_alignment:
                     tau = spec.ot_straight_through_tau if train and spec.ot_straight_through_tau > 0 else None
                     aligned, plan = ot_align(x[m], anchor, masks[m], am, centred=spec.ot_centred,
-                                             straight_through_tau=tau, barycentric=spec.ot_barycentric)
+                                             straight_through_tau=tau, barycentric=spec.ot_barycentric,
+                                             source_key=keys[m], anchor_key=keys[spec.anchor])
                 else:
                     aligned, plan = segment_mean_resample(x[m], anchor.shape[1], masks[m], am)
                 aligned_mask = am & jnp.any(masks[m], axis=-1, keepdims=True)

@@ -209,6 +209,22 @@ def test_barycentric_aligned_tokens_are_means_of_assigned_tokens(rng):
             np.testing.assert_allclose(aligned[n, j], expect, rtol=1e-5, atol=1e-6)
 
 
+def test_ot_align_cost_on_separate_keys(rng):
+    """The plan follows the keys' cosine; the aligned tokens average the source values."""
+    src = rng.normal(size=(2, 6, 3)).astype(np.float32)
+    anc = rng.normal(size=(2, 4, 3)).astype(np.float32)
+    sk = rng.normal(size=(2, 6, 5)).astype(np.float32)
+    ak = rng.normal(size=(2, 4, 5)).astype(np.float32)
+    sm = right_padded_mask([6, 4], 6)
+    am = right_padded_mask([4, 3], 4)
+    aligned, plan = ot_align(src, anc, sm, am, source_key=sk, anchor_key=ak)
+    _, ref_plan = ot_align_numpy(sk, ak, sm, am)
+    np.testing.assert_allclose(plan, ref_plan, atol=1e-7)
+    np.testing.assert_allclose(aligned, np.einsum("bij,bid->bjd", ref_plan, src), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="source_key"):
+        ot_align(src, anc, source_key=sk[:, :5], anchor_key=ak)
+
+
 def test_segment_mean_resample_matches_adaptive_average_pooling(rng):
     b, ts, tt, d = 3, 7, 5, 2
     src = rng.normal(size=(b, ts, d)).astype(np.float32)

@@ -93,7 +93,8 @@ def test_every_variant_forward_backward_under_jit_with_missing_modalities(varian
 PAPER_EXACT = {"ot_centred": False, "ot_straight_through_tau": 0.0, "ot_barycentric": False, "mmd_on": "aligned"}
 
 
-@pytest.mark.parametrize("options", [{}, dict(PAPER_EXACT, mmd_on="both")], ids=["defaults", "paper_mmd_both"])
+@pytest.mark.parametrize("options", [{"ot_match_dim": 3}, dict(PAPER_EXACT, mmd_on="both")],
+                         ids=["defaults_match_keys", "paper_mmd_both"])
 def test_full_model_wiring_matches_pure_functions(options):
     feats, masks = make_batch(seed=1)
     cfg = tiny_config(return_plans=True, dropout=0.0, **options)
@@ -105,10 +106,14 @@ def test_full_model_wiring_matches_pure_functions(options):
     np.testing.assert_array_equal(out_train["prediction"], out["prediction"])
     proj = {m: feats[m] @ np.asarray(params["projections"][f"proj_{m}"]["kernel"])
             + np.asarray(params["projections"][f"proj_{m}"]["bias"]) for m in MODS}
+    keys = {m: None for m in MODS}
+    if cfg.ot_match_dim:
+        keys = {m: feats[m] @ np.asarray(params[f"match_{m}"]["kernel"]) + np.asarray(params[f"match_{m}"]["bias"])
+                for m in MODS}
     expected_loss = 0.0
     for m in ("audio", "vision"):
         aligned, plan = ot_align(proj[m], proj["text"], masks[m], masks["text"], centred=cfg.ot_centred,
-                                 barycentric=cfg.ot_barycentric)
+                                 barycentric=cfg.ot_barycentric, source_key=keys[m], anchor_key=keys["text"])
         assert out["ot_plans"][m].shape == (3, LENS[m], LENS["text"])
         np.testing.assert_allclose(out["ot_plans"][m], plan, atol=1e-6)
         present = masks[m].any(-1) & masks["text"].any(-1)
