@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from alignmamba_jax.align import cosine_cost, mmd, ot_align, segment_mean_resample, sinkhorn
+from alignmamba_jax.align import cosine_cost, masked_centre, mmd, ot_align, segment_mean_resample, sinkhorn
 from alignmamba_jax.modules import MambaStack, ModalityAwareMambaLayer
 
 MODEL_NAMES = ("alignmamba", "alignmamba2", "transformer_single", "transformer_multi")
@@ -62,6 +62,9 @@ def default_model_config() -> ml_collections.ConfigDict:
     c.ot_match_dim = 0               # > 0: the OT cost compares separate learned linear "matching" projections
                                      # of the raw features (width ot_match_dim), as attention's queries / keys;
                                      # 0: the cost compares the projected tokens themselves (paper)
+    c.ot_sinkhorn_loss = False       # True: add the entropic OT distance (sinkhorn_epsilon / sinkhorn_iters) of the
+                                     # OT cost (centred / on matching keys as configured) to align_loss: a
+                                     # direct, balanced correspondence signal for the matching space
     c.ot_barycentric = True          # aligned token = mean of its assigned frames, not their 1/T_s-scaled sum
     c.mmd_on = "aligned"             # MMD of each source vs the anchor on: "aligned" tokens (paper), "projected"
                                      # source tokens (before alignment), or "both" (sum of the two)
@@ -104,6 +107,7 @@ class ModelSpec:
     ot_straight_through_tau: float
     ot_barycentric: bool
     ot_match_dim: int
+    ot_sinkhorn_loss: bool
     mmd_on: str
     return_plans: bool
     moe_num_shared_experts: int
@@ -167,7 +171,8 @@ def create_model(cfg, modalities: Sequence[str], anchor: str, input_dims: Dict[s
         use_global_alignment=cfg.use_global_alignment, fusion=cfg.fusion,
         mmd_sigma=tuple(float(s) for s in sigma) if isinstance(sigma, (tuple, list)) else (float(sigma),),
         ot_centred=bool(cfg.ot_centred), ot_straight_through_tau=float(cfg.ot_straight_through_tau),
-        ot_barycentric=bool(cfg.ot_barycentric), ot_match_dim=int(cfg.ot_match_dim), mmd_on=cfg.mmd_on,
+        ot_barycentric=bool(cfg.ot_barycentric), ot_match_dim=int(cfg.ot_match_dim),
+        ot_sinkhorn_loss=bool(cfg.ot_sinkhorn_loss), mmd_on=cfg.mmd_on,
         return_plans=cfg.return_plans, moe_num_shared_experts=cfg.moe_num_shared_experts,
         moe_hidden_mult=cfg.moe_hidden_mult, sinkhorn_epsilon=cfg.sinkhorn_epsilon,
         sinkhorn_iters=cfg.sinkhorn_iters, n_heads=cfg.n_heads, mlp_mult=cfg.mlp_mult)
@@ -272,7 +277,7 @@ class AlignMamba(nn.Module):
         masks = check_inputs(spec, features, masks)
         x = Projections(spec, name="projections")(features, train)
         anchor, am = x[spec.anchor], masks[spec.anchor]
-        aux, plans, mmd_terms = {}, {}, []
+        aux, plans, mmd_terms, ot_terms = {}, {}, [], []
         keys = {m: None for m in spec.modalities}
         if spec.fusion == "interleave" and spec.use_local_alignment and spec.ot_match_dim > 0:
             keys = {m: nn.Dense(spec.ot_match_dim, name=f"match_{m}")(features[m].astype(jnp.float32))
@@ -296,6 +301,15 @@ class AlignMamba(nn.Module):
                     aligned, plan = segment_mean_resample(x[m], anchor.shape[1], masks[m], am)
                 aligned_mask = am & jnp.any(masks[m], axis=-1, keepdims=True)
                 plans[m] = plan
+                if spec.use_local_alignment and spec.ot_sinkhorn_loss and train:
+                    src_key = x[m] if keys[m] is None else keys[m]
+                    anc_key = anchor if keys[spec.anchor] is None else keys[spec.anchor]
+                    if spec.ot_centred:
+                        src_key, anc_key = masked_centre(src_key, masks[m]), masked_centre(anc_key, am)
+                    _, dist = sinkhorn(cosine_cost(src_key, anc_key), masks[m], am,
+                                       epsilon=spec.sinkhorn_epsilon, num_iters=spec.sinkhorn_iters)
+                    aux[f"ot/{m}"] = _batch_mean(dist, jnp.any(masks[m], -1) & jnp.any(am, -1))
+                    ot_terms.append(aux[f"ot/{m}"])
                 if spec.use_global_alignment and spec.mmd_on in ("aligned", "both"):
                     add_mmd(m, aligned, aligned_mask)
                 if spec.use_global_alignment and spec.mmd_on in ("projected", "both"):
@@ -318,8 +332,10 @@ class AlignMamba(nn.Module):
                 pooled = jnp.concatenate(
                     [masked_pool(_mamba_stack(spec, f"mamba_{m}")(x[m], masks[m], train), masks[m], spec.pooling)
                      for m in spec.modalities], axis=-1)
-        align_loss = sum(mmd_terms) if mmd_terms else jnp.float32(0.0)
-        aux["mmd"] = jnp.asarray(align_loss, jnp.float32)
+        aux["mmd"] = jnp.asarray(sum(mmd_terms) if mmd_terms else 0.0, jnp.float32)
+        if ot_terms:
+            aux["ot"] = jnp.asarray(sum(ot_terms), jnp.float32)
+        align_loss = sum(mmd_terms + ot_terms) if mmd_terms + ot_terms else jnp.float32(0.0)
         out = {"prediction": Head(spec, name="head")(pooled, train),
                "align_loss": jnp.asarray(align_loss, jnp.float32), "aux": aux}
         if spec.return_plans:

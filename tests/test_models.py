@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from alignmamba_jax.align import mmd, ot_align, segment_mean_resample
+from alignmamba_jax.align import cosine_cost, mmd, ot_align, segment_mean_resample, sinkhorn
 from alignmamba_jax.models import create_model, default_model_config, interleave_time_major, masked_pool
 
 # Tiny graphs: XLA's backend optimisations cost far more compile time than they save at run time.
@@ -93,7 +93,7 @@ def test_every_variant_forward_backward_under_jit_with_missing_modalities(varian
 PAPER_EXACT = {"ot_centred": False, "ot_straight_through_tau": 0.0, "ot_barycentric": False, "mmd_on": "aligned"}
 
 
-@pytest.mark.parametrize("options", [{"ot_match_dim": 3}, dict(PAPER_EXACT, mmd_on="both")],
+@pytest.mark.parametrize("options", [{"ot_match_dim": 3, "ot_sinkhorn_loss": True}, dict(PAPER_EXACT, mmd_on="both")],
                          ids=["defaults_match_keys", "paper_mmd_both"])
 def test_full_model_wiring_matches_pure_functions(options):
     feats, masks = make_batch(seed=1)
@@ -110,7 +110,7 @@ def test_full_model_wiring_matches_pure_functions(options):
     if cfg.ot_match_dim:
         keys = {m: feats[m] @ np.asarray(params[f"match_{m}"]["kernel"]) + np.asarray(params[f"match_{m}"]["bias"])
                 for m in MODS}
-    expected_loss = 0.0
+    expected_loss, expected_ot = 0.0, 0.0
     for m in ("audio", "vision"):
         aligned, plan = ot_align(proj[m], proj["text"], masks[m], masks["text"], centred=cfg.ot_centred,
                                  barycentric=cfg.ot_barycentric, source_key=keys[m], anchor_key=keys["text"])
@@ -124,7 +124,16 @@ def test_full_model_wiring_matches_pure_functions(options):
         if cfg.mmd_on in ("projected", "both"):
             per_sample = np.asarray(mmd(proj[m], proj["text"], cfg.mmd_sigma, masks[m], masks["text"]))
             expected_loss += per_sample[present].mean()
+        if cfg.ot_sinkhorn_loss:
+            # cfg.ot_centred is on here: numpy per-sequence centring of the matching keys
+            centred = [np.where(mk[..., None], k - (k * mk[..., None]).sum(1, keepdims=True)
+                                / np.maximum(mk.sum(1), 1)[:, None, None], 0.0)
+                       for k, mk in ((keys[m], masks[m]), (keys["text"], masks["text"]))]
+            _, dist = sinkhorn(cosine_cost(*centred), masks[m], masks["text"], epsilon=cfg.sinkhorn_epsilon,
+                               num_iters=cfg.sinkhorn_iters)
+            expected_ot += np.asarray(dist)[present].mean()
     np.testing.assert_allclose(out["align_loss"], expected_loss, rtol=1e-4)
+    np.testing.assert_allclose(out_train["align_loss"], expected_loss + expected_ot, rtol=1e-4)
 
     wo_local = create_model(tiny_config(return_plans=True, use_local_alignment=False), MODS, "text", DIMS)
     plans = fast_jit(lambda p: wo_local.apply({"params": p}, feats, masks))(params)["ot_plans"]
