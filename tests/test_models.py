@@ -62,7 +62,8 @@ def run_forward_backward(cfg, feats, masks, task="regression", num_classes=1, mo
 VARIANTS = {
     "full": {},
     "wo_local": {"use_local_alignment": False},
-    "paper_exact_local": {"ot_centred": False, "ot_straight_through_tau": 0.0, "ot_barycentric": False},
+    "all_local_options": {"ot_centred": True, "ot_straight_through_tau": 0.1, "ot_barycentric": True,
+                          "ot_match_dim": 3, "ot_sinkhorn_loss": True, "mmd_on": "both"},
     "wo_global": {"use_global_alignment": False},
     "single_stream": {"fusion": "single_stream"},
     "multi_stream": {"fusion": "multi_stream"},
@@ -90,12 +91,18 @@ def test_every_variant_forward_backward_under_jit_with_missing_modalities(varian
         assert float(out["align_loss"]) > 0.0
 
 
-PAPER_EXACT = {"ot_centred": False, "ot_straight_through_tau": 0.0, "ot_barycentric": False, "mmd_on": "aligned"}
+PAPER_EXACT = {"ot_centred": False, "ot_straight_through_tau": 0.0, "ot_match_dim": 0, "ot_sinkhorn_loss": False,
+               "ot_barycentric": False, "mmd_on": "aligned"}
 
 
-@pytest.mark.parametrize("options", [{"ot_match_dim": 3, "ot_sinkhorn_loss": True}, dict(PAPER_EXACT, mmd_on="both")],
-                         ids=["defaults_match_keys", "paper_mmd_both"])
+ALL_OPTIONS = {"ot_centred": True, "ot_straight_through_tau": 0.1, "ot_barycentric": True, "ot_match_dim": 3,
+               "ot_sinkhorn_loss": True, "mmd_on": "both"}
+
+
+@pytest.mark.parametrize("options", [{}, ALL_OPTIONS], ids=["defaults_paper_exact", "all_options"])
 def test_full_model_wiring_matches_pure_functions(options):
+    cfg = default_model_config()
+    assert {k: cfg[k] for k in PAPER_EXACT} == PAPER_EXACT
     feats, masks = make_batch(seed=1)
     cfg = tiny_config(return_plans=True, dropout=0.0, **options)
     model = create_model(cfg, MODS, "text", DIMS)
