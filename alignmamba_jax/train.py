@@ -9,6 +9,7 @@ Determinism: the data order and the dropout keys are functions of (seed, step), 
 checkpoint ends bit-identical to an uninterrupted one on the same machine.
 """
 import functools
+import importlib.util
 import json
 import os
 import time
@@ -112,6 +113,15 @@ def apply_model_variant(config: ml_collections.ConfigDict, variant: str) -> ml_c
         raise ValueError(f"unknown config variant {variant!r}; expected one of {sorted(MODEL_VARIANTS)}")
     config.model.update(MODEL_VARIANTS[variant])
     return config
+
+
+def sibling_config(config_file: str, name: str, variant: str = "full") -> ml_collections.ConfigDict:
+    """`get_config(variant)` of configs file `name` beside `config_file` (configs/ is not a package)."""
+    path = os.path.join(os.path.dirname(os.path.abspath(config_file)), name)
+    spec = importlib.util.spec_from_file_location(f"config_{os.path.splitext(name)[0]}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(variant)
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:

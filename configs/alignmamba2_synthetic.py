@@ -3,15 +3,10 @@
 Everything but the model name comes from configs/synthetic.py; parameter strings work the same way
 (`configs/alignmamba2_synthetic.py:wo_global`).
 """
-import importlib.util
-import os
+from alignmamba_jax import train
 
 
 def get_config(variant: str = "full"):
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "synthetic.py")
-    spec = importlib.util.spec_from_file_location("synthetic_config", path)
-    base = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(base)
-    config = base.get_config(variant)
+    config = train.sibling_config(__file__, "synthetic.py", variant)
     config.model.name = "alignmamba2"
     return config
