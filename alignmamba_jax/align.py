@@ -56,9 +56,17 @@ def masked_centre(x, mask=None):
     return jnp.where(m[..., None], x32 - mean, 0.0).astype(x.dtype)
 
 
+def relative_time(mask):
+    """(..., T) validity mask -> (..., T) float32 time (k + 0.5) / n of the k-th of n valid tokens (0 if masked)."""
+    m = mask.astype(bool)
+    n = jnp.sum(m, axis=-1, keepdims=True, dtype=jnp.float32)
+    k = jnp.cumsum(m, axis=-1, dtype=jnp.float32) - 0.5
+    return jnp.where(m, k / jnp.maximum(n, 1.0), 0.0)
+
+
 def ot_align(source, anchor, source_mask=None, anchor_mask=None, *, centred: bool = False,
              straight_through_tau: Optional[float] = None, barycentric: bool = False,
-             source_key=None, anchor_key=None):
+             source_key=None, anchor_key=None, time_prior: float = 0.0):
     """AlignMamba's local alignment: relaxed OT with the anchor's incoming-mass constraint dropped.
 
     source (..., T_s, d), anchor (..., T_a, d). Cost C(i, j) = 1 - cos(source_i, anchor_j) (eq. 3); each valid
@@ -77,6 +85,8 @@ def ot_align(source, anchor, source_mask=None, anchor_mask=None, *, centred: boo
       plan's M^T d(source).
     barycentric: aligned_j = sum_i M(i, j) source_i / sum_i M(i, j), the mean of the tokens assigned to anchor
       token j (0 where none is), instead of the 1/T_s-scaled sum.
+    time_prior: adds time_prior * |t_i - t_j| to the cost, t the `relative_time` of each valid token, so that
+      the argmin starts from the time order (what segment-mean resampling assumes) and content refines it.
     source_key (..., T_s, k), anchor_key (..., T_a, k): if given, the cost is taken between these (e.g. learned
       matching features, like attention's queries and keys) instead of between source and anchor; aligned
       still averages `source`.
@@ -94,6 +104,8 @@ def ot_align(source, anchor, source_mask=None, anchor_mask=None, *, centred: boo
                          f"of source {source.shape} / anchor {anchor.shape}")
     cost = (cosine_cost(masked_centre(source_key, sm), masked_centre(anchor_key, am)) if centred
             else cosine_cost(source_key, anchor_key))
+    if time_prior:
+        cost = cost + time_prior * jnp.abs(relative_time(sm)[..., :, None] - relative_time(am)[..., None, :])
     if straight_through_tau is None:
         cost = jax.lax.stop_gradient(cost)
     masked_cost = jnp.where(am[..., None, :], cost, jnp.inf)

@@ -66,8 +66,10 @@ def default_model_config() -> ml_collections.ConfigDict:
                                      # of the raw features (width ot_match_dim), as attention's queries / keys;
                                      # 0: the cost compares the projected tokens themselves (paper)
     c.ot_sinkhorn_loss = False       # True: add the entropic OT distance (sinkhorn_epsilon / sinkhorn_iters) of the
-                                     # OT cost (centred / on matching keys as configured) to align_loss, training
-                                     # only: a direct, balanced correspondence signal for the matching space
+                                     # OT cost (centred / on matching keys as configured; without the time prior)
+                                     # to align_loss, training only: a direct, balanced correspondence signal
+    c.ot_time_prior = 0.0            # > 0: add ot_time_prior * |relative time of frame - of token| to the cost
+                                     # (a temporal prior the content cost refines); 0: cosine cost only (paper)
     c.ot_barycentric = False         # True: aligned token = mean of its assigned frames, not M^T X (1/T_s-scaled)
     c.mmd_on = "aligned"             # MMD of each source vs the anchor on: "aligned" tokens (paper), "projected"
                                      # source tokens (before alignment), or "both" (sum of the two)
@@ -109,6 +111,7 @@ class ModelSpec:
     ot_centred: bool
     ot_straight_through_tau: float
     ot_barycentric: bool
+    ot_time_prior: float
     ot_match_dim: int
     ot_sinkhorn_loss: bool
     mmd_on: str
@@ -174,7 +177,8 @@ def create_model(cfg, modalities: Sequence[str], anchor: str, input_dims: Dict[s
         use_global_alignment=cfg.use_global_alignment, fusion=cfg.fusion,
         mmd_sigma=tuple(float(s) for s in sigma) if isinstance(sigma, (tuple, list)) else (float(sigma),),
         ot_centred=bool(cfg.ot_centred), ot_straight_through_tau=float(cfg.ot_straight_through_tau),
-        ot_barycentric=bool(cfg.ot_barycentric), ot_match_dim=int(cfg.ot_match_dim),
+        ot_barycentric=bool(cfg.ot_barycentric), ot_time_prior=float(cfg.ot_time_prior),
+        ot_match_dim=int(cfg.ot_match_dim),
         ot_sinkhorn_loss=bool(cfg.ot_sinkhorn_loss), mmd_on=cfg.mmd_on,
         return_plans=cfg.return_plans, moe_num_shared_experts=cfg.moe_num_shared_experts,
         moe_hidden_mult=cfg.moe_hidden_mult, sinkhorn_epsilon=cfg.sinkhorn_epsilon,
@@ -299,7 +303,8 @@ class AlignMamba(nn.Module):
                     tau = spec.ot_straight_through_tau if train and spec.ot_straight_through_tau > 0 else None
                     aligned, plan = ot_align(x[m], anchor, masks[m], am, centred=spec.ot_centred,
                                              straight_through_tau=tau, barycentric=spec.ot_barycentric,
-                                             source_key=keys[m], anchor_key=keys[spec.anchor])
+                                             source_key=keys[m], anchor_key=keys[spec.anchor],
+                                             time_prior=spec.ot_time_prior)
                 else:
                     aligned, plan = segment_mean_resample(x[m], anchor.shape[1], masks[m], am)
                 aligned_mask = am & jnp.any(masks[m], axis=-1, keepdims=True)

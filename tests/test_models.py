@@ -63,7 +63,7 @@ VARIANTS = {
     "full": {},
     "wo_local": {"use_local_alignment": False},
     "all_local_options": {"ot_centred": True, "ot_straight_through_tau": 0.1, "ot_barycentric": True,
-                          "ot_match_dim": 3, "ot_sinkhorn_loss": True, "mmd_on": "both"},
+                          "ot_match_dim": 3, "ot_sinkhorn_loss": True, "ot_time_prior": 0.5, "mmd_on": "both"},
     "wo_global": {"use_global_alignment": False},
     "single_stream": {"fusion": "single_stream"},
     "multi_stream": {"fusion": "multi_stream"},
@@ -92,11 +92,11 @@ def test_every_variant_forward_backward_under_jit_with_missing_modalities(varian
 
 
 PAPER_EXACT = {"ot_centred": False, "ot_straight_through_tau": 0.0, "ot_match_dim": 0, "ot_sinkhorn_loss": False,
-               "ot_barycentric": False, "mmd_on": "aligned"}
+               "ot_barycentric": False, "ot_time_prior": 0.0, "mmd_on": "aligned"}
 
 
 ALL_OPTIONS = {"ot_centred": True, "ot_straight_through_tau": 0.1, "ot_barycentric": True, "ot_match_dim": 3,
-               "ot_sinkhorn_loss": True, "mmd_on": "both"}
+               "ot_sinkhorn_loss": True, "ot_time_prior": 0.5, "mmd_on": "both"}
 
 
 @pytest.mark.parametrize("options", [{}, ALL_OPTIONS], ids=["defaults_paper_exact", "all_options"])
@@ -120,7 +120,8 @@ def test_full_model_wiring_matches_pure_functions(options):
     expected_loss, expected_ot = 0.0, 0.0
     for m in ("audio", "vision"):
         aligned, plan = ot_align(proj[m], proj["text"], masks[m], masks["text"], centred=cfg.ot_centred,
-                                 barycentric=cfg.ot_barycentric, source_key=keys[m], anchor_key=keys["text"])
+                                 barycentric=cfg.ot_barycentric, source_key=keys[m], anchor_key=keys["text"],
+                                 time_prior=cfg.ot_time_prior)
         assert out["ot_plans"][m].shape == (3, LENS[m], LENS["text"])
         np.testing.assert_allclose(out["ot_plans"][m], plan, atol=1e-6)
         present = masks[m].any(-1) & masks["text"].any(-1)
