@@ -46,24 +46,6 @@ def plot_efficiency(rows, key, ylabel, path, scale=1.0, title=None):
     return _save(fig, path)
 
 
-def plot_bars(names, means, stds, ylabel, path, title=None, highlight=0):
-    """Bar chart with std error bars; bar `highlight` (the full model) in a distinct colour."""
-    fig, ax = plt.subplots(figsize=(max(5, 0.9 * len(names)), 4))
-    colors = ["tab:red" if i == highlight else "tab:gray" for i in range(len(names))]
-    ax.bar(range(len(names)), means, yerr=stds, color=colors, capsize=4)
-    ax.set_xticks(range(len(names)))
-    ax.set_xticklabels(names, rotation=30, ha="right")
-    ax.set_ylabel(ylabel)
-    lo = min(m - s for m, s in zip(means, stds))
-    hi = max(m + s for m, s in zip(means, stds))
-    pad = 0.15 * (hi - lo) + 1e-6
-    ax.set_ylim(lo - pad, hi + pad)
-    ax.grid(True, axis="y", alpha=0.3)
-    if title:
-        ax.set_title(title)
-    return _save(fig, path)
-
-
 def plot_grouped_bars(panels, path, title=None):
     """Several bar panels side by side: panels = [(ylabel, names, means, stds), ...]."""
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4))
@@ -81,22 +63,6 @@ def plot_grouped_bars(panels, path, title=None):
         ax.grid(True, axis="y", alpha=0.3)
     if title:
         fig.suptitle(title)
-    return _save(fig, path)
-
-
-def plot_curves(xs, curves, xlabel, ylabel, path, title=None):
-    """curves = {label: (means, stds)} over the shared xs, with a shaded +-std band."""
-    fig, ax = plt.subplots(figsize=(5.5, 4))
-    for label, (means, stds) in curves.items():
-        line, = ax.plot(xs, means, marker="o", label=label)
-        ax.fill_between(xs, [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)],
-                        color=line.get_color(), alpha=0.15)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.grid(True, alpha=0.3)
-    ax.legend()
-    if title:
-        ax.set_title(title)
     return _save(fig, path)
 
 
