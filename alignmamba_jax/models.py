@@ -274,7 +274,7 @@ class AlignMamba(nn.Module):
     tokens, the projected source tokens, or both (spec.mmd_on); on the projected tokens otherwise.
     Local alignment uses ot_align with spec.ot_centred / ot_straight_through_tau (training only: the forward
     values are the hard plan's either way) / ot_barycentric / ot_match_dim (the cost on learned matching
-    projections); all four off is the paper's rule exactly.
+    projections) / ot_time_prior (a relative-time term in the cost); all five off is the paper's rule exactly.
     """
     spec: ModelSpec
 
