@@ -1,6 +1,7 @@
 """Cross-modal alignment as pure functions: the paper's relaxed OT (`ot_align`), Gaussian-kernel MMD (`mmd`),
-log-domain entropic OT (`sinkhorn`), mask-aware segment-mean resampling (`segment_mean_resample`) and per-sequence
-mean-centring (`masked_centre`).
+log-domain entropic OT (`sinkhorn`), mask-aware segment-mean resampling (`segment_mean_resample`), per-sequence
+mean-centring (`masked_centre`) and the temporal contrastive matching loss that teaches an OT cost which token
+matches which (`time_contrastive_loss`).
 
 Conventions: tokens are (..., T, d) with any leading batch dims; masks are bool (..., T), True = valid, and
 None means all valid. Masked tokens carry no mass and receive none. Every function is jit/vmap/grad-safe and
@@ -133,6 +134,36 @@ def ot_align(source, anchor, source_mask=None, anchor_mask=None, *, centred: boo
         column_mass = jax.lax.stop_gradient(jnp.sum(jax.nn.one_hot(nearest, t_a) * mass[..., None], axis=-2))
         aligned = jnp.where(column_mass[..., None] > 0, aligned / jnp.maximum(column_mass, _EPS)[..., None], 0.0)
     return aligned.astype(source.dtype), plan
+
+
+def time_contrastive_loss(source_key, anchor_key, source_mask=None, anchor_mask=None, *, tau: float = 0.5,
+                          sigma: float = 0.1, centred: bool = False):
+    """Temporal contrastive matching (InfoNCE with time-based soft targets); ours, not in the papers.
+
+    For each valid source token i: predicted p_i = softmax_j(cos(k_i, k_j) / tau) over the valid anchor tokens j
+    (k = source_key / anchor_key, `masked_centre`d first if `centred`), target q_i = softmax_j(-|t_i - t_j| / sigma)
+    with t the `relative_time` of each valid token; loss = mean over valid source tokens of the cross-entropy
+    -sum_j q_ij log p_ij. Returns (...) per sequence, 0 where either side has no valid token.
+
+    Why: the relaxed-OT argmin has no gradient, so nothing else teaches the cost which anchor token a source
+    token belongs to. Time order is a weak label (unaligned streams are roughly proportional in time, but word
+    durations and pauses vary), yet the only way the keys' cosine can predict it is through content shared by
+    the two modalities, so the learned cost matches by content, which is what the argmin needs.
+    """
+    _check_pair(source_key, anchor_key, "source_key", "anchor_key")
+    sm = _mask_or_ones(source_key, source_mask, "source_mask")
+    am = _mask_or_ones(anchor_key, anchor_mask, "anchor_mask")
+    if not tau > 0 or not sigma > 0:
+        raise ValueError(f"tau and sigma must be > 0, found tau={tau}, sigma={sigma}")
+    if centred:
+        source_key, anchor_key = masked_centre(source_key, sm), masked_centre(anchor_key, am)
+    valid = am[..., None, :]
+    logits = jnp.where(valid, (1.0 - cosine_cost(source_key, anchor_key).astype(jnp.float32)) / tau, -1e9)
+    gap = jnp.abs(relative_time(sm)[..., :, None] - relative_time(am)[..., None, :])
+    target = jax.nn.softmax(jnp.where(valid, -gap / sigma, -1e9), axis=-1)
+    cross_entropy = -jnp.sum(jnp.where(valid, target * jax.nn.log_softmax(logits, axis=-1), 0.0), axis=-1)
+    rows = (sm & jnp.any(am, axis=-1, keepdims=True)).astype(jnp.float32)
+    return jnp.sum(cross_entropy * rows, axis=-1) / jnp.maximum(jnp.sum(rows, axis=-1), 1.0)
 
 
 def segment_mean_resample(source, target_length: int, source_mask=None, target_mask=None):

@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from alignmamba_jax.align import cosine_cost, masked_centre, mmd, ot_align, segment_mean_resample, sinkhorn
+from alignmamba_jax.align import (cosine_cost, masked_centre, mmd, ot_align, segment_mean_resample, sinkhorn,
+                                  time_contrastive_loss)
 
 # Tiny graphs: XLA's backend optimisations cost far more compile time than they save at run time.
 fast_jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
@@ -249,6 +250,74 @@ def test_ot_align_time_prior_matches_numpy_with_masks_and_holes(rng, time_prior)
         assert np.all(np.diff(targets) >= 0) and targets[0] == 0 and targets[-1] == ta - 1
 
 
+def time_contrastive_numpy(src, anc, sm, am, tau, sigma):
+    """The InfoNCE with time targets by loops: per valid source token, cross-entropy of softmax(-|dt| / sigma)
+    against softmax(cos / tau) over the valid anchor tokens; mean over valid source tokens, 0 if a side is empty."""
+    out = np.zeros(src.shape[0])
+    for n in range(src.shape[0]):
+        rows = [i for i in range(src.shape[1]) if sm[n, i]]
+        cols = [j for j in range(anc.shape[1]) if am[n, j]]
+        if not rows or not cols:
+            continue
+        losses = []
+        for r, i in enumerate(rows):
+            t_i = (r + 0.5) / len(rows)
+            cos = np.array([src[n, i] @ anc[n, j] / (np.linalg.norm(src[n, i]) * np.linalg.norm(anc[n, j]))
+                            for j in cols])
+            gap = np.array([abs(t_i - (c + 0.5) / len(cols)) for c in range(len(cols))])
+            target = np.exp(-gap / sigma) / np.exp(-gap / sigma).sum()
+            log_p = cos / tau - np.log(np.exp(cos / tau).sum())
+            losses.append(-(target * log_p).sum())
+        out[n] = np.mean(losses)
+    return out
+
+
+@pytest.mark.parametrize("centred", [False, True])
+def test_time_contrastive_loss_matches_loop_reference_with_masks(rng, centred):
+    b, ts, ta, d = 4, 7, 5, 3
+    src = rng.normal(size=(b, ts, d)).astype(np.float32) + 0.5
+    anc = rng.normal(size=(b, ta, d)).astype(np.float32) - 0.5
+    sm = right_padded_mask([7, 4, 0, 6], ts)
+    am = right_padded_mask([5, 3, 5, 0], ta)
+    loss = fast_jit(functools.partial(time_contrastive_loss, tau=0.3, sigma=0.2, centred=centred))(src, anc, sm, am)
+    ref_src, ref_anc = (np.asarray(masked_centre(src, sm)), np.asarray(masked_centre(anc, am))) if centred \
+        else (src, anc)
+    np.testing.assert_allclose(loss, time_contrastive_numpy(ref_src, ref_anc, sm, am, 0.3, 0.2), rtol=1e-5,
+                               atol=1e-6)
+    assert loss[2] == 0.0 and loss[3] == 0.0        # an empty side contributes nothing
+    grads = jax.grad(lambda s, a: jnp.sum(time_contrastive_loss(s, a, sm, am)), argnums=(0, 1))(src, anc)
+    assert all(np.all(np.isfinite(g)) for g in grads)
+    assert np.all(np.asarray(grads[0])[~sm] == 0.0)  # padded tokens receive no gradient
+
+
+def test_time_contrastive_loss_is_lower_for_keys_that_match_the_time_order(rng):
+    """Keys that encode each token's own relative time fit the targets better than shuffled keys, and gradient
+    descent on random keys raises the cosine of time-matched pairs above that of mismatched ones."""
+    ts, ta = 12, 6
+    t_s, t_a = (np.arange(ts) + 0.5) / ts, (np.arange(ta) + 0.5) / ta
+    embed = lambda t: np.stack([np.cos(np.pi * t), np.sin(np.pi * t)], -1)[None].astype(np.float32)
+    matched = time_contrastive_loss(embed(t_s), embed(t_a), tau=0.1, sigma=0.1)
+    shuffled = time_contrastive_loss(embed(rng.permutation(t_s)), embed(t_a), tau=0.1, sigma=0.1)
+    assert float(matched[0]) < float(shuffled[0])
+    src = jnp.asarray(rng.normal(size=(1, ts, 4)), jnp.float32)
+    anc = jnp.asarray(rng.normal(size=(1, ta, 4)), jnp.float32)
+    grad = jax.jit(jax.grad(lambda s, a: jnp.sum(time_contrastive_loss(s, a, tau=0.2, sigma=0.05)), (0, 1)))
+    for _ in range(200):
+        gs, ga = grad(src, anc)
+        src, anc = src - 0.5 * gs, anc - 0.5 * ga
+    nearest = np.abs(t_s[:, None] - t_a[None, :]).argmin(-1)
+    cos = 1.0 - np.asarray(cosine_cost(src, anc))[0]
+    assert np.all(cos.argmax(-1) == nearest)
+
+
+def test_time_contrastive_loss_rejects_bad_arguments(rng):
+    x = rng.normal(size=(2, 5, 3)).astype(np.float32)
+    with pytest.raises(ValueError, match="tau and sigma"):
+        time_contrastive_loss(x, x, tau=0.0)
+    with pytest.raises(ValueError, match="source_mask"):
+        time_contrastive_loss(x, x, np.ones((2, 4), bool))
+
+
 def test_segment_mean_resample_matches_adaptive_average_pooling(rng):
     b, ts, tt, d = 3, 7, 5, 2
     src = rng.normal(size=(b, ts, d)).astype(np.float32)
@@ -337,7 +406,7 @@ def test_plot_ot_plan_writes_a_png_cropped_to_valid_tokens(tmp_path, rng):
     sm, am = right_padded_mask([5], 6), right_padded_mask([3], 4)
     _, plan = ot_align(src, anc, sm, am)
     path = plot_ot_plan(plan[0], str(tmp_path / "plan.png"), source_mask=sm[0], anchor_mask=am[0],
-                        anchor_tokens=["a", "b", "c"])
+                        anchor_tokens=["a", "b", "c"], reference=[0, 1, -1, 2, 2, -1])
     with open(path, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="plan must be"):
