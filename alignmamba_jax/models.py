@@ -22,7 +22,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from alignmamba_jax.align import cosine_cost, masked_centre, mmd, ot_align, segment_mean_resample, sinkhorn
+from alignmamba_jax.align import (cosine_cost, masked_centre, mmd, ot_align, segment_mean_resample, sinkhorn,
+                                  time_contrastive_loss)
 from alignmamba_jax.modules import MambaStack, ModalityAwareMambaLayer
 
 MODEL_NAMES = ("alignmamba", "alignmamba2", "transformer_single", "transformer_multi")
@@ -70,6 +71,12 @@ def default_model_config() -> ml_collections.ConfigDict:
                                      # to align_loss, training only: a direct, balanced correspondence signal
     c.ot_time_prior = 0.0            # > 0: add ot_time_prior * |relative time of frame - of token| to the cost
                                      # (a temporal prior the content cost refines); 0: cosine cost only (paper)
+    c.ot_contrastive = 0.0           # > 0: add ot_contrastive * time_contrastive_loss of the OT cost's features
+                                     # (matching keys if ot_match_dim, else projected tokens; centred if ot_centred)
+                                     # to align_loss, training only: InfoNCE with relative-time soft targets, the
+                                     # signal that teaches the cost which token matches which; 0: off (paper)
+    c.ot_contrastive_tau = 0.5       # its cosine temperature
+    c.ot_contrastive_sigma = 0.1     # its target width in relative time (fraction of the sequence)
     c.ot_barycentric = False         # True: aligned token = mean of its assigned frames, not M^T X (1/T_s-scaled)
     c.mmd_on = "aligned"             # MMD of each source vs the anchor on: "aligned" tokens (paper), "projected"
                                      # source tokens (before alignment), or "both" (sum of the two)
@@ -114,6 +121,9 @@ class ModelSpec:
     ot_time_prior: float
     ot_match_dim: int
     ot_sinkhorn_loss: bool
+    ot_contrastive: float
+    ot_contrastive_tau: float
+    ot_contrastive_sigma: float
     mmd_on: str
     return_plans: bool
     moe_num_shared_experts: int
@@ -146,6 +156,9 @@ def create_model(cfg, modalities: Sequence[str], anchor: str, input_dims: Dict[s
         raise ValueError(f"cfg.mmd_on must be one of {MMD_ON}, found {cfg.mmd_on!r}")
     if cfg.ot_straight_through_tau < 0:
         raise ValueError(f"cfg.ot_straight_through_tau must be >= 0 (0 = off), found {cfg.ot_straight_through_tau}")
+    if cfg.ot_contrastive < 0 or not (cfg.ot_contrastive_tau > 0 and cfg.ot_contrastive_sigma > 0):
+        raise ValueError(f"cfg.ot_contrastive must be >= 0 (0 = off) and ot_contrastive_tau / ot_contrastive_sigma "
+                         f"> 0, found {cfg.ot_contrastive}, {cfg.ot_contrastive_tau}, {cfg.ot_contrastive_sigma}")
     if cfg.dtype not in DTYPES:
         raise ValueError(f"cfg.dtype must be one of {tuple(DTYPES)}, found {cfg.dtype!r}")
     if task not in TASKS:
@@ -179,7 +192,9 @@ def create_model(cfg, modalities: Sequence[str], anchor: str, input_dims: Dict[s
         ot_centred=bool(cfg.ot_centred), ot_straight_through_tau=float(cfg.ot_straight_through_tau),
         ot_barycentric=bool(cfg.ot_barycentric), ot_time_prior=float(cfg.ot_time_prior),
         ot_match_dim=int(cfg.ot_match_dim),
-        ot_sinkhorn_loss=bool(cfg.ot_sinkhorn_loss), mmd_on=cfg.mmd_on,
+        ot_sinkhorn_loss=bool(cfg.ot_sinkhorn_loss), ot_contrastive=float(cfg.ot_contrastive),
+        ot_contrastive_tau=float(cfg.ot_contrastive_tau), ot_contrastive_sigma=float(cfg.ot_contrastive_sigma),
+        mmd_on=cfg.mmd_on,
         return_plans=cfg.return_plans, moe_num_shared_experts=cfg.moe_num_shared_experts,
         moe_hidden_mult=cfg.moe_hidden_mult, sinkhorn_epsilon=cfg.sinkhorn_epsilon,
         sinkhorn_iters=cfg.sinkhorn_iters, n_heads=cfg.n_heads, mlp_mult=cfg.mlp_mult)
@@ -275,6 +290,8 @@ class AlignMamba(nn.Module):
     Local alignment uses ot_align with spec.ot_centred / ot_straight_through_tau (training only: the forward
     values are the hard plan's either way) / ot_barycentric / ot_match_dim (the cost on learned matching
     projections) / ot_time_prior (a relative-time term in the cost); all five off is the paper's rule exactly.
+    Training-only losses on the cost's features, added to align_loss: ot_sinkhorn_loss (entropic OT distance)
+    and ot_contrastive (weight of `time_contrastive_loss`, the one that teaches the cost to match by content).
     """
     spec: ModelSpec
 
@@ -284,7 +301,7 @@ class AlignMamba(nn.Module):
         masks = check_inputs(spec, features, masks)
         x = Projections(spec, name="projections")(features, train)
         anchor, am = x[spec.anchor], masks[spec.anchor]
-        aux, plans, mmd_terms, ot_terms = {}, {}, [], []
+        aux, plans, mmd_terms, ot_terms, contrastive_terms = {}, {}, [], [], []
         keys = {m: None for m in spec.modalities}
         if spec.fusion == "interleave" and spec.use_local_alignment and spec.ot_match_dim > 0:
             keys = {m: nn.Dense(spec.ot_match_dim, name=f"match_{m}")(features[m].astype(jnp.float32))
@@ -309,15 +326,21 @@ class AlignMamba(nn.Module):
                     aligned, plan = segment_mean_resample(x[m], anchor.shape[1], masks[m], am)
                 aligned_mask = am & jnp.any(masks[m], axis=-1, keepdims=True)
                 plans[m] = plan
+                src_key = x[m] if keys[m] is None else keys[m]
+                anc_key = anchor if keys[spec.anchor] is None else keys[spec.anchor]
+                present = jnp.any(masks[m], -1) & jnp.any(am, -1)
                 if spec.use_local_alignment and spec.ot_sinkhorn_loss and train:
-                    src_key = x[m] if keys[m] is None else keys[m]
-                    anc_key = anchor if keys[spec.anchor] is None else keys[spec.anchor]
-                    if spec.ot_centred:
-                        src_key, anc_key = masked_centre(src_key, masks[m]), masked_centre(anc_key, am)
-                    _, dist = sinkhorn(cosine_cost(src_key, anc_key), masks[m], am,
+                    pair = ((masked_centre(src_key, masks[m]), masked_centre(anc_key, am)) if spec.ot_centred
+                            else (src_key, anc_key))
+                    _, dist = sinkhorn(cosine_cost(*pair), masks[m], am,
                                        epsilon=spec.sinkhorn_epsilon, num_iters=spec.sinkhorn_iters)
-                    aux[f"ot/{m}"] = _batch_mean(dist, jnp.any(masks[m], -1) & jnp.any(am, -1))
+                    aux[f"ot/{m}"] = _batch_mean(dist, present)
                     ot_terms.append(aux[f"ot/{m}"])
+                if spec.use_local_alignment and spec.ot_contrastive > 0 and train:
+                    nce = time_contrastive_loss(src_key, anc_key, masks[m], am, tau=spec.ot_contrastive_tau,
+                                                sigma=spec.ot_contrastive_sigma, centred=spec.ot_centred)
+                    aux[f"contrastive/{m}"] = _batch_mean(nce, present)
+                    contrastive_terms.append(aux[f"contrastive/{m}"])
                 if spec.use_global_alignment and spec.mmd_on in ("aligned", "both"):
                     add_mmd(m, aligned, aligned_mask)
                 if spec.use_global_alignment and spec.mmd_on in ("projected", "both"):
@@ -343,7 +366,10 @@ class AlignMamba(nn.Module):
         aux["mmd"] = jnp.asarray(sum(mmd_terms) if mmd_terms else 0.0, jnp.float32)
         if ot_terms:
             aux["ot"] = jnp.asarray(sum(ot_terms), jnp.float32)
-        align_loss = sum(mmd_terms + ot_terms) if mmd_terms + ot_terms else jnp.float32(0.0)
+        if contrastive_terms:
+            aux["contrastive"] = jnp.asarray(sum(contrastive_terms), jnp.float32)
+        align_loss = sum(mmd_terms + ot_terms + [spec.ot_contrastive * c for c in contrastive_terms])
+        align_loss = align_loss if mmd_terms + ot_terms + contrastive_terms else jnp.float32(0.0)
         out = {"prediction": Head(spec, name="head")(pooled, train),
                "align_loss": jnp.asarray(align_loss, jnp.float32), "aux": aux}
         if spec.return_plans:

@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from alignmamba_jax.align import cosine_cost, mmd, ot_align, segment_mean_resample, sinkhorn
+from alignmamba_jax.align import cosine_cost, mmd, ot_align, segment_mean_resample, sinkhorn, time_contrastive_loss
 from alignmamba_jax.models import create_model, default_model_config, interleave_time_major, masked_pool
 
 # Tiny graphs: XLA's backend optimisations cost far more compile time than they save at run time.
@@ -63,7 +63,8 @@ VARIANTS = {
     "full": {},
     "wo_local": {"use_local_alignment": False},
     "all_local_options": {"ot_centred": True, "ot_straight_through_tau": 0.1, "ot_barycentric": True,
-                          "ot_match_dim": 3, "ot_sinkhorn_loss": True, "ot_time_prior": 0.5, "mmd_on": "both"},
+                          "ot_match_dim": 3, "ot_sinkhorn_loss": True, "ot_time_prior": 0.5, "mmd_on": "both",
+                          "ot_contrastive": 0.7},
     "wo_global": {"use_global_alignment": False},
     "single_stream": {"fusion": "single_stream"},
     "multi_stream": {"fusion": "multi_stream"},
@@ -92,11 +93,12 @@ def test_every_variant_forward_backward_under_jit_with_missing_modalities(varian
 
 
 PAPER_EXACT = {"ot_centred": False, "ot_straight_through_tau": 0.0, "ot_match_dim": 0, "ot_sinkhorn_loss": False,
-               "ot_barycentric": False, "ot_time_prior": 0.0, "mmd_on": "aligned"}
+               "ot_barycentric": False, "ot_time_prior": 0.0, "mmd_on": "aligned", "ot_contrastive": 0.0}
 
 
 ALL_OPTIONS = {"ot_centred": True, "ot_straight_through_tau": 0.1, "ot_barycentric": True, "ot_match_dim": 3,
-               "ot_sinkhorn_loss": True, "ot_time_prior": 0.5, "mmd_on": "both"}
+               "ot_sinkhorn_loss": True, "ot_time_prior": 0.5, "mmd_on": "both", "ot_contrastive": 0.7,
+               "ot_contrastive_tau": 0.3, "ot_contrastive_sigma": 0.2}
 
 
 @pytest.mark.parametrize("options", [{}, ALL_OPTIONS], ids=["defaults_paper_exact", "all_options"])
@@ -140,6 +142,10 @@ def test_full_model_wiring_matches_pure_functions(options):
             _, dist = sinkhorn(cosine_cost(*centred), masks[m], masks["text"], epsilon=cfg.sinkhorn_epsilon,
                                num_iters=cfg.sinkhorn_iters)
             expected_ot += np.asarray(dist)[present].mean()
+        if cfg.ot_contrastive:
+            nce = time_contrastive_loss(keys[m], keys["text"], masks[m], masks["text"], tau=cfg.ot_contrastive_tau,
+                                        sigma=cfg.ot_contrastive_sigma, centred=cfg.ot_centred)
+            expected_ot += cfg.ot_contrastive * np.asarray(nce)[present].mean()
     np.testing.assert_allclose(out["align_loss"], expected_loss, rtol=1e-4)
     np.testing.assert_allclose(out_train["align_loss"], expected_loss + expected_ot, rtol=1e-4)
 
@@ -208,6 +214,8 @@ def test_bad_inputs_raise_clear_errors():
         create_model(tiny_config(mmd_on="tokens"), MODS, "text", DIMS)
     with pytest.raises(ValueError, match="ot_straight_through_tau"):
         create_model(tiny_config(ot_straight_through_tau=-1.0), MODS, "text", DIMS)
+    with pytest.raises(ValueError, match="ot_contrastive"):
+        create_model(tiny_config(ot_contrastive_tau=0.0), MODS, "text", DIMS)
 
 
 def test_two_modalities_and_loss_decreases_when_overfitting_a_tiny_batch():
