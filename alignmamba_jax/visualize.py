@@ -9,11 +9,12 @@ import numpy as np
 
 def plot_ot_plan(plan, path: str, *, source_name: str = "audio", anchor_name: str = "language",
                  source_mask=None, anchor_mask=None, anchor_tokens: Optional[Sequence[str]] = None,
-                 title: Optional[str] = None, dpi: int = 150) -> str:
+                 reference=None, title: Optional[str] = None, dpi: int = 150) -> str:
     """Write the transport plan `plan` (T_source, T_anchor) of one sample to a PNG at `path`; return `path`.
 
     Rows are source time steps, columns anchor tokens (labelled with `anchor_tokens` if given); masked
-    rows/columns are cropped away (right padding assumed). Darker = more mass.
+    rows/columns are cropped away (right padding assumed). Darker = more mass. `reference` (T_source,) ints, if
+    given: the true anchor index of each source step (negative = none), drawn as red dots over the plan.
     """
     import matplotlib
     matplotlib.use("Agg")
@@ -28,9 +29,14 @@ def plot_ot_plan(plan, path: str, *, source_name: str = "audio", anchor_name: st
     if anchor_tokens is not None and len(anchor_tokens) < n_anc:
         raise ValueError(f"anchor_tokens has {len(anchor_tokens)} labels for {n_anc} valid anchor tokens")
 
-    fig, ax = plt.subplots(figsize=(max(3.0, 0.3 * n_anc + 1.5), max(3.0, 0.15 * n_src + 1.5)))
+    fig, ax = plt.subplots(figsize=(max(3.0, 0.3 * n_anc + 1.5), min(14.0, max(3.0, 0.15 * n_src + 1.5))))
     image = ax.imshow(plan, aspect="auto", cmap="Blues", interpolation="nearest",
                       vmin=0.0, vmax=float(plan.max()) if plan.size and plan.max() > 0 else 1.0)
+    if reference is not None:
+        reference = np.asarray(reference)[:n_src]
+        rows = np.flatnonzero(reference >= 0)
+        ax.scatter(reference[rows], rows, s=2, c="red", marker="o", linewidths=0, label="true match")
+        ax.legend(loc="upper right", fontsize=7)
     ax.set_xlabel(f"{anchor_name} tokens")
     ax.set_ylabel(f"{source_name} time steps")
     if anchor_tokens is not None:

@@ -56,21 +56,6 @@ def hub_share(plans, masks):
     return float(np.mean(shares))
 
 
-def centered_argmin_plans(params, feats, masks, source):
-    """Diagnostic: the relaxed-OT argmin plan on the trained projections after subtracting each sequence's
-    mean over its valid tokens (a candidate fix for hub collapse: a shared offset dominates raw cosines)."""
-    def project(m):
-        p = params["projections"][f"proj_{m}"]
-        x = np.asarray(feats[m], np.float32) @ np.asarray(p["kernel"]) + np.asarray(p["bias"])
-        w = masks[m][..., None].astype(np.float32)
-        x = x - (x * w).sum(1, keepdims=True) / np.maximum(w.sum(1, keepdims=True), 1.0)
-        return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-6)
-    xs, xl = project(source), project("text")
-    cos = np.einsum("bid,bjd->bij", xs, xl)
-    cos = np.where(masks["text"][:, None, :], cos, -np.inf)
-    return np.eye(xl.shape[1], dtype=np.float32)[np.argmax(cos, -1)] * masks[source][..., None]
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", required=True, help="a finished run of configs/synthetic.py (full variant)")
@@ -118,15 +103,11 @@ def main(argv=None):
             "trained OT": alignment_accuracy(trained[m], truth, mask),
             "initial OT": alignment_accuracy(initial[m], truth, mask),
             "segment-mean (w/o local)": alignment_accuracy(seg_plan, truth, mask),
-            "trained OT, centered features (diagnostic)": alignment_accuracy(
-                centered_argmin_plans(params, feats, masks, m), truth, mask),
             "chance": float(np.mean(1.0 / masks["text"].sum(-1))),
         }
         report["hub_share"][m] = {
             "trained OT": hub_share(trained[m], mask), "initial OT": hub_share(initial[m], mask),
             "segment-mean (w/o local)": hub_share(seg_plan, mask),
-            "trained OT, centered features (diagnostic)": hub_share(
-                centered_argmin_plans(params, feats, masks, m), mask),
         }
     for m, acc in report["accuracy"].items():
         print(f"{m:7s} -> language, share of in-word frames mapped to their word: "
@@ -141,6 +122,7 @@ def main(argv=None):
     labels = ["[CLS]"] + [f"w{int(t)}" for t in ids[1:n_text - 1]] + ["[SEP]"]
     plot_ot_plan(trained["audio"][i], args.png, source_name="audio", anchor_name="language",
                  source_mask=masks["audio"][i], anchor_mask=masks["text"][i], anchor_tokens=labels,
+                 reference=np.where(test["audio_word"][i] >= 1, test["audio_word"][i], -1),
                  title=f"OT plan, test sample {i} (oracle match "
                        f"{report['accuracy']['audio']['trained OT']:.0%} over {n} samples)")
     print(f"wrote {args.png}")

@@ -44,7 +44,10 @@ def load_config(config_file="configs/synthetic.py", variant=None):
 
 
 def parse_value(text):
-    """Command-line override value: JSON if it parses (numbers, bools, lists), else the plain string."""
+    """Command-line override value: JSON if it parses (numbers, bools, lists), Python's True / False / None, else
+    the plain string."""
+    if text in ("True", "False", "None"):
+        return {"True": True, "False": False, "None": None}[text]
     try:
         value = json.loads(text)
     except json.JSONDecodeError:
