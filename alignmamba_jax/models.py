@@ -29,6 +29,9 @@ from alignmamba_jax.modules import MambaStack, ModalityAwareMambaLayer
 MODEL_NAMES = ("alignmamba", "alignmamba2", "transformer_single", "transformer_multi")
 FUSIONS = ("interleave", "single_stream", "multi_stream")
 POOLINGS = ("mean", "last")
+# Our local/global-alignment options (see default_model_config); their defaults are the paper's rule.
+ALIGNMENT_OPTIONS = ("ot_centred", "ot_straight_through_tau", "ot_match_dim", "ot_sinkhorn_loss", "ot_contrastive",
+                     "ot_time_prior", "ot_barycentric", "mmd_on")
 MMD_ON = ("aligned", "projected", "both")
 TASKS = ("regression", "classification")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -56,9 +59,10 @@ def default_model_config() -> ml_collections.ConfigDict:
     # (kernel ~ 0 between sets, no gradient) once the projected tokens spread beyond unit distance.
     c.mmd_sigma = (1.0, 2.0, 4.0, 8.0, 16.0)
     # Local-alignment options (ours). The inference plan is the paper's hard argmin plan whatever they are; the
-    # defaults are the paper exactly. On the synthetic default (300 steps, seed 0) no combination measurably
-    # beat the paper rule or "w/o local" (test Corr 0.496-0.508 vs 0.498 paper, 0.514 w/o local), and the
-    # learned plans stayed near chance against the oracle word spans; see alignmamba_jax/align.py:ot_align.
+    # defaults are the paper exactly. With the paper's cost the argmin gets no gradient and, on the synthetic
+    # default, the plan stays at chance against the true word spans; what fixed it there (configs/synthetic.py)
+    # is a learned matching cost trained by ot_contrastive, centred, plus ot_time_prior. The other options
+    # (straight-through, Sinkhorn loss, barycentric, mmd_on) did not help there; see benchmarks/RESULTS.md.
     c.ot_centred = False             # True: cost on per-sequence mask-aware mean-centred features (against the
                                      # shared-offset "hub collapse" of un-centred cosines)
     c.ot_straight_through_tau = 0.0  # > 0: training gradient through softmax(-cost / tau) (straight-through,
@@ -75,7 +79,7 @@ def default_model_config() -> ml_collections.ConfigDict:
                                      # (matching keys if ot_match_dim, else projected tokens; centred if ot_centred)
                                      # to align_loss, training only: InfoNCE with relative-time soft targets, the
                                      # signal that teaches the cost which token matches which; 0: off (paper)
-    c.ot_contrastive_tau = 0.5       # its cosine temperature
+    c.ot_contrastive_tau = 1.0       # its cosine temperature
     c.ot_contrastive_sigma = 0.1     # its target width in relative time (fraction of the sequence)
     c.ot_barycentric = False         # True: aligned token = mean of its assigned frames, not M^T X (1/T_s-scaled)
     c.mmd_on = "aligned"             # MMD of each source vs the anchor on: "aligned" tokens (paper), "projected"

@@ -105,6 +105,8 @@ MODEL_VARIANTS = {
     "wo_audio": {"drop_modalities": ("audio",)},
     "wo_video": {"drop_modalities": ("vision",)},
     "wo_language": {"drop_modalities": ("text",)},
+    # the config's model with every alignment option of ours reset to the paper's rule
+    "paper_ot": {k: models.default_model_config()[k] for k in models.ALIGNMENT_OPTIONS},
 }
 
 
