@@ -136,7 +136,7 @@ def ot_align(source, anchor, source_mask=None, anchor_mask=None, *, centred: boo
     return aligned.astype(source.dtype), plan
 
 
-def time_contrastive_loss(source_key, anchor_key, source_mask=None, anchor_mask=None, *, tau: float = 0.5,
+def time_contrastive_loss(source_key, anchor_key, source_mask=None, anchor_mask=None, *, tau: float = 1.0,
                           sigma: float = 0.1, centred: bool = False):
     """Temporal contrastive matching (InfoNCE with time-based soft targets); ours, not in the papers.
 
