@@ -60,6 +60,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", required=True, help="a finished run of configs/synthetic.py (full variant)")
     p.add_argument("--config", default="configs/synthetic.py")
+    p.add_argument("--variant", default="full", help="the config variant the run used, e.g. paper_ot")
     p.add_argument("--preset", choices=sorted(study.PRESETS), default="small", help="as the run used")
     p.add_argument("--steps", type=int, default=None, help="train.steps the run used (only for its config)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="as the run used")
@@ -79,7 +80,7 @@ def main(argv=None):
     overrides.update(study.parse_overrides(args.set))
     if args.steps is not None:
         overrides["train.steps"] = args.steps
-    config = study.make_config(args.config, "full", overrides, 0)
+    config = study.make_config(args.config, args.variant, overrides, 0)
     config.model.return_plans = True
     splits = synthetic.generate_sentiment(config.data.synthetic)
     test = splits["test"]
