@@ -2,22 +2,75 @@
 single-step `selective_state_update` for decoding.
 
 Backends (all share the signature of `selective_scan_reference`):
-  reference    plain `lax.scan`, the ground truth                                   (reference.py)
-  associative  `lax.associative_scan`, the baseline; materialises (batch, length, channels, state)
-  chunked      sequential chunks + hand-written VJP keeping chunk-boundary states  (chunked.py)
-  pallas       Pallas kernel: GPU (Triton) on GPU, Mosaic on TPU, GPU kernel in interpret mode on CPU
-  pallas_tpu   the Mosaic kernel explicitly (TPU interpret mode off TPU)             (pallas_tpu.py)
-  auto         cpu -> chunked, gpu -> pallas, tpu -> pallas (Mosaic)
+  reference      plain `lax.scan`, the ground truth                                  (reference.py)
+  associative    `lax.associative_scan`, the baseline; materialises (batch, length, channels, state)
+  chunked        sequential chunks + hand-written VJP keeping chunk-boundary states (chunked.py)
+  pallas_triton  Pallas GPU kernel on Pallas's Triton backend (deprecated by JAX 0.11) (pallas_triton.py)
+  pallas_tpu     Pallas TPU kernel (Mosaic)                                           (pallas_tpu.py)
+  pallas         the platform's Pallas kernel: pallas_tpu on TPU, the GPU kernel elsewhere
+  auto           cpu -> chunked, gpu -> pallas, tpu -> pallas
+Off their platform the Pallas kernels run in interpret mode (slow; for tests). The Pallas backends import their
+Pallas dialect only when asked for, so a JAX without one (e.g. without Triton) still serves every other backend.
+`tuned_backend(name, **tunables)` builds a Pallas backend with non-default tunables (block and chunk sizes) for
+sweeps; `TUNABLE_BACKENDS` lists them.
 """
+import functools
+import importlib
+
 import jax
 import jax.numpy as jnp
 
 from alignmamba_jax.kernels.associative import selective_scan_associative
 from alignmamba_jax.kernels.chunked import selective_scan_chunked
+from alignmamba_jax.kernels.common import make_backend
 from alignmamba_jax.kernels.reference import selective_scan_reference
 from alignmamba_jax.kernels.validation import BACKENDS, validate_scan_inputs, validate_step_inputs
 
 _AUTO = {"cpu": "chunked", "gpu": "pallas", "cuda": "pallas", "rocm": "pallas", "tpu": "pallas"}
+# Pallas backend -> (module, core); each module also defines TUNABLES, the defaults of its core's keywords.
+_PALLAS = {"pallas_triton": ("pallas_triton", "pallas_triton_core"),
+           "pallas_tpu": ("pallas_tpu", "pallas_tpu_core")}
+TUNABLE_BACKENDS = tuple(_PALLAS)
+_MISSING_DIALECT = {
+    "pallas_triton": "JAX 0.11 deprecated Pallas's Triton backend and later versions remove it; on GPUs use "
+                     "backend='pallas' (the platform's Pallas kernel), or 'chunked' / 'associative' anywhere",
+    "pallas_tpu": "use backend 'chunked' or 'associative'",
+}
+
+
+def _pallas_module(name):
+    module, _ = _PALLAS[name]
+    try:
+        return importlib.import_module(f"alignmamba_jax.kernels.{module}")
+    except ImportError as error:
+        raise RuntimeError(f"backend={name!r} is unavailable with jax {jax.__version__}: its Pallas dialect does "
+                           f"not import ({error}). {_MISSING_DIALECT[name]}.") from error
+
+
+def tunables(name):
+    """The tunable keyword arguments of Pallas backend `name` with their defaults, e.g. {"chunk": 64, ...}."""
+    if name not in _PALLAS:
+        raise ValueError(f"backend: expected one of {TUNABLE_BACKENDS} (the tunable Pallas backends), "
+                         f"found {name!r}")
+    return dict(_pallas_module(name).TUNABLES)
+
+
+@functools.lru_cache(maxsize=None)
+def _tuned(name, items):
+    module = _pallas_module(name)
+    core = getattr(module, _PALLAS[name][1])
+    return make_backend(functools.partial(core, **dict(items)) if items else core, name)
+
+
+def tuned_backend(name, **settings):
+    """Pallas backend `name` with some tunables changed; same signature as `selective_scan_reference`.
+
+    Inputs are not validated (call `selective_scan` for that); meant for benchmarks that sweep block sizes.
+    """
+    unknown = sorted(set(settings) - set(tunables(name)))
+    if unknown:
+        raise ValueError(f"{name}: unknown tunables {unknown}; expected some of {sorted(tunables(name))}")
+    return _tuned(name, tuple(sorted(settings.items())))
 
 
 def _implementation(backend):
@@ -25,13 +78,9 @@ def _implementation(backend):
     if backend == "auto":
         backend = _AUTO.get(platform, "chunked")
     if backend == "pallas":
-        backend = "pallas_tpu" if platform == "tpu" else "pallas_gpu"
-    if backend == "pallas_gpu":
-        from alignmamba_jax.kernels.pallas_gpu import selective_scan_pallas_gpu
-        return selective_scan_pallas_gpu
-    if backend == "pallas_tpu":
-        from alignmamba_jax.kernels.pallas_tpu import selective_scan_pallas_tpu
-        return selective_scan_pallas_tpu
+        backend = "pallas_tpu" if platform == "tpu" else "pallas_triton"
+    if backend in _PALLAS:
+        return _tuned(backend, ())
     return {"reference": selective_scan_reference, "associative": selective_scan_associative,
             "chunked": selective_scan_chunked}[backend]
 
@@ -71,4 +120,5 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
     return y.astype(x.dtype), new_state
 
 
-__all__ = ["BACKENDS", "selective_scan", "selective_scan_reference", "selective_state_update"]
+__all__ = ["BACKENDS", "TUNABLE_BACKENDS", "selective_scan", "selective_scan_reference", "selective_state_update",
+           "tunables", "tuned_backend"]

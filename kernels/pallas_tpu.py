@@ -20,9 +20,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from alignmamba_jax.kernels.common import make_backend
 
-CHUNK = 128
+# Defaults of the core's keyword arguments, so that a device run can sweep them (`kernels.tuned_backend`).
+TUNABLES = {"chunk": 128}
 LANES = 128
 
 
@@ -166,7 +166,7 @@ def _pallas_tpu_scan_bwd(chunk, block_c, interpret, res, cotangents):
 _pallas_tpu_scan.defvjp(_pallas_tpu_scan_fwd, _pallas_tpu_scan_bwd)
 
 
-def pallas_tpu_core(u, delta, A, B, C, h0, chunk=CHUNK, interpret=None):
+def pallas_tpu_core(u, delta, A, B, C, h0, *, chunk=TUNABLES["chunk"], interpret=None):
     """`chunk` must be a multiple of 128 on real TPUs (a lane-axis block of B and C); smaller in interpret mode."""
     if interpret is None:
         interpret = jax.default_backend() != "tpu"
@@ -182,5 +182,3 @@ def pallas_tpu_core(u, delta, A, B, C, h0, chunk=CHUNK, interpret=None):
     y, h_last_t = _pallas_tpu_scan(u, delta, At, Bt, Ct, h0t, chunk, block_c, interpret)
     return y[:, :length, :channels], jnp.swapaxes(h_last_t, 1, 2)[:, :channels]
 
-
-selective_scan_pallas_tpu = make_backend(pallas_tpu_core, "pallas_tpu")

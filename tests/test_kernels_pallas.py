@@ -1,10 +1,14 @@
-"""Tests of the Pallas backends in interpret mode (GPU/Triton kernel and TPU/Mosaic kernel), and of their
-lowering for real accelerators through `jax.export` from this CPU machine.
+"""Tests of the Pallas backends in interpret mode (GPU/Triton kernel and TPU/Mosaic kernel), of their lowering
+for real accelerators through `jax.export` from this CPU machine, and of the backend registry (tunables, a
+JAX without the Triton dialect).
 
 Interpret mode runs every grid step through the JAX interpreter, so shapes are tiny and chunk/block sizes are
 shrunk to exercise several chunks, several channel blocks and padding of length, channels and state.
 """
 import functools
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -12,19 +16,20 @@ import numpy as np
 import pytest
 from jax import export
 
-from alignmamba_jax.kernels import selective_scan, selective_scan_reference
+import alignmamba_jax.kernels as kernels
+from alignmamba_jax.kernels import selective_scan, selective_scan_reference, tuned_backend
 from alignmamba_jax.kernels.common import make_backend
-from alignmamba_jax.kernels.pallas_gpu import pallas_gpu_core
 from alignmamba_jax.kernels.pallas_tpu import pallas_tpu_core
+from alignmamba_jax.kernels.pallas_triton import pallas_triton_core
 from alignmamba_jax.kernels.testing import OPTION_SETS, assert_close_tree, grads_of_all_inputs, make_inputs
 
 BACKENDS = {
-    "pallas_gpu_small_blocks": make_backend(functools.partial(pallas_gpu_core, chunk=4, block_c=2), "pallas"),
+    "pallas_triton_small_blocks": tuned_backend("pallas_triton", chunk=4, block_c=2, unroll=2),
     "pallas": functools.partial(selective_scan, backend="pallas"),
-    "pallas_tpu_small_chunks": make_backend(functools.partial(pallas_tpu_core, chunk=8), "pallas_tpu"),
+    "pallas_tpu_small_chunks": tuned_backend("pallas_tpu", chunk=8),
     "pallas_tpu": functools.partial(selective_scan, backend="pallas_tpu"),
 }
-CASES = [("pallas_gpu_small_blocks", (1, 1, 1, 1), "all"), ("pallas_gpu_small_blocks", (2, 11, 5, 3), "all"),
+CASES = [("pallas_triton_small_blocks", (1, 1, 1, 1), "all"), ("pallas_triton_small_blocks", (2, 11, 5, 3), "all"),
          ("pallas", (2, 13, 3, 4), "mask"),
          ("pallas_tpu_small_chunks", (2, 19, 5, 3), "all"), ("pallas_tpu", (1, 1, 2, 2), "mask")]
 
@@ -51,7 +56,7 @@ def test_pallas_matches_reference_on_larger_shapes(backend, shape, options):
 
 
 def test_pallas_bfloat16_extremes_and_vmap():
-    fn = BACKENDS["pallas_gpu_small_blocks"]
+    fn = BACKENDS["pallas_triton_small_blocks"]
     args, kwargs = make_inputs(5, 2, 10, 3, 4, OPTION_SETS["all"].items(), dtype=jnp.bfloat16)
     y, h = fn(*args, return_final_state=True, **kwargs)
     assert y.dtype == jnp.bfloat16 and h.dtype == jnp.float32
@@ -95,8 +100,8 @@ def _export_for(platform, fn, disabled_target):
         pytest.skip(f"this jax/jaxlib cannot lower Pallas kernels for {platform} from a CPU machine: {err}")
 
 
-def test_pallas_gpu_kernels_lower_for_cuda_via_export():
-    fn = make_backend(functools.partial(pallas_gpu_core, interpret=False), "pallas")
+def test_pallas_triton_kernels_lower_for_cuda_via_export():
+    fn = make_backend(functools.partial(pallas_triton_core, interpret=False), "pallas_triton")
     forward, backward = _export_for("cuda", fn, "__gpu$xla.gpu.triton")
     assert "selective_scan_fwd" in forward and "xla.gpu.triton" in forward
     assert "selective_scan_fwd" in backward and "selective_scan_bwd" in backward
@@ -107,3 +112,35 @@ def test_pallas_tpu_kernels_lower_for_tpu_via_export():
     forward, backward = _export_for("tpu", fn, "tpu_custom_call")
     assert "selective_scan_fwd_tpu" in forward and "tpu_custom_call" in forward
     assert "selective_scan_fwd_tpu" in backward and "selective_scan_bwd_tpu" in backward
+
+
+def test_tuned_backend_rejects_unknown_backends_and_tunables():
+    assert kernels.tunables("pallas_triton") == {"chunk": 64, "block_c": 64, "num_warps": 4, "unroll": 1}
+    with pytest.raises(ValueError, match="unknown tunables \\['block'\\]"):
+        tuned_backend("pallas_triton", block=8)
+    with pytest.raises(ValueError, match="tunable Pallas backends"):
+        tuned_backend("chunked", chunk=8)
+
+
+_WITHOUT_TRITON = """
+import sys
+sys.modules["jax.experimental.pallas.triton"] = None      # a JAX whose Pallas has no Triton dialect
+import numpy as np
+from alignmamba_jax.kernels import selective_scan, selective_scan_reference
+from alignmamba_jax.kernels.testing import OPTION_SETS, make_inputs
+args, kwargs = make_inputs(1, 1, 5, 2, 3, OPTION_SETS["mask"].items())
+expected = selective_scan_reference(*args, **kwargs)
+for backend in ("reference", "associative", "chunked", "pallas_tpu", "auto"):
+    np.testing.assert_allclose(selective_scan(*args, backend=backend, **kwargs), expected, rtol=1e-4, atol=1e-4)
+try:
+    selective_scan(*args, backend="pallas_triton", **kwargs)
+except RuntimeError as error:
+    print(error)
+"""
+
+
+def test_a_jax_without_triton_serves_every_other_backend_and_explains_pallas_triton():
+    out = subprocess.run([sys.executable, "-c", _WITHOUT_TRITON], capture_output=True, text=True, check=True,
+                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert "backend='pallas_triton' is unavailable" in out.stdout
+    assert "deprecated Pallas's Triton backend" in out.stdout

@@ -1,4 +1,9 @@
-"""The `pallas` backend for GPUs: a Pallas (Triton) kernel, sequential in time, parallel over channel blocks.
+"""The `pallas_triton` backend: a Pallas kernel for Pallas's Triton GPU backend, sequential in time, parallel
+over channel blocks.
+
+JAX 0.11 deprecated Pallas's Triton backend (the Mosaic GPU kernel in `pallas_mosaic_gpu.py` is its successor);
+this module imports `jax.experimental.pallas.triton` at import time, so `alignmamba_jax.kernels` imports it
+only when the backend is asked for, and reports a clear error where JAX no longer has it.
 
 Grid (batch, channel blocks). Each program keeps its (block_c, state) slice of the state in registers and walks
 the sequence; every `chunk` steps it writes the state to HBM. Those boundary states, (batch, n_chunks,
@@ -13,17 +18,16 @@ the state size to a power of two (Triton's shapes); the padding lives outside th
 is dropped by autodiff. Off GPU the kernels run with `interpret=True` (slow; for tests only).
 """
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from alignmamba_jax.kernels.common import make_backend
 
-CHUNK = 64
-BLOCK_C = 64
-NUM_WARPS = 4
+# Defaults of the core's keyword arguments, so that a device run can sweep them (`kernels.tuned_backend`).
+TUNABLES = {"chunk": 64, "block_c": 64, "num_warps": 4, "unroll": 1}
 
 
 def _next_pow2(x):
@@ -36,7 +40,7 @@ def _step(A, d, u, b):
 
 
 def _forward_kernel(u_ref, d_ref, A_ref, B_ref, C_ref, h0_ref, y_ref, h_starts_ref, h_last_ref, *, chunk,
-                    n_chunks):
+                    n_chunks, unroll):
     A = A_ref[...]
 
     def chunk_body(k, h):
@@ -49,13 +53,14 @@ def _forward_kernel(u_ref, d_ref, A_ref, B_ref, C_ref, h0_ref, y_ref, h_starts_r
             y_ref[t] = jnp.sum(h * C_ref[t][None, :], axis=1)
             return h
 
-        return jax.lax.fori_loop(0, chunk, step, h)
+        return jax.lax.fori_loop(0, chunk, step, h, unroll=unroll)
 
     h_last_ref[...] = jax.lax.fori_loop(0, n_chunks, chunk_body, h0_ref[...])
 
 
 def _backward_kernel(u_ref, d_ref, A_ref, B_ref, C_ref, h_starts_ref, dy_ref, dh_last_ref,
-                     du_ref, dd_ref, dA_ref, dB_ref, dC_ref, dh0_ref, work_ref, *, chunk, n_chunks, interpret):
+                     du_ref, dd_ref, dA_ref, dB_ref, dC_ref, dh0_ref, work_ref, *, chunk, n_chunks, unroll,
+                     interpret):
     A = A_ref[...]
 
     def chunk_body(kk, carry):
@@ -69,7 +74,7 @@ def _backward_kernel(u_ref, d_ref, A_ref, B_ref, C_ref, h_starts_ref, dy_ref, dh
             work_ref[i] = h
             return h
 
-        jax.lax.fori_loop(0, chunk, recompute, h_start)
+        jax.lax.fori_loop(0, chunk, recompute, h_start, unroll=unroll)
         if not interpret:
             plgpu.debug_barrier()
 
@@ -91,7 +96,7 @@ def _backward_kernel(u_ref, d_ref, A_ref, B_ref, C_ref, h_starts_ref, dy_ref, dh
             dB_ref[t] = jnp.sum(g * (d * u)[:, None], axis=0)
             return g * a, dA
 
-        carry = jax.lax.fori_loop(0, chunk, adjoint_step, carry)
+        carry = jax.lax.fori_loop(0, chunk, adjoint_step, carry, unroll=unroll)
         if not interpret:
             plgpu.debug_barrier()
         return carry
@@ -112,42 +117,52 @@ def _specs(length, state, chunk, block_c):
     return seq_c, seq_n, mat, st, starts, per_block_n, work
 
 
-def _call(kernel, out_shape, in_specs, out_specs, grid, interpret, name):
+class _Config(NamedTuple):
+    """The static (hashable) settings of one kernel call: the tunables and whether to interpret."""
+    chunk: int
+    block_c: int
+    num_warps: int
+    unroll: int
+    interpret: bool
+
+
+def _call(kernel, out_shape, in_specs, out_specs, grid, cfg, name):
     return pl.pallas_call(kernel, out_shape=out_shape, grid=grid, in_specs=in_specs, out_specs=out_specs,
-                          interpret=interpret, name=name,
-                          compiler_params=plgpu.CompilerParams(num_warps=NUM_WARPS, num_stages=1))
+                          interpret=cfg.interpret, name=name,
+                          compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=1))
 
 
-def _forward(u, delta, A, B, C, h0, chunk, block_c, interpret):
+def _forward(u, delta, A, B, C, h0, cfg):
     batch, length, channels = u.shape
     state = A.shape[1]
-    n_chunks = length // chunk
-    seq_c, seq_n, mat, st, starts, _, _ = _specs(length, state, chunk, block_c)
+    n_chunks = length // cfg.chunk
+    seq_c, seq_n, mat, st, starts, _, _ = _specs(length, state, cfg.chunk, cfg.block_c)
     f32 = jnp.float32
     out_shape = (jax.ShapeDtypeStruct((batch, length, channels), f32),
                  jax.ShapeDtypeStruct((batch, n_chunks, channels, state), f32),
                  jax.ShapeDtypeStruct((batch, channels, state), f32))
-    kernel = functools.partial(_forward_kernel, chunk=chunk, n_chunks=n_chunks)
+    kernel = functools.partial(_forward_kernel, chunk=cfg.chunk, n_chunks=n_chunks, unroll=cfg.unroll)
     return _call(kernel, out_shape, [seq_c, seq_c, mat, seq_n, seq_n, st], (seq_c, starts, st),
-                 (batch, channels // block_c), interpret, "selective_scan_fwd")(u, delta, A, B, C, h0)
+                 (batch, channels // cfg.block_c), cfg, "selective_scan_fwd")(u, delta, A, B, C, h0)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
-def _pallas_scan(u, delta, A, B, C, h0, chunk, block_c, interpret):
-    y, _, h_last = _forward(u, delta, A, B, C, h0, chunk, block_c, interpret)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _pallas_scan(u, delta, A, B, C, h0, cfg):
+    y, _, h_last = _forward(u, delta, A, B, C, h0, cfg)
     return y, h_last
 
 
-def _pallas_scan_fwd(u, delta, A, B, C, h0, chunk, block_c, interpret):
-    y, h_starts, h_last = _forward(u, delta, A, B, C, h0, chunk, block_c, interpret)
+def _pallas_scan_fwd(u, delta, A, B, C, h0, cfg):
+    y, h_starts, h_last = _forward(u, delta, A, B, C, h0, cfg)
     return (y, h_last), (u, delta, A, B, C, h_starts)
 
 
-def _pallas_scan_bwd(chunk, block_c, interpret, res, cotangents):
+def _pallas_scan_bwd(cfg, res, cotangents):
     u, delta, A, B, C, h_starts = res
     dy, dh_last = cotangents
     batch, length, channels = u.shape
     state = A.shape[1]
+    chunk, block_c = cfg.chunk, cfg.block_c
     n_blocks = channels // block_c
     seq_c, seq_n, mat, st, starts, per_block_n, work = _specs(length, state, chunk, block_c)
     f32 = jnp.float32
@@ -158,10 +173,11 @@ def _pallas_scan_bwd(chunk, block_c, interpret, res, cotangents):
                  jax.ShapeDtypeStruct((batch, n_blocks, length, state), f32),
                  jax.ShapeDtypeStruct((batch, channels, state), f32),
                  jax.ShapeDtypeStruct((batch, n_blocks, chunk, block_c, state), f32))
-    kernel = functools.partial(_backward_kernel, chunk=chunk, n_chunks=length // chunk, interpret=interpret)
+    kernel = functools.partial(_backward_kernel, chunk=chunk, n_chunks=length // chunk, unroll=cfg.unroll,
+                               interpret=cfg.interpret)
     du, ddelta, dA, dB, dC, dh0, _ = _call(
         kernel, out_shape, [seq_c, seq_c, mat, seq_n, seq_n, starts, seq_c, st],
-        (seq_c, seq_c, st, per_block_n, per_block_n, st, work), (batch, n_blocks), interpret,
+        (seq_c, seq_c, st, per_block_n, per_block_n, st, work), (batch, n_blocks), cfg,
         "selective_scan_bwd")(u, delta, A, B, C, h_starts, dy, dh_last)
     return du, ddelta, dA.sum(0), dB.sum(1), dC.sum(1), dh0
 
@@ -169,7 +185,11 @@ def _pallas_scan_bwd(chunk, block_c, interpret, res, cotangents):
 _pallas_scan.defvjp(_pallas_scan_fwd, _pallas_scan_bwd)
 
 
-def pallas_gpu_core(u, delta, A, B, C, h0, chunk=CHUNK, block_c=BLOCK_C, interpret=None):
+def pallas_triton_core(u, delta, A, B, C, h0, *, chunk=TUNABLES["chunk"], block_c=TUNABLES["block_c"],
+                       num_warps=TUNABLES["num_warps"], unroll=TUNABLES["unroll"], interpret=None):
+    """The recurrence core (see `common.py`). chunk: time steps between saved boundary states (rounded down to
+    the length's next power of two); block_c: channels per program; num_warps: Triton warps per program;
+    unroll: unrolling of the time loops. interpret (default: off GPU) runs the kernels in Pallas interpret mode."""
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
     batch, length, channels = u.shape
@@ -184,8 +204,6 @@ def pallas_gpu_core(u, delta, A, B, C, h0, chunk=CHUNK, block_c=BLOCK_C, interpr
     B, C = (jnp.pad(x, ((0, 0), (0, pad_t), (0, pad_n))) for x in (B, C))
     A = jnp.pad(A, ((0, pad_c), (0, pad_n)))
     h0 = jnp.pad(h0, ((0, 0), (0, pad_c), (0, pad_n)))
-    y, h_last = _pallas_scan(u, delta, A, B, C, h0, chunk, block_c, interpret)
+    y, h_last = _pallas_scan(u, delta, A, B, C, h0, _Config(chunk, block_c, num_warps, unroll, bool(interpret)))
     return y[:, :length, :channels], h_last[:, :channels, :state]
 
-
-selective_scan_pallas_gpu = make_backend(pallas_gpu_core, "pallas")
