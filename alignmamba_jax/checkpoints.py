@@ -22,11 +22,12 @@ from etils import epath
 from alignmamba_jax.errors import UserError
 
 # Keys a resumed run may change: how long it runs (the learning-rate schedule is stretched from the resumed step),
-# how often it logs, evaluates and saves, where its data lives, the mesh layout (restores reshard), and the
-# evaluation-only settings (batch size, the test-time missing-modality sweep). Every other key defines the run.
+# how often it logs, evaluates and saves, where its data lives, the mesh layout (restores reshard) and the scan
+# backend (all compute the same scan: a run moves between CPU, GPU and TPU), and the evaluation-only settings
+# (batch size, the test-time missing-modality sweep). Every other key defines the run.
 RESUMABLE_KEYS = frozenset({
     "train.steps", "train.log_every", "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints",
-    "train.fsdp", "train.fsdp_min_size", "train.allow_config_change",
+    "train.fsdp", "train.fsdp_min_size", "train.allow_config_change", "model.scan_backend",
     "data.path", "data.cache_dir",
     "eval.batch_size", "eval.missing_rates", "eval.missing_protocols", "eval.missing_metrics", "eval.missing_seed",
 })

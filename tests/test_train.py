@@ -278,7 +278,8 @@ def test_run_fingerprint_leaves_out_exactly_the_keys_a_resumed_run_may_change():
     assert "model.d_model" in base and "train.learning_rate" in base and "seed" in base
     for key, value in [("train.steps", 7), ("train.log_every", 3), ("train.eval_every", 3),
                        ("train.checkpoint_every", 3), ("train.keep_checkpoints", 5), ("train.fsdp", 2),
-                       ("train.allow_config_change", True), ("data.path", "/elsewhere"), ("data.cache_dir", "/c"),
+                       ("train.allow_config_change", True), ("model.scan_backend", "associative"),
+                       ("data.path", "/elsewhere"), ("data.cache_dir", "/c"),
                        ("eval.batch_size", 16), ("eval.missing_rates", (0.1,)), ("eval.missing_seed", 3)]:
         changed = tiny_config()
         changed.update_from_flattened_dict({key: value})
@@ -335,7 +336,8 @@ def test_missing_data_file_is_rejected_before_training(tmp_path):
 def test_global_batch_not_divisible_by_devices_is_rejected_before_training(config_file, tmp_path):
     rc, output = run_main(config_file, tmp_path, "--config.train.batch_size=6", devices=4)
     assert rc != 0
-    assert "train.batch_size=6 must be divisible by the number of devices (4)" in output
+    assert "error: train.batch_size=6 must be divisible by the number of devices (4)" in output
+    assert "Traceback" not in output
     assert not (tmp_path / "checkpoints").exists()
 
 
