@@ -52,7 +52,7 @@ def config_file(tmp_path_factory):
 # main.py run with orbax's JSON item writer replaced by SIGKILL at its KILL_AT_SAVE-th call: the process dies in the
 # middle of a checkpoint save (the state item may be written, the checkpoint is not finalized)
 KILLED_IN_SAVE = """
-import os, runpy, signal, sys
+import os, runpy, signal
 import orbax.checkpoint as ocp
 calls, kill_at = [0], int(os.environ["KILL_AT_SAVE"])
 def counting(original):
