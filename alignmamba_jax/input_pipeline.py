@@ -13,6 +13,8 @@ from typing import Iterator, Mapping, Sequence
 import jax
 import numpy as np
 
+from alignmamba_jax.errors import UserError
+
 
 def split_size(split: Mapping[str, np.ndarray]) -> int:
     return int(split["labels"].shape[0])
@@ -20,7 +22,7 @@ def split_size(split: Mapping[str, np.ndarray]) -> int:
 
 def steps_per_epoch(num_examples: int, global_batch_size: int) -> int:
     if num_examples < global_batch_size:
-        raise ValueError(
+        raise UserError(
             f"train.batch_size={global_batch_size} is larger than the training split ({num_examples} examples)")
     return num_examples // global_batch_size
 

@@ -1,9 +1,11 @@
 """Layers: the Mamba-1 mixer (mamba-ssm parameterisation), its pre-norm residual block and stack, and the
 modality-aware mixture-of-experts layer of AlignMamba-2.
 
-Everything here takes an optional token mask (batch, length) bool, True = valid. A masked token is an identity
-step of the selective scan and a zero input of the causal convolution, so padded or missing tokens never
-influence valid ones, wherever they sit in the sequence.
+Everything here takes an optional token mask (batch, length) bool, True = valid. A masked token's input is
+replaced by 0 (`jnp.where`, so its gradient is exactly 0) before any arithmetic, by `MambaMixer` and by
+`MambaBlock` (residual included); it is then a zero input of the causal convolution and an identity step of
+the selective scan, whose output there is 0. So padded or missing tokens never influence valid ones (values or
+gradients, parameters' included), wherever they sit and whatever they hold (inf and NaN included).
 """
 import math
 from typing import Any, Optional, Union
@@ -83,6 +85,8 @@ class MambaMixer(nn.Module):
         if mask is not None and mask.shape != x.shape[:2]:
             raise ValueError(f"MambaMixer: mask must be {x.shape[:2]}, found {mask.shape}")
         d_inner, dt_rank = self.d_inner, self.resolved_dt_rank
+        if mask is not None:  # in_proj's kernel gradient would otherwise multiply a masked inf by 0
+            x = jnp.where(mask[..., None], x, jnp.zeros((), x.dtype))
 
         xz = nn.Dense(2 * d_inner, use_bias=self.bias, dtype=self.dtype, name="in_proj",
                       kernel_init=torch_linear_init(self.d_model),
@@ -119,7 +123,7 @@ class MambaMixer(nn.Module):
 
 
 class MambaBlock(nn.Module):
-    """Pre-norm residual block: x + MambaMixer(RMSNorm(x)). Norm statistics in float32."""
+    """Pre-norm residual block: x + MambaMixer(RMSNorm(x)), masked tokens' x set to 0 first. Norm in float32."""
     d_model: int
     d_state: int = 16
     d_conv: int = 4
@@ -132,6 +136,8 @@ class MambaBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x, mask=None, train: bool = False):
+        if mask is not None:  # the norm's scale gradient would otherwise multiply a masked inf by 0
+            x = jnp.where(mask[..., None], x, jnp.zeros((), x.dtype))
         h = nn.RMSNorm(epsilon=1e-5, dtype=jnp.float32, name="norm")(x).astype(self.dtype)
         h = MambaMixer(self.d_model, self.d_state, self.d_conv, self.expand, self.dt_rank,
                        scan_backend=self.scan_backend, out_proj_init_scale=self.out_proj_init_scale,

@@ -7,6 +7,10 @@ is plain data parallelism. The same code runs on one CPU, forced CPU devices, a 
 
 Determinism: the data order and the dropout keys are functions of (seed, step), so a run resumed from any
 checkpoint ends bit-identical to an uninterrupted one on the same machine.
+
+Resuming: a workdir with checkpoints is resumed only by a run with the same config up to `checkpoints.
+RESUMABLE_KEYS` (train.steps, cadences, data paths, ...); see `alignmamba_jax.checkpoints`. Everything the user
+can get wrong (config, data, workdir) is checked before compilation and raised as a `UserError`.
 """
 import functools
 import importlib.util
@@ -20,14 +24,15 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from absl import logging
 from flax.training import train_state as train_state_lib
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
+from alignmamba_jax import checkpoints
 from alignmamba_jax import data as data_lib
 from alignmamba_jax.data import synthetic as synthetic_data
 from alignmamba_jax import input_pipeline, metrics as metrics_lib, models, reporting
+from alignmamba_jax.errors import UserError
 
 NO_DECAY_LEAVES = ("A_log", "D", "bias", "scale")
 
@@ -51,6 +56,7 @@ def default_train_config() -> ml_collections.ConfigDict:
         eval_every=200,           # validation (and best-checkpoint selection) every this many steps
         checkpoint_every=200,
         keep_checkpoints=2,
+        allow_config_change=False,  # True: resume a workdir whose checkpoints had another config (logged)
         fsdp=1,                   # size of the mesh's "fsdp" axis; the "data" axis takes the other devices
         fsdp_min_size=2 ** 14,    # parameters with fewer elements stay replicated
     ))
@@ -112,7 +118,7 @@ MODEL_VARIANTS = {
 
 def apply_model_variant(config: ml_collections.ConfigDict, variant: str) -> ml_collections.ConfigDict:
     if variant not in MODEL_VARIANTS:
-        raise ValueError(f"unknown config variant {variant!r}; expected one of {sorted(MODEL_VARIANTS)}")
+        raise UserError(f"unknown config variant {variant!r}; expected one of {sorted(MODEL_VARIANTS)}")
     config.model.update(MODEL_VARIANTS[variant])
     return config
 
@@ -132,7 +138,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         for key in given.keys():
             name = f"{prefix}{key}"
             if key not in reference:
-                raise ValueError(f"unknown config key {name!r}; expected one of {sorted(reference.keys())}")
+                raise UserError(f"unknown config key {name!r}; expected one of {sorted(reference.keys())}")
             if isinstance(reference[key], ml_collections.ConfigDict) and isinstance(
                     given[key], ml_collections.ConfigDict):
                 walk(given[key], reference[key], name + ".")
@@ -148,20 +154,10 @@ def multihost_requested(coordinator_address, num_processes, process_id) -> bool:
             or "," in env.get("TPU_WORKER_HOSTNAMES", ""))
 
 
-def check_data_path(data_config) -> None:
-    if data_config.name == "synthetic":
-        return
-    if not data_config.path:
-        raise ValueError(f"data.path is required for data.name={data_config.name!r}")
-    if not os.path.exists(data_config.path):
-        raise ValueError(f"data.path={data_config.path!r} does not exist (MMSA pickles: see the README, "
-                         f"\"Training on CMU-MOSI / CMU-MOSEI\")")
-
-
 def create_mesh(fsdp: int) -> jax.sharding.Mesh:
     n = jax.device_count()
     if fsdp < 1 or n % fsdp:
-        raise ValueError(f"train.fsdp={fsdp} must divide the number of devices ({n})")
+        raise UserError(f"train.fsdp={fsdp} must divide the number of devices ({n})")
     return jax.make_mesh((n // fsdp, fsdp), ("data", "fsdp"), axis_types=(AxisType.Auto, AxisType.Auto))
 
 
@@ -316,16 +312,16 @@ def validate_run(config, splits) -> None:
     n = jax.device_count()
     for key, value in (("train.batch_size", config.train.batch_size), ("eval.batch_size", config.eval.batch_size)):
         if value % n:
-            raise ValueError(f"{key}={value} must be divisible by the number of devices ({n})")
+            raise UserError(f"{key}={value} must be divisible by the number of devices ({n})")
     input_pipeline.steps_per_epoch(input_pipeline.split_size(splits["train"]), config.train.batch_size)
     for name in ("train", "valid", "test"):
         if name not in splits:
-            raise ValueError(f"data split {name!r} missing; load_splits returned {sorted(splits)}")
+            raise UserError(f"data split {name!r} missing; load_splits returned {sorted(splits)}")
     if config.eval.missing_rates:
         unknown = set(config.eval.missing_protocols) - set(data_lib.missing.PROTOCOLS)
         if unknown:
-            raise ValueError(f"eval.missing_protocols has unknown {sorted(unknown)}; "
-                             f"expected names from {sorted(data_lib.missing.PROTOCOLS)}")
+            raise UserError(f"eval.missing_protocols has unknown {sorted(unknown)}; "
+                            f"expected names from {sorted(data_lib.missing.PROTOCOLS)}")
 
 
 def is_better(value, best, mode) -> bool:
@@ -334,23 +330,15 @@ def is_better(value, best, mode) -> bool:
     return value < best if mode == "min" else value > best
 
 
-def _save(manager, step, state, meta):
-    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                               meta=ocp.args.JsonSave(meta)))
-
-
-def _restore(manager, step, abstract_state):
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                                                             meta=ocp.args.JsonRestore()))
-    return restored["state"], restored["meta"]
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains, selects the best checkpoint on validation, evaluates it on valid/test; returns results.json."""
     check_config(config)
     workdir = workdir if "://" in workdir else os.path.abspath(workdir)
     is_chief = jax.process_index() == 0
-    check_data_path(config.data)
+    fingerprint = checkpoints.run_fingerprint(config)
+    config_changes = checkpoints.check_fingerprint(workdir, fingerprint,
+                                                   checkpoints.run_fingerprint(default_config()),
+                                                   config.train.allow_config_change)
     splits = data_lib.load_splits(config.data)
     validate_run(config, splits)
 
@@ -365,19 +353,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     logging.info("parameters: %d on mesh %s",
                  sum(x.size for x in jax.tree.leaves(state.params)), dict(mesh.shape))
 
-    options = dict(enable_async_checkpointing=False)
-    latest = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"), options=ocp.CheckpointManagerOptions(
-        max_to_keep=config.train.keep_checkpoints, **options))
-    best = ocp.CheckpointManager(os.path.join(workdir, "best"), options=ocp.CheckpointManagerOptions(
-        max_to_keep=1, **options))
+    latest = checkpoints.open_manager(os.path.join(workdir, "checkpoints"), config.train.keep_checkpoints)
+    best = checkpoints.open_manager(os.path.join(workdir, "best"))
+    for manager in (latest, best):
+        if manager.latest_step() is not None:
+            checkpoints.check_shapes(manager, manager.latest_step(), abstract_state, workdir, config_changes)
     writer = reporting.MetricWriter(workdir, active=is_chief)
 
     best_value = None
     if best.latest_step() is not None:
-        best_value = best.restore(best.latest_step(), args=ocp.args.Composite(
-            meta=ocp.args.JsonRestore()))["meta"]["value"]
+        best_value = checkpoints.restore_meta(best, best.latest_step())["value"]
     if latest.latest_step() is not None:
-        state, _ = _restore(latest, latest.latest_step(), abstract_state)
+        state, _ = checkpoints.restore(latest, latest.latest_step(), abstract_state)
         if is_chief:
             print(f"resumed from {latest.directory}/{latest.latest_step()}")
     start_step = int(state.step)
@@ -435,10 +422,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             if is_better(value, best_value, config.eval.select_mode) and (
                     best.latest_step() is None or best.latest_step() < done):
                 best_value = value
-                _save(best, done, state, {"value": value, "step": done, "valid": valid})
+                checkpoints.save(best, done, state, {"value": value, "step": done, "valid": valid,
+                                                     "fingerprint": fingerprint})
         if done % tc.checkpoint_every == 0 or done == tc.steps:
             drain()
-            _save(latest, done, state, {"step": done})
+            checkpoints.save(latest, done, state, {"step": done, "fingerprint": fingerprint})
             last_good = done
         if done % tc.eval_every == 0 or done % tc.checkpoint_every == 0:
             window_start = time.perf_counter()  # throughput counts training steps only
@@ -448,7 +436,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     best.wait_until_finished()
 
     if best.latest_step() is not None:
-        state, _ = _restore(best, best.latest_step(), abstract_state)
+        state, _ = checkpoints.restore(best, best.latest_step(), abstract_state)
     results = {"best_step": int(state.step), "final_step": tc.steps}
     for name in ("valid", "test"):
         results[name] = evaluator.evaluate(state.params, splits[name])

@@ -91,9 +91,10 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, *, delta_
 
     u, delta, z: (batch, length, channels); A: (channels, state), real and negative; B, C: (batch, length,
     state); D, delta_bias: (channels,); initial_state: (batch, channels, state); mask: bool (batch, length),
-    False marks an identity step (the state passes through unchanged). Returns y (batch, length, channels) in
-    u.dtype, or (y, h_last) with h_last float32 (batch, channels, state) if return_final_state.
-    The state and all accumulation are float32 whatever the input dtype.
+    False marks an identity step (the state passes through unchanged, the output there is 0, whatever values,
+    inf / NaN included, the inputs hold there). Returns y (batch, length, channels) in u.dtype, or (y, h_last)
+    with h_last float32 (batch, channels, state) if return_final_state. Batch or length 0: an empty y and
+    h_last = the initial state. The state and all accumulation are float32 whatever the input dtype.
     """
     validate_scan_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state, mask, backend)
     return _implementation(backend)(u, delta, A, B, C, D, z, delta_bias, delta_softplus=delta_softplus,

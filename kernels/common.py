@@ -3,12 +3,26 @@
 A backend supplies a *core* `core(u, delta, A, B, C, h0) -> (y, h_last)` on float32 arrays
 (u, delta: (batch, length, channels); A: (channels, state); B, C: (batch, length, state); h0, h_last:
 (batch, channels, state)) computing h_t = exp(delta_t A) h_{t-1} + delta_t B_t u_t and y_t = <h_t, C_t>.
-`make_backend` wraps it with delta_bias / softplus, the mask (a masked step gets delta = 0, which makes it an
-exact identity step: exp(0 A) = 1 and 0 B u = 0), D, the silu(z) gate and the output cast. Gradients of these
-elementwise parts come from JAX autodiff; a core may define its own VJP for the recurrence.
+`make_backend` wraps it with the mask, delta_bias / softplus, D, the silu(z) gate, the output cast and empty
+inputs. Gradients of these elementwise parts come from JAX autodiff; a core may define its own VJP.
+
+Masked steps (mask False): before any arithmetic, u, delta, B, C and z there are replaced by 0 with
+`jnp.where` (`zero_masked_steps`), and the effective delta (after bias and softplus) is 0 there too. So a
+masked step is an exact identity step of the recurrence (exp(0 A) = 1, 0 B u = 0) and its output is exactly 0
+(C = 0, u = 0, z = 0), whatever values (inf, NaN) sit under the mask; the gradient reaching a masked input is
+exactly 0 (the VJP of `where` selects 0), so nothing there can reach valid outputs or their gradients. Cores
+therefore only ever see finite masked steps, and `reference.py` applies the same rule.
 """
 import jax
 import jax.numpy as jnp
+
+
+def zero_masked_steps(mask, *xs):
+    """Each (batch, length, k) array of `xs` (None passes through) with the steps where `mask` is False set to 0."""
+    if mask is None:
+        return xs
+    keep = mask.astype(bool)[:, :, None]
+    return tuple(None if x is None else jnp.where(keep, x, jnp.zeros((), x.dtype)) for x in xs)
 
 
 def effective_delta(delta, delta_bias, delta_softplus, mask):
@@ -25,9 +39,13 @@ def effective_delta(delta, delta_bias, delta_softplus, mask):
 def make_backend(core, name):
     def selective_scan_backend(u, delta, A, B, C, D=None, z=None, delta_bias=None, *, delta_softplus=False,
                                initial_state=None, mask=None, return_final_state=False):
-        batch, _, channels = u.shape
+        batch, length, channels = u.shape
         h0 = (jnp.zeros((batch, channels, A.shape[1]), jnp.float32) if initial_state is None
               else initial_state.astype(jnp.float32))
+        if batch == 0 or length == 0:  # no step to take: an empty output, the state is the initial state
+            y = jnp.zeros(u.shape, u.dtype)
+            return (y, h0) if return_final_state else y
+        u, delta, B, C, z = zero_masked_steps(mask, u, delta, B, C, z)
         u32 = u.astype(jnp.float32)
         y, h_last = core(u32, effective_delta(delta, delta_bias, delta_softplus, mask), A.astype(jnp.float32),
                          B.astype(jnp.float32), C.astype(jnp.float32), h0)

@@ -4,18 +4,23 @@ Semantics are mamba-ssm's `selective_scan_ref`, transposed to channels-last:
     delta <- softplus(delta + delta_bias)          (bias and softplus optional)
     h_t   = exp(delta_t * A) * h_{t-1} + delta_t * B_t * u_t      (ZOH for A, Euler for B)
     y_t   = <h_t, C_t> + D * u_t,   out_t = y_t * silu(z_t)       (D and z optional)
-A step whose mask is False is an identity step of the recurrence (h_t = h_{t-1}); its output is still
-computed from the carried state so that shapes stay static.
+A step whose mask is False is an identity step of the recurrence (h_t = h_{t-1}) and its output is exactly 0:
+u, delta, B, C and z there are replaced by 0 before any arithmetic (`common.zero_masked_steps`, the rule of
+every backend), so inf / NaN under the mask reach neither later outputs nor any gradient. Empty inputs (batch
+or length 0) give an empty output and h_last = the initial state.
 Arithmetic is float32, or float64 when every input is float64 (so tests can check it by finite differences).
 """
 import jax
 import jax.numpy as jnp
+
+from alignmamba_jax.kernels.common import zero_masked_steps
 
 
 def selective_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None, *, delta_softplus=False,
                              initial_state=None, mask=None, return_final_state=False):
     """u, delta, z: (batch, length, channels); A: (channels, state); B, C: (batch, length, state)."""
     out_dtype = u.dtype
+    u, delta, B, C, z = zero_masked_steps(mask, u, delta, B, C, z)
     compute_dtype = jnp.promote_types(jnp.result_type(u, delta, A, B, C), jnp.float32)
     u32, delta32 = u.astype(compute_dtype), delta.astype(compute_dtype)
     if delta_bias is not None:

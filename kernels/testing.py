@@ -55,6 +55,8 @@ def numpy_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplu
                 if mask is None or mask[b, t]:
                     for n in range(state):
                         h[b, c, n] = np.exp(d * A[c, n]) * h[b, c, n] + d * B[b, t, n] * u[b, t, c]
+                if mask is not None and not mask[b, t]:
+                    continue                                     # a masked step's output is exactly 0
                 out = sum(h[b, c, n] * C[b, t, n] for n in range(state))
                 if D is not None:
                     out += float(D[c]) * u[b, t, c]

@@ -5,6 +5,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from alignmamba_jax.modules import MambaMixer, MambaStack, ModalityAwareMambaLayer, ModalityAwareMoE
 
@@ -113,3 +114,32 @@ def test_modality_aware_layer_shapes_and_mask():
     y = fast_jit(layer.apply)({"params": p}, x, mask)
     assert y.shape == x.shape and np.all(np.isfinite(y))
     assert set(p) == {"mamba", "moe_norm", "moe"}
+
+
+@pytest.mark.parametrize("make_layer", [
+    lambda: MambaMixer(D_MODEL, d_state=4, d_conv=3, scan_backend="chunked", bias=True),
+    lambda: ModalityAwareMambaLayer(num_modalities=3, d_model=D_MODEL, d_state=4, d_conv=3, scan_backend="chunked"),
+], ids=["mixer", "modality_aware_layer"])
+def test_inf_and_nan_in_masked_tokens_reach_no_valid_output_and_no_gradient(make_layer):
+    layer = make_layer()
+    x = jax.random.normal(jax.random.PRNGKey(4), (2, 9, D_MODEL))
+    mask = jnp.array([[True, True, False, True, False, True, True, False, False]] * 2).at[1, 5:].set(False)
+    bad = jnp.where(mask[..., None], x, jnp.array([jnp.inf, jnp.nan, -jnp.inf] * 3)[None, :, None])
+    params = fast_jit(layer.init)(jax.random.PRNGKey(5), x, mask)["params"]
+    weights = jax.random.normal(jax.random.PRNGKey(6), x.shape)
+
+    @fast_jit
+    def valid_loss_and_grads(params, x):
+        def loss(params, x):
+            return jnp.sum(jnp.where(mask[..., None], layer.apply({"params": params}, x, mask) * weights, 0.0))
+        return jax.value_and_grad(loss, argnums=(0, 1))(params, x)
+
+    value, (g_params, g_x) = valid_loss_and_grads(params, bad)
+    clean_value, (clean_params, clean_x) = valid_loss_and_grads(params, x)
+    assert np.isfinite(value)
+    np.testing.assert_allclose(value, clean_value, rtol=1e-6)
+    for g, clean in zip(jax.tree.leaves(g_params), jax.tree.leaves(clean_params)):
+        assert np.all(np.isfinite(g))
+        np.testing.assert_allclose(g, clean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(g_x)[~np.asarray(mask)], 0.0)
+    np.testing.assert_allclose(g_x, clean_x, rtol=1e-5, atol=1e-6)

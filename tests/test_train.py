@@ -2,6 +2,7 @@
 import json
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,7 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from alignmamba_jax import input_pipeline, models, train
+from alignmamba_jax import checkpoints, input_pipeline, models, train
+from alignmamba_jax.errors import UserError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # Tiny models: LLVM optimisation costs more compile time than it saves; every compared run uses the same flags.
@@ -22,7 +24,7 @@ TINY_CONFIG = """
 from alignmamba_jax import train
 
 
-def get_config():
+def get_config(variant="full"):
     config = train.default_config()
     config.data.synthetic.update(n_train=64, n_valid=16, n_test=16, text_len=12, text_dim=16, audio_len=20,
                                  vision_len=24, min_words=3, max_words=8)
@@ -30,14 +32,14 @@ def get_config():
     config.train.update(batch_size=8, steps=40, warmup_steps=5, learning_rate=3e-3, log_every=5,
                         eval_every=10, checkpoint_every=10)
     config.eval.batch_size = 8
-    return config
+    return train.apply_model_variant(config, variant)
 """
 
 
-def tiny_config():
+def tiny_config(variant="full"):
     namespace = {}
     exec(TINY_CONFIG, namespace)
-    return namespace["get_config"]()
+    return namespace["get_config"](variant)
 
 
 @pytest.fixture(scope="module")
@@ -47,11 +49,33 @@ def config_file(tmp_path_factory):
     return str(path)
 
 
-def run_main(config_file, workdir, *overrides, devices=1, wait=True):
+# main.py run with orbax's JSON item writer replaced by SIGKILL at its KILL_AT_SAVE-th call: the process dies in the
+# middle of a checkpoint save (the state item may be written, the checkpoint is not finalized)
+KILLED_IN_SAVE = """
+import os, runpy, signal
+import orbax.checkpoint as ocp
+calls, kill_at = [0], int(os.environ["KILL_AT_SAVE"])
+def counting(original):
+    def save(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return original(*args, **kwargs)
+    return save
+ocp.JsonCheckpointHandler.async_save = counting(ocp.JsonCheckpointHandler.async_save)
+ocp.JsonCheckpointHandler.save = counting(ocp.JsonCheckpointHandler.save)
+runpy.run_module("alignmamba_jax.main", run_name="__main__", alter_sys=True)
+"""
+
+
+def run_main(config_file, workdir, *overrides, devices=1, wait=True, kill_at_save=None):
     env = dict(os.environ, JAX_PLATFORMS="cpu",
                XLA_FLAGS=f"{FAST_COMPILE} --xla_force_host_platform_device_count={devices}")
-    command = [sys.executable, "-m", "alignmamba_jax.main", f"--config={config_file}", f"--workdir={workdir}",
-               *overrides]
+    entry = ["-m", "alignmamba_jax.main"]
+    if kill_at_save is not None:
+        env["KILL_AT_SAVE"] = str(kill_at_save)
+        entry = ["-c", KILLED_IN_SAVE]
+    command = [sys.executable, *entry, f"--config={config_file}", f"--workdir={workdir}", *overrides]
     process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True)
     if not wait:
@@ -142,8 +166,38 @@ def test_one_device_and_four_devices_train_the_same_model(config_file, reference
     assert test_four["MAE"] == pytest.approx(test_one["MAE"], rel=1e-3)
 
 
-def test_sigkill_after_a_checkpoint_then_resume_ends_like_an_uninterrupted_run(config_file, reference_run,
-                                                                               tmp_path):
+def finished_steps(directory):
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) if directory.exists() else []
+
+
+def kill_during_save(config_file, workdir, kill_at_save):
+    """Runs main.py until its `kill_at_save`-th checkpoint item write, where it is SIGKILLed mid-save; returns
+    the completed steps of checkpoints/."""
+    rc, output = run_main(config_file, workdir, kill_at_save=kill_at_save)
+    assert rc == -signal.SIGKILL, f"run ended before it could be killed:\n{output}"
+    half_written = [p for d in (workdir / "best", workdir / "checkpoints") if d.exists() for p in d.iterdir()
+                    if ".orbax-checkpoint-tmp" in p.name]
+    assert len(half_written) == 1, half_written
+    assert not (workdir / "results.json").exists()
+    return finished_steps(workdir / "checkpoints")
+
+
+def assert_resumes_like_the_reference(config_file, reference_run, workdir):
+    rc, output = run_main(config_file, workdir)
+    assert rc == 0, output
+    assert "resumed from" in output
+    assert json.loads((workdir / "results.json").read_text()) == json.loads(
+        (reference_run / "results.json").read_text())
+    timing = ("train/samples_per_second",)
+    assert read_jsonl(workdir, drop=timing) == read_jsonl(reference_run, drop=timing)
+
+
+def test_sigkill_in_the_first_save_and_after_a_checkpoint_then_resume_ends_like_an_uninterrupted_run(
+        config_file, reference_run, tmp_path):
+    # Killed in the very first save (best/10): the run fingerprint lives in the checkpoints, so the half-written
+    # one must leave a workdir that simply starts afresh, not one that refuses to resume.
+    assert kill_during_save(config_file, tmp_path, kill_at_save=1) == []
+    assert finished_steps(tmp_path / "best") == []
     process = run_main(config_file, tmp_path, wait=False)
     first_checkpoint = tmp_path / "checkpoints" / "10"
     deadline = time.time() + 300
@@ -152,16 +206,101 @@ def test_sigkill_after_a_checkpoint_then_resume_ends_like_an_uninterrupted_run(c
     process.send_signal(signal.SIGKILL)
     output, _ = process.communicate()
     assert process.returncode == -signal.SIGKILL, f"run ended before it could be killed:\n{output}"
+    assert "resumed from" not in output
     assert not (tmp_path / "results.json").exists()
+    assert_resumes_like_the_reference(config_file, reference_run, tmp_path)
 
-    rc, output = run_main(config_file, tmp_path)
+
+@pytest.mark.slow
+def test_sigkill_in_a_later_save_then_resume_ends_like_an_uninterrupted_run(config_file, reference_run, tmp_path):
+    assert kill_during_save(config_file, tmp_path, kill_at_save=4)   # the 4th save comes after checkpoints/10
+    assert_resumes_like_the_reference(config_file, reference_run, tmp_path)
+
+
+def copy_of(workdir, tmp_path):
+    copy = tmp_path / "workdir"
+    shutil.copytree(workdir, copy)
+    return copy
+
+
+def snapshot(workdir):
+    return {str(p.relative_to(workdir)): p.read_bytes() for p in sorted(workdir.rglob("*")) if p.is_file()}
+
+
+def test_resuming_a_workdir_with_another_config_stops_before_any_step_naming_the_changes(config_file,
+                                                                                         reference_run, tmp_path):
+    # the issue's sequence: the full model trained in a workdir, then w/o global alignment into the same workdir
+    workdir = copy_of(reference_run, tmp_path)
+    before = snapshot(workdir)
+    rc, output = run_main(f"{config_file}:wo_global", workdir, "--config.train.steps=42")
+    assert rc == 1, output
+    assert f"error: workdir {workdir} holds checkpoints (checkpoints/40, best/" in output, output
+    assert "model.use_global_alignment: true -> false" in output, output
+    assert "train.steps" not in output  # a resumable key
+    assert "new --workdir" in output and "--config.train.allow_config_change=True" in output, output
+    assert "Traceback" not in output
+    assert snapshot(workdir) == before
+
+
+def test_a_model_of_another_shape_says_so_in_one_paragraph_even_when_config_changes_are_allowed(
+        config_file, reference_run, tmp_path):
+    workdir = copy_of(reference_run, tmp_path)
+    before = snapshot(workdir)
+    rc, output = run_main(config_file, workdir, "--config.model.d_model=8", "--config.train.allow_config_change=True")
+    assert rc == 1, output
+    assert "Traceback" not in output and "asyncio" not in output and len(output.splitlines()) < 6, output
+    assert (f"error: workdir {workdir}: checkpoint checkpoints/40 does not fit this run's model (" in output
+            and "stored (16,), this run (8,)" in output and "the config changed: model.d_model: 16 -> 8" in output
+            and "new --workdir" in output), output
+    assert snapshot(workdir) == before
+
+
+def test_allow_config_change_returns_the_changes_instead_of_stopping(reference_run, tmp_path):
+    workdir = copy_of(reference_run, tmp_path)
+    current = checkpoints.run_fingerprint(tiny_config("wo_global"))
+    defaults = checkpoints.run_fingerprint(train.default_config())
+    assert checkpoints.check_fingerprint(str(workdir), current, defaults, allow_change=True) == {
+        "model.use_global_alignment": (True, False)}
+    with pytest.raises(UserError, match=r"model.use_global_alignment: true -> false"):
+        checkpoints.check_fingerprint(str(workdir), current, defaults, allow_change=False)
+    assert checkpoints.check_fingerprint(str(workdir), checkpoints.run_fingerprint(tiny_config()), defaults,
+                                         allow_change=False) == {}
+
+
+@pytest.mark.slow
+def test_allow_config_change_resumes_a_workdir_of_another_config(config_file, reference_run, tmp_path):
+    workdir = copy_of(reference_run, tmp_path)
+    rc, output = run_main(f"{config_file}:wo_global", workdir, "--config.train.allow_config_change=True")
     assert rc == 0, output
+    assert "under a changed config" in output and "model.use_global_alignment: true -> false" in output, output
     assert "resumed from" in output
-    reference = json.loads((reference_run / "results.json").read_text())
-    resumed = json.loads((tmp_path / "results.json").read_text())
-    assert resumed == reference
-    timing = ("train/samples_per_second",)
-    assert read_jsonl(tmp_path, drop=timing) == read_jsonl(reference_run, drop=timing)
+
+
+def test_run_fingerprint_leaves_out_exactly_the_keys_a_resumed_run_may_change():
+    config = tiny_config()
+    base = checkpoints.run_fingerprint(config)
+    assert "model.d_model" in base and "train.learning_rate" in base and "seed" in base
+    for key, value in [("train.steps", 7), ("train.log_every", 3), ("train.eval_every", 3),
+                       ("train.checkpoint_every", 3), ("train.keep_checkpoints", 5), ("train.fsdp", 2),
+                       ("train.allow_config_change", True), ("model.scan_backend", "associative"),
+                       ("data.path", "/elsewhere"), ("data.cache_dir", "/c"),
+                       ("eval.batch_size", 16), ("eval.missing_rates", (0.1,)), ("eval.missing_seed", 3)]:
+        changed = tiny_config()
+        changed.update_from_flattened_dict({key: value})
+        assert checkpoints.run_fingerprint(changed) == base, key
+    for key, value in [("model.d_model", 8), ("train.learning_rate", 0.1), ("seed", 1), ("train.batch_size", 4),
+                       ("data.synthetic.n_train", 32), ("eval.select_metric", "Corr")]:
+        changed = tiny_config()
+        changed.update_from_flattened_dict({key: value})
+        assert checkpoints.fingerprint_changes(base, checkpoints.run_fingerprint(changed), {}) == {
+            key: (base[key], value)}, key
+    # a key added to the code after a checkpoint was written counts as its default there
+    defaults = checkpoints.run_fingerprint(train.default_config())
+    older = {k: v for k, v in base.items() if k != "model.d_state"}
+    assert checkpoints.fingerprint_changes(older, base, {"model.d_state": base["model.d_state"]}) == {}
+    assert checkpoints.fingerprint_changes(older, base, {"model.d_state": -1}) == {
+        "model.d_state": (-1, base["model.d_state"])}
+    assert set(defaults) == set(base)
 
 
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
@@ -201,7 +340,8 @@ def test_missing_data_file_is_rejected_before_training(tmp_path):
 def test_global_batch_not_divisible_by_devices_is_rejected_before_training(config_file, tmp_path):
     rc, output = run_main(config_file, tmp_path, "--config.train.batch_size=6", devices=4)
     assert rc != 0
-    assert "train.batch_size=6 must be divisible by the number of devices (4)" in output
+    assert "error: train.batch_size=6 must be divisible by the number of devices (4)" in output
+    assert "Traceback" not in output
     assert not (tmp_path / "checkpoints").exists()
 
 

@@ -16,8 +16,9 @@ import zipfile
 import numpy as np
 
 from alignmamba_jax.data import validate
+from alignmamba_jax.errors import UserError
 
-SPLITS = ("train", "valid", "test")
+SPLITS = validate.SPLITS
 _RESERVED = ("labels", "ids")
 
 
@@ -44,18 +45,18 @@ def load_features_npz(directory):
     for s in SPLITS:
         path = os.path.join(directory, f"{s}.npz")
         if not os.path.isfile(path):
-            raise ValueError(f"{path}: no such file (expected one .npz per split {SPLITS})")
+            raise UserError(f"{path}: no such file (expected one .npz per split {SPLITS})")
         try:
             with np.load(path, allow_pickle=False) as z:
                 raw = {k: z[k] for k in z.files}
         except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
-            raise ValueError(f"{path}: not a readable .npz ({type(e).__name__}: {e})") from e
+            raise UserError(f"{path}: not a readable .npz ({type(e).__name__}: {e})") from e
         labels = validate.class_labels(validate.require(raw, "labels", path), path, "labels")
         n = labels.shape[0]
         out = {}
         modalities = [k for k in raw if k not in _RESERVED and not k.endswith("_lengths")]
         if not modalities:
-            raise ValueError(f"{path}: no modality arrays found (keys {sorted(raw)})")
+            raise UserError(f"{path}: no modality arrays found (keys {sorted(raw)})")
         for m in modalities:
             x = np.array(validate.features(raw[m], path, m, n=n))
             validate.zero_non_finite(x, path, m)

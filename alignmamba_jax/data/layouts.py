@@ -95,7 +95,7 @@ def write_mult_pickle(path, dataset="mosi", aligned=True, sizes=(8, 4, 4), seed=
                 rows = slice(t - k, t) if left_pad else slice(0, k)
                 x[i, rows] = rng.standard_normal((k, d)) + 0.5
             split[m] = x
-        split["audio"][0, -1, 0] = np.nan
+        split["audio"][:1, -1, 0] = np.nan  # MulT files hold NaN features (none to set in an empty split)
         split["labels"] = rng.uniform(-3, 3, (n, 1, 1)).astype(np.float32)
         split["id"] = np.array([[f"video{i}", str(i), str(i + 1)] for i in range(n)])
         data[s] = split

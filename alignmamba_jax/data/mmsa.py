@@ -23,15 +23,17 @@ import tempfile
 import numpy as np
 
 from alignmamba_jax.data import validate
+from alignmamba_jax.errors import UserError
 
-SPLITS = ("train", "valid", "test")
+SPLITS = validate.SPLITS
 MODALITIES = ("text", "audio", "vision")
 _log = logging.getLogger(__name__)
 
 
 def _unpickle(path, spill_dir=None):
     if not os.path.isfile(path):
-        raise ValueError(f"{path}: no such file")
+        raise UserError(f"{path}: " + ("a directory, expected a pickle file" if os.path.isdir(path) else
+                                       "no such file"))
     try:
         if spill_dir is not None:
             from alignmamba_jax.data.pickle_spill import load_spilled
@@ -40,8 +42,8 @@ def _unpickle(path, spill_dir=None):
             return pickle.load(f, encoding="latin1")
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError,
             IndexError, KeyError, MemoryError) as e:
-        raise ValueError(f"{path}: not a readable pickle ({type(e).__name__}: {e}); the file may be truncated "
-                         f"or not a pickle") from e
+        raise UserError(f"{path}: not a readable pickle ({type(e).__name__}: {e}); the file may be truncated "
+                        f"or not a pickle") from e
 
 
 def _text_mask(split, where, n, length):
@@ -49,7 +51,7 @@ def _text_mask(split, where, n, length):
         return np.ones((n, length), bool)
     tb = np.asarray(split["text_bert"])
     if tb.shape != (n, 3, length):
-        raise ValueError(f"{where}: key 'text_bert': expected shape ({n}, 3, {length}), found {tb.shape}")
+        raise UserError(f"{where}: key 'text_bert': expected shape ({n}, 3, {length}), found {tb.shape}")
     return tb[:, 1, :] > 0
 
 
@@ -79,7 +81,7 @@ def convert_split(split, where, stats):
 
 def _convert_all(data, path):
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a dict of splits {SPLITS}, found {type(data).__name__}")
+        raise UserError(f"{path}: expected a dict of splits {SPLITS}, found {type(data).__name__}")
     stats = {}
     splits = {s: convert_split(validate.require(data, s, path), f"{path}:{s}", stats) for s in SPLITS}
     replaced = sum(stats.values())

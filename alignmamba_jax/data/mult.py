@@ -12,6 +12,7 @@ import numpy as np
 
 from alignmamba_jax.data import validate
 from alignmamba_jax.data.mmsa import SPLITS, _unpickle
+from alignmamba_jax.errors import UserError
 
 MODALITIES = ("text", "audio", "vision")
 
@@ -27,7 +28,7 @@ def load_mult_pickle(path, return_stats=False):
     path = str(path)
     data = _unpickle(path)
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a dict of splits {SPLITS}, found {type(data).__name__}")
+        raise UserError(f"{path}: expected a dict of splits {SPLITS}, found {type(data).__name__}")
     splits, stats = {}, {}
     for s in SPLITS:
         where = f"{path}:{s}"

@@ -45,6 +45,8 @@ from __future__ import annotations
 import ml_collections
 import numpy as np
 
+from alignmamba_jax.errors import UserError
+
 SPLITS = ("train", "valid", "test")
 
 
@@ -92,15 +94,15 @@ def _resolve(config) -> ml_collections.ConfigDict:
     if config is not None:
         unknown = set(config.keys()) - set(c.keys())
         if unknown:
-            raise ValueError(f"data.synthetic: unknown keys {sorted(unknown)}; known: {sorted(c.keys())}")
+            raise UserError(f"data.synthetic: unknown keys {sorted(unknown)}; known: {sorted(c.keys())}")
         c.update(dict(config))
     if min(c.audio_dim, c.vision_dim, c.text_dim, c.image_dim, c.caption_dim) < c.code_dim + 1:
-        raise ValueError(
+        raise UserError(
             f"data.synthetic: text_dim ({c.text_dim}), audio_dim ({c.audio_dim}), vision_dim ({c.vision_dim}), "
             f"image_dim ({c.image_dim}), caption_dim ({c.caption_dim}) must all be >= code_dim + 1 = {c.code_dim + 1}")
     if not 1 <= c.min_words <= c.max_words <= c.text_len - 2:
-        raise ValueError(f"data.synthetic: need 1 <= min_words ({c.min_words}) <= max_words ({c.max_words})"
-                         f" <= text_len - 2 ({c.text_len - 2})")
+        raise UserError(f"data.synthetic: need 1 <= min_words ({c.min_words}) <= max_words ({c.max_words})"
+                        f" <= text_len - 2 ({c.text_len - 2})")
     return c
 
 

@@ -24,7 +24,9 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from alignmamba_jax.data.mmsa import SPLITS, load_mmsa_pickle
+from alignmamba_jax.data import validate
 from alignmamba_jax.data.validate import as_array
+from alignmamba_jax.errors import UserError
 
 _INSTRUCTIONS = """\
 Download MMSA's processed features (https://github.com/thuiar/MMSA, "Datasets": links to Google Drive / Baidu
@@ -65,7 +67,7 @@ class _MmsaBuilder(tfds.core.GeneratorBasedBuilder):
     def _split_generators(self, dl_manager):
         path = os.path.join(dl_manager.manual_dir, f"{self.builder_config.name}_50.pkl")
         if not os.path.isfile(path):
-            raise ValueError(f"{path}: no such file.\n{_INSTRUCTIONS}")
+            raise UserError(f"{path}: no such file.\n{_INSTRUCTIONS}")
         splits = load_mmsa_pickle(path)  # TFDS's writer holds a split in memory anyway; `prepare` streams
         _check_shapes(type(self), self.builder_config.name, splits, path)
         return {s: self._generate_examples(splits[s]) for s in SPLITS}
@@ -96,16 +98,19 @@ BUILDERS = {"mosi": MmsaMosi, "mosei": MmsaMosei}
 
 
 def _check_shapes(cls, config, splits, path):
+    """The builder's fixed shapes, and the checks across splits every loader gets (an empty split included:
+    array_record cannot even open one), before anything is written."""
+    validate.check_splits(splits, tuple(cls.SHAPES[config]), path)
     for s in SPLITS:
         for m, shape in cls.SHAPES[config].items():
             if splits[s][m].shape[1:] != shape:
-                raise ValueError(f"{path}:{s}: key {m!r}: expected shape (N, {shape[0]}, {shape[1]}) for "
-                                 f"{cls.name}/{config}, found {splits[s][m].shape}")
+                raise UserError(f"{path}:{s}: key {m!r}: expected shape (N, {shape[0]}, {shape[1]}) for "
+                                f"{cls.name}/{config}, found {splits[s][m].shape}")
 
 
 def _builder_class(name):
     if name not in BUILDERS:
-        raise ValueError(f"data.tfds_name: expected one of {sorted(BUILDERS)}, found {name!r}")
+        raise UserError(f"data.tfds_name: expected one of {sorted(BUILDERS)}, found {name!r}")
     return BUILDERS[name]
 
 
@@ -162,7 +167,7 @@ def prepare(name, data_dir, config="unaligned", manual_dir=None):
     manual_dir = manual_dir or os.path.join(data_dir, "downloads", "manual")
     path = os.path.join(manual_dir, f"{config}_50.pkl")
     if not os.path.isfile(path):
-        raise ValueError(f"{path}: no such file.\n{_INSTRUCTIONS}")
+        raise UserError(f"{path}: no such file.\n{_INSTRUCTIONS}")
     os.makedirs(data_dir, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tmp-build-", dir=data_dir)
     try:

@@ -1,5 +1,10 @@
-"""Checks and conversions shared by the loaders: every error names where (file:split), the key, and the
-expected vs found value, so a user with a malformed file knows what to fix."""
+"""Checks and conversions shared by the loaders: every error is a `UserError` naming where (file:split), the
+key, and the expected vs found value, so a user with a malformed file knows what to fix.
+
+Per split, `select` checks a loaded split against the data contract; across splits, `check_splits` checks
+what no single split shows (all three present and non-empty, equal feature widths, right padding). Both run in
+`load_splits`, for every loader, before any compilation.
+"""
 from __future__ import annotations
 
 import logging
@@ -7,6 +12,9 @@ import mmap
 
 import numpy as np
 
+from alignmamba_jax.errors import UserError
+
+SPLITS = ("train", "valid", "test")
 LABEL_RANGE = (-3.0, 3.0)
 _log = logging.getLogger(__name__)
 
@@ -18,9 +26,9 @@ def as_array(value):
 
 def require(mapping, key, where):
     if not hasattr(mapping, "keys"):
-        raise ValueError(f"{where}: expected a dict of arrays, found {type(mapping).__name__}")
+        raise UserError(f"{where}: expected a dict of arrays, found {type(mapping).__name__}")
     if key not in mapping:
-        raise ValueError(f"{where}: missing key {key!r} (found keys {sorted(map(str, mapping.keys()))})")
+        raise UserError(f"{where}: missing key {key!r} (found keys {sorted(map(str, mapping.keys()))})")
     return mapping[key]
 
 
@@ -30,9 +38,9 @@ def features(x, where, key, ndim=3, n=None, length=None, dim=None):
     if x.ndim != ndim or (n is not None and x.shape[0] != n) or (length is not None and x.shape[1] != length) \
             or (dim is not None and x.shape[2] != dim):
         expect = (n if n is not None else "N", length if length is not None else "T", dim if dim is not None else "d")
-        raise ValueError(f"{where}: key {key!r}: expected shape {expect[:ndim]}, found {x.shape}")
+        raise UserError(f"{where}: key {key!r}: expected shape {expect[:ndim]}, found {x.shape}")
     if not np.issubdtype(x.dtype, np.floating):
-        raise ValueError(f"{where}: key {key!r}: expected floating point features, found dtype {x.dtype}")
+        raise UserError(f"{where}: key {key!r}: expected floating point features, found dtype {x.dtype}")
     return x.astype(np.float32, copy=False)
 
 
@@ -43,7 +51,7 @@ def zero_non_finite(x, where, key):
     after each chunk, so scanning a 13 GB file does not grow the resident set by 13 GB.
     """
     count = 0
-    flat = x.reshape(x.shape[0], -1)
+    flat = x.reshape(x.shape[0], int(np.prod(x.shape[1:])))  # not -1: an empty split has nothing to infer from
     mapped = getattr(x, "_mmap", None) if isinstance(x, np.memmap) else None
     rows = max(1, (64 << 20) // max(1, flat.shape[1] * flat.itemsize))
     for start in range(0, flat.shape[0], rows):
@@ -51,7 +59,7 @@ def zero_non_finite(x, where, key):
         n_bad = int(bad.sum())
         if n_bad:
             if not x.flags.writeable:
-                raise ValueError(f"{where}: key {key!r}: {n_bad} non-finite values in a read-only array")
+                raise UserError(f"{where}: key {key!r}: {n_bad} non-finite values in a read-only array")
             flat[start:start + rows][bad] = 0.0
             count += n_bad
         if mapped is not None:
@@ -65,9 +73,9 @@ def mask_from_lengths(lengths, length, where, key, n=None):
     recorded) are clipped with a warning; negative ones are an error."""
     lengths = np.asarray(lengths).reshape(-1)
     if n is not None and lengths.shape[0] != n:
-        raise ValueError(f"{where}: key {key!r}: expected {n} lengths, found {lengths.shape[0]}")
+        raise UserError(f"{where}: key {key!r}: expected {n} lengths, found {lengths.shape[0]}")
     if lengths.size and np.any(lengths < 0):
-        raise ValueError(f"{where}: key {key!r}: lengths must be >= 0, found minimum {lengths.min()}")
+        raise UserError(f"{where}: key {key!r}: lengths must be >= 0, found minimum {lengths.min()}")
     if lengths.size and np.any(lengths > length):
         _log.warning("%s: key %r: %d lengths above the padded length %d (max %d) clipped to it", where, key,
                      int(np.sum(lengths > length)), length, int(lengths.max()))
@@ -79,28 +87,29 @@ def regression_labels(y, where, key, n=None):
     if y.ndim > 1 and int(np.prod(y.shape[1:])) == 1:
         y = y.reshape(y.shape[0])
     if y.ndim != 1 or (n is not None and y.shape[0] != n):
-        raise ValueError(f"{where}: key {key!r}: expected shape ({n if n is not None else 'N'},), found {y.shape}")
+        raise UserError(f"{where}: key {key!r}: expected shape ({n if n is not None else 'N'},), found {y.shape}")
     y = y.astype(np.float32)
-    if np.any(np.isnan(y)):
-        raise ValueError(f"{where}: key {key!r}: {int(np.isnan(y).sum())} NaN labels "
-                         f"(first at index {int(np.argmax(np.isnan(y)))})")
+    if not np.all(np.isfinite(y)):
+        bad = ~np.isfinite(y)
+        raise UserError(f"{where}: key {key!r}: expected finite labels, found {int(bad.sum())} NaN / inf "
+                        f"(first at index {int(np.argmax(bad))}: {y[np.argmax(bad)]})")
     lo, hi = LABEL_RANGE
     if y.size and (y.min() < lo or y.max() > hi):
-        raise ValueError(f"{where}: key {key!r}: sentiment labels must lie in [{lo}, {hi}], found range "
-                         f"[{y.min()}, {y.max()}]")
+        raise UserError(f"{where}: key {key!r}: sentiment labels must lie in [{lo}, {hi}], found range "
+                        f"[{y.min()}, {y.max()}]")
     return y
 
 
 def class_labels(y, where, key, n=None, num_classes=None):
     y = np.asarray(y)
     if y.ndim != 1 or (n is not None and y.shape[0] != n):
-        raise ValueError(f"{where}: key {key!r}: expected shape ({n if n is not None else 'N'},), found {y.shape}")
+        raise UserError(f"{where}: key {key!r}: expected shape ({n if n is not None else 'N'},), found {y.shape}")
     if not np.issubdtype(y.dtype, np.integer):
         if np.any(np.isnan(y)) or np.any(y != np.round(y)):
-            raise ValueError(f"{where}: key {key!r}: class labels must be integers, found non-integer values")
+            raise UserError(f"{where}: key {key!r}: class labels must be integers, found non-integer values")
     y = y.astype(np.int32)
     if y.size and (y.min() < 0 or (num_classes is not None and y.max() >= num_classes)):
-        raise ValueError(f"{where}: key {key!r}: class labels must lie in [0, {num_classes}), found range "
+        raise UserError(f"{where}: key {key!r}: class labels must lie in [0, {num_classes}), found range "
                          f"[{y.min()}, {y.max()}]")
     return y
 
@@ -108,7 +117,7 @@ def class_labels(y, where, key, n=None, num_classes=None):
 def ids(values, where, key, n):
     values = np.asarray(values)
     if values.shape[:1] != (n,):
-        raise ValueError(f"{where}: key {key!r}: expected {n} ids, found shape {values.shape}")
+        raise UserError(f"{where}: key {key!r}: expected {n} ids, found shape {values.shape}")
     if values.ndim > 1:  # MulT stores (video, start, end) rows
         return np.array(["$_$".join(str(v) for v in row) for row in values.reshape(n, -1)])
     return values.astype(str)
@@ -123,10 +132,10 @@ def select(arrays, modalities, task, num_classes, where):
         x = require(arrays, m, where)
         mask = require(arrays, m + "_mask", where)
         if x.ndim != 3 or x.shape[0] != n:
-            raise ValueError(f"{where}: key {m!r}: expected shape ({n}, T, d), found {x.shape}")
+            raise UserError(f"{where}: key {m!r}: expected shape ({n}, T, d), found {x.shape}")
         if mask.shape != x.shape[:2] or mask.dtype != np.bool_:
-            raise ValueError(f"{where}: key {m + '_mask'!r}: expected bool {x.shape[:2]}, "
-                             f"found {mask.dtype} {mask.shape}")
+            raise UserError(f"{where}: key {m + '_mask'!r}: expected bool {x.shape[:2]}, "
+                            f"found {mask.dtype} {mask.shape}")
         out[m] = x.astype(np.float32, copy=False)
         out[m + "_mask"] = mask
     if task == "regression":
@@ -136,3 +145,33 @@ def select(arrays, modalities, task, num_classes, where):
     out["ids"] = ids(arrays["ids"], where, "ids", n) if "ids" in arrays else np.array(
         [str(i) for i in range(n)])
     return out
+
+
+def right_padded(mask, where, key):
+    """Raises unless every row of `mask` is valid steps first, then padding (the contract's layout)."""
+    mask = np.asarray(mask)
+    after_padding = mask[:, 1:] & ~mask[:, :-1]
+    if after_padding.any():
+        rows = np.flatnonzero(after_padding.any(axis=1))
+        raise UserError(f"{where}: key {key!r}: expected right padding (valid steps first, then padding), found "
+                        f"a valid step after a padded one in {rows.size} examples (first: example {rows[0]}, "
+                        f"step {int(np.argmax(after_padding[rows[0]])) + 1})")
+
+
+def check_splits(splits, modalities, where):
+    """Checks across the contract splits of one dataset: train, valid and test present and non-empty, each
+    modality's feature width equal in all of them (the model is built from train's), masks right padded."""
+    missing = [s for s in SPLITS if s not in splits]
+    if missing:
+        raise UserError(f"{where}: expected splits {SPLITS}, found {sorted(splits)} (missing {missing})")
+    for s in SPLITS:
+        if len(splits[s]["labels"]) == 0:
+            raise UserError(f"{where}:{s}: expected at least 1 example, found an empty split")
+    for m in modalities:
+        width = splits["train"][m].shape[2]
+        for s in SPLITS:
+            x = splits[s][m]
+            if x.shape[2] != width:
+                raise UserError(f"{where}:{s}: key {m!r}: expected feature width {width} (as in split 'train'), "
+                                f"found {x.shape[2]} (shape {x.shape})")
+            right_padded(splits[s][m + "_mask"], f"{where}:{s}", m + "_mask")
