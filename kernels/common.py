@@ -22,15 +22,19 @@ def effective_delta(delta, delta_bias, delta_softplus, mask):
     return d
 
 
-def make_backend(core, name):
+def make_backend(core, name, upcast_inputs=True):
+    """upcast_inputs=False hands u, B, C (and delta, where no bias, softplus or mask applies) to a core that
+    upcasts inside its kernel in their own dtype: bfloat16 inputs then cost half the HBM reads."""
     def selective_scan_backend(u, delta, A, B, C, D=None, z=None, delta_bias=None, *, delta_softplus=False,
                                initial_state=None, mask=None, return_final_state=False):
         batch, _, channels = u.shape
         h0 = (jnp.zeros((batch, channels, A.shape[1]), jnp.float32) if initial_state is None
               else initial_state.astype(jnp.float32))
         u32 = u.astype(jnp.float32)
-        y, h_last = core(u32, effective_delta(delta, delta_bias, delta_softplus, mask), A.astype(jnp.float32),
-                         B.astype(jnp.float32), C.astype(jnp.float32), h0)
+        cast = (lambda x: x.astype(jnp.float32)) if upcast_inputs else (lambda x: x)
+        plain_delta = delta_bias is None and not delta_softplus and mask is None
+        d = cast(delta) if plain_delta else effective_delta(delta, delta_bias, delta_softplus, mask)
+        y, h_last = core(cast(u), d, A.astype(jnp.float32), cast(B), cast(C), h0)
         if D is not None:
             y = y + u32 * D.astype(jnp.float32)
         if z is not None:
