@@ -177,10 +177,11 @@ def _backward(u, delta, A, B, C, h_starts, dy, dh_last, cfg):
     f32 = jnp.float32
 
     def kernel(u_g, d_g, A_g, B_g, C_g, h_starts_g, dy_g, dh_last_g,
-               du_g, dd_g, dA_g, dB_g, dC_g, dh0_g, work, ud_s, bc_s, st_s, barriers):
+               du_g, dd_g, dA_g, dB_g, dC_g, dh0_g, work, ud_s, bc_s, barriers):
         b, c = lax.axis_index("batch"), lax.axis_index("block")
         cs = pl.ds(c * block_c, block_c)
-        A_r, g = _load_blocks(cfg, [A_g.at[cs], dh_last_g.at[b, cs]], st_s, barriers)
+        # A and dh_last pass through the state workspace before the chunks need it, dA and dh0 after.
+        A_r, g = _load_blocks(cfg, [A_g.at[cs], dh_last_g.at[b, cs]], work, barriers)
 
         def chunk_body(indices, u_s, d_s, B_s, C_s, dy_s, h_start_s, carry):
             (k,), (g, dA) = indices, carry
@@ -232,15 +233,14 @@ def _backward(u, delta, A, B, C, h_starts, dy, dh_last, cfg):
             max_concurrent_steps=cfg.max_concurrent_steps, init_carry=(g, cfg.layout(jnp.zeros(shape, f32), _STATE)))
         g, dA = pipeline(u_g.at[b], d_g.at[b], B_g.at[b], C_g.at[b], dy_g.at[b], h_starts_g.at[b])
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-        _store_blocks([(dh0_g.at[b, cs], g), (dA_g.at[b, cs], dA)], st_s)
+        _store_blocks([(dh0_g.at[b, cs], g), (dA_g.at[b, cs], dA)], work)
 
     per_channel = jax.ShapeDtypeStruct((batch, length, channels), f32)
     per_block_state = jax.ShapeDtypeStruct((batch, n_blocks, length, state), f32)
     block_state = jax.ShapeDtypeStruct((batch, channels, state), f32)
     out_type = (per_channel, per_channel, block_state, per_block_state, per_block_state, block_state)
     scratch = [plgpu.SMEM((chunk, block_c, state), f32), plgpu.SMEM((2, _SLOTS, chunk, block_c), f32),
-               plgpu.SMEM((2, _SLOTS, chunk, state), f32), plgpu.SMEM((2, block_c, state), f32),
-               plgpu.Barrier(num_barriers=2)]
+               plgpu.SMEM((2, _SLOTS, chunk, state), f32), plgpu.Barrier(num_barriers=2)]
     du, ddelta, dA, dB, dC, dh0 = cfg.kernel(kernel, out_type, scratch, (batch, n_blocks),
                                              "selective_scan_bwd_mosaic_gpu")(
         u, delta, A, B, C, h_starts, dy, dh_last)
@@ -275,7 +275,7 @@ def _check_shared_memory(chunk, block_c, state, max_concurrent_steps, itemsizes)
     """The backward kernel's shared memory (the larger of the two) must fit in a Hopper/Blackwell block."""
     u, delta, B, C = itemsizes
     per_stage = chunk * block_c * (u + delta + 4) + chunk * state * (B + C) + block_c * state * 4
-    scratch = 4 * (chunk * block_c * state + 2 * _SLOTS * chunk * (block_c + state) + 2 * block_c * state)
+    scratch = 4 * (chunk * block_c * state + 2 * _SLOTS * chunk * (block_c + state))
     barriers = 8 * (2 + max_concurrent_steps)
     need = max_concurrent_steps * per_stage + scratch + barriers + _REDUCTION_SCRATCH_BYTES
     if need > _SHARED_MEMORY_BYTES:
