@@ -32,11 +32,11 @@ from alignmamba_jax.kernels.reference import selective_scan_reference
 from alignmamba_jax.kernels.validation import BACKENDS, validate_scan_inputs, validate_step_inputs
 
 _AUTO = {"cpu": "chunked", "gpu": "pallas", "cuda": "pallas", "rocm": "pallas", "tpu": "pallas"}
-# Pallas backend -> (module, core, whether the core takes u, delta, B, C upcast to float32 or reads them in their
-# own dtype); each module also defines TUNABLES, the defaults of its core's keywords.
-_PALLAS = {"pallas_triton": ("pallas_triton", "pallas_triton_core", True),
-           "pallas_mosaic_gpu": ("pallas_mosaic_gpu", "pallas_mosaic_gpu_core", False),
-           "pallas_tpu": ("pallas_tpu", "pallas_tpu_core", True)}
+# Pallas backend -> (module, core, whether the core reads and writes the inputs' own dtypes, see `make_backend`);
+# each module also defines TUNABLES, the defaults of its core's keywords.
+_PALLAS = {"pallas_triton": ("pallas_triton", "pallas_triton_core", False),
+           "pallas_mosaic_gpu": ("pallas_mosaic_gpu", "pallas_mosaic_gpu_core", True),
+           "pallas_tpu": ("pallas_tpu", "pallas_tpu_core", False)}
 TUNABLE_BACKENDS = tuple(_PALLAS)
 _MISSING_DIALECT = {
     "pallas_triton": "JAX 0.11 deprecated Pallas's Triton backend and later versions remove it; on GPUs use "
@@ -65,9 +65,9 @@ def tunables(name):
 
 @functools.lru_cache(maxsize=None)
 def _tuned(name, items):
-    _, core_name, upcast_inputs = _PALLAS[name]
+    _, core_name, native_dtypes = _PALLAS[name]
     core = getattr(_pallas_module(name), core_name)
-    return make_backend(functools.partial(core, **dict(items)) if items else core, name, upcast_inputs)
+    return make_backend(functools.partial(core, **dict(items)) if items else core, name, native_dtypes)
 
 
 def tuned_backend(name, **settings):

@@ -22,19 +22,21 @@ def effective_delta(delta, delta_bias, delta_softplus, mask):
     return d
 
 
-def make_backend(core, name, upcast_inputs=True):
-    """upcast_inputs=False hands u, B, C (and delta, where no bias, softplus or mask applies) to a core that
-    upcasts inside its kernel in their own dtype: bfloat16 inputs then cost half the HBM reads."""
+def make_backend(core, name, native_dtypes=False):
+    """native_dtypes=True is for a core that upcasts inside its kernel: it gets u, B, C (and delta, where no
+    bias, softplus or mask applies) in their own dtype and a keyword `y_dtype`, the dtype to write y in (u's
+    where no D or z follows, else float32), so that bfloat16 costs half the HBM traffic."""
     def selective_scan_backend(u, delta, A, B, C, D=None, z=None, delta_bias=None, *, delta_softplus=False,
                                initial_state=None, mask=None, return_final_state=False):
         batch, _, channels = u.shape
         h0 = (jnp.zeros((batch, channels, A.shape[1]), jnp.float32) if initial_state is None
               else initial_state.astype(jnp.float32))
         u32 = u.astype(jnp.float32)
-        cast = (lambda x: x.astype(jnp.float32)) if upcast_inputs else (lambda x: x)
+        cast = (lambda x: x) if native_dtypes else (lambda x: x.astype(jnp.float32))
         plain_delta = delta_bias is None and not delta_softplus and mask is None
         d = cast(delta) if plain_delta else effective_delta(delta, delta_bias, delta_softplus, mask)
-        y, h_last = core(cast(u), d, A.astype(jnp.float32), cast(B), cast(C), h0)
+        y_dtype = {"y_dtype": u.dtype if D is None and z is None else jnp.float32} if native_dtypes else {}
+        y, h_last = core(cast(u), d, A.astype(jnp.float32), cast(B), cast(C), h0, **y_dtype)
         if D is not None:
             y = y + u32 * D.astype(jnp.float32)
         if z is not None:

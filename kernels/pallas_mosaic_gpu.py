@@ -21,8 +21,9 @@ than by atomic adds into HBM: the sum is deterministic (training runs repeat bit
 2 * state * 4 / block_c bytes per (batch, time, channel) element, small next to u, delta and du, ddelta.
 Nothing of size (batch, length, channels, state) is ever written.
 
-u, delta, B and C are read in their own dtype (bfloat16 halves the HBM reads) and upcast in registers; the
-state and all accumulation are float32. Lengths are padded to a multiple of the chunk with identity steps
+u, delta, B and C are read in their own dtype (bfloat16 halves the HBM reads) and upcast in registers; y is
+written in `y_dtype` (bfloat16 for bfloat16 inputs where no D or z follows) and the backward reads dy in it;
+the state and all accumulation are float32. Lengths are padded to a multiple of the chunk with identity steps
 (delta = 0), channels to the block size and the state to a multiple of 8 (the WGMMA layout's tile); the
 padding lives outside the `custom_vjp`, so autodiff drops its gradient.
 
@@ -62,6 +63,7 @@ class _Config(NamedTuple):
     max_concurrent_steps: int
     lowering_semantics: str
     interpret: bool
+    y_dtype: jnp.dtype
 
     def layout(self, x, layout):
         # Interpret mode has no rule for layout casts (layouts only matter to the GPU lowering).
@@ -138,7 +140,7 @@ def _forward(u, delta, A, B, C, h0, cfg, save_starts):
                 u, d, d_b, B_b = _step_inputs(cfg, i, u_s, d_s, B_s, shape)
                 h = jnp.exp(d_b * A_r) * h + lax.broadcast_in_dim(d * u, shape, [0]) * B_b
                 _, C_b = _rows(cfg, C_s, i, shape, 0, _COL)
-                y_s[slot, i] = jnp.sum(h * C_b, axis=1)
+                y_s[slot, i] = jnp.sum(h * C_b, axis=1).astype(cfg.y_dtype)
                 return h
 
             h = lax.fori_loop(0, chunk, step, h)
@@ -158,11 +160,11 @@ def _forward(u, delta, A, B, C, h0, cfg, save_starts):
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
         _store_blocks([(h_last_g.at[b, cs], h)], st_s)
 
-    out_type = [jax.ShapeDtypeStruct((batch, length, channels), f32),
+    out_type = [jax.ShapeDtypeStruct((batch, length, channels), cfg.y_dtype),
                 jax.ShapeDtypeStruct((batch, channels, state), f32)]
     if save_starts:
         out_type.append(jax.ShapeDtypeStruct((batch, n_chunks, channels, state), f32))
-    scratch = [plgpu.SMEM((_SLOTS, chunk, block_c), f32), plgpu.SMEM((_SLOTS, block_c, state), f32),
+    scratch = [plgpu.SMEM((_SLOTS, chunk, block_c), cfg.y_dtype), plgpu.SMEM((_SLOTS, block_c, state), f32),
                plgpu.Barrier(num_barriers=2)]
     return cfg.kernel(kernel, tuple(out_type), scratch, (batch, channels // block_c),
                       "selective_scan_fwd_mosaic_gpu")(u, delta, A, B, C, h0)
@@ -177,7 +179,7 @@ def _backward(u, delta, A, B, C, h_starts, dy, dh_last, cfg):
     f32 = jnp.float32
 
     def kernel(u_g, d_g, A_g, B_g, C_g, h_starts_g, dy_g, dh_last_g,
-               du_g, dd_g, dA_g, dB_g, dC_g, dh0_g, work, ud_s, bc_s, barriers):
+               du_g, dd_g, dA_g, dB_g, dC_g, dh0_g, work, du_s, dd_s, bc_s, barriers):
         b, c = lax.axis_index("batch"), lax.axis_index("block")
         cs = pl.ds(c * block_c, block_c)
         # A and dh_last pass through the state workspace before the chunks need it, dA and dh0 after.
@@ -208,8 +210,8 @@ def _backward(u, delta, A, B, C, h_starts, dy, dh_last, cfg):
                 g_a_hprev = g * a * h_prev
                 dA = dA + g_a_hprev * d_b
                 g_b = jnp.sum(g * B_b, axis=1)
-                ud_s[0, slot, i] = d * g_b
-                ud_s[1, slot, i] = jnp.sum(g_a_hprev * A_r, axis=1) + u * g_b
+                du_s[slot, i] = (d * g_b).astype(du_s.dtype)
+                dd_s[slot, i] = (jnp.sum(g_a_hprev * A_r, axis=1) + u * g_b).astype(dd_s.dtype)
                 bc_s[0, slot, i] = jnp.sum(g * du_b, axis=0)
                 bc_s[1, slot, i] = jnp.sum((a * h_prev + du_b * B_b) * dy_b, axis=0)
                 return g * a, dA
@@ -217,7 +219,7 @@ def _backward(u, delta, A, B, C, h_starts, dy, dh_last, cfg):
             carry = lax.fori_loop(0, chunk, adjoint_step, (g, dA))
             plgpu.commit_smem()
             ts = pl.ds((n_chunks - 1 - k) * chunk, chunk)
-            for dst, src in ((du_g.at[b, ts, cs], ud_s.at[0, slot]), (dd_g.at[b, ts, cs], ud_s.at[1, slot]),
+            for dst, src in ((du_g.at[b, ts, cs], du_s.at[slot]), (dd_g.at[b, ts, cs], dd_s.at[slot]),
                              (dB_g.at[b, c, ts], bc_s.at[0, slot])):
                 plgpu.copy_smem_to_gmem(src, dst, commit_group=False)
             plgpu.copy_smem_to_gmem(bc_s.at[1, slot], dC_g.at[b, c, ts])
@@ -235,12 +237,14 @@ def _backward(u, delta, A, B, C, h_starts, dy, dh_last, cfg):
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
         _store_blocks([(dh0_g.at[b, cs], g), (dA_g.at[b, cs], dA)], work)
 
-    per_channel = jax.ShapeDtypeStruct((batch, length, channels), f32)
+    # du and ddelta in the dtypes of u and delta (their cotangents' dtypes); dA, dB, dC partials in float32.
     per_block_state = jax.ShapeDtypeStruct((batch, n_blocks, length, state), f32)
     block_state = jax.ShapeDtypeStruct((batch, channels, state), f32)
-    out_type = (per_channel, per_channel, block_state, per_block_state, per_block_state, block_state)
-    scratch = [plgpu.SMEM((chunk, block_c, state), f32), plgpu.SMEM((2, _SLOTS, chunk, block_c), f32),
-               plgpu.SMEM((2, _SLOTS, chunk, state), f32), plgpu.Barrier(num_barriers=2)]
+    out_type = (jax.ShapeDtypeStruct(u.shape, u.dtype), jax.ShapeDtypeStruct(delta.shape, delta.dtype), block_state,
+                per_block_state, per_block_state, block_state)
+    scratch = [plgpu.SMEM((chunk, block_c, state), f32), plgpu.SMEM((_SLOTS, chunk, block_c), u.dtype),
+               plgpu.SMEM((_SLOTS, chunk, block_c), delta.dtype), plgpu.SMEM((2, _SLOTS, chunk, state), f32),
+               plgpu.Barrier(num_barriers=2)]
     du, ddelta, dA, dB, dC, dh0 = cfg.kernel(kernel, out_type, scratch, (batch, n_blocks),
                                              "selective_scan_bwd_mosaic_gpu")(
         u, delta, A, B, C, h_starts, dy, dh_last)
@@ -260,7 +264,7 @@ def _mosaic_scan_fwd(u, delta, A, B, C, h0, cfg):
 def _mosaic_scan_bwd(cfg, res, cotangents):
     u, delta, A, B, C, h_starts = res
     dy, dh_last = cotangents
-    grads = _backward(u, delta, A, B, C, h_starts, dy.astype(jnp.float32), dh_last, cfg)
+    grads = _backward(u, delta, A, B, C, h_starts, dy, dh_last, cfg)
     return tuple(grad.astype(x.dtype) for grad, x in zip(grads, (u, delta, A, B, C, dh_last)))
 
 
@@ -273,9 +277,9 @@ def _round_up(x, multiple):
 
 def _check_shared_memory(chunk, block_c, state, max_concurrent_steps, itemsizes):
     """The backward kernel's shared memory (the larger of the two) must fit in a Hopper/Blackwell block."""
-    u, delta, B, C = itemsizes
-    per_stage = chunk * block_c * (u + delta + 4) + chunk * state * (B + C) + block_c * state * 4
-    scratch = 4 * (chunk * block_c * state + 2 * _SLOTS * chunk * (block_c + state))
+    u, delta, B, C, dy = itemsizes
+    per_stage = chunk * block_c * (u + delta + dy) + chunk * state * (B + C) + block_c * state * 4
+    scratch = 4 * (chunk * block_c * state + 2 * _SLOTS * chunk * state) + _SLOTS * chunk * block_c * (u + delta)
     barriers = 8 * (2 + max_concurrent_steps)
     need = max_concurrent_steps * per_stage + scratch + barriers + _REDUCTION_SCRATCH_BYTES
     if need > _SHARED_MEMORY_BYTES:
@@ -287,13 +291,15 @@ def _check_shared_memory(chunk, block_c, state, max_concurrent_steps, itemsizes)
 
 def pallas_mosaic_gpu_core(u, delta, A, B, C, h0, *, chunk=TUNABLES["chunk"], block_c=TUNABLES["block_c"],
                            max_concurrent_steps=TUNABLES["max_concurrent_steps"],
-                           lowering_semantics=TUNABLES["lowering_semantics"],
+                           lowering_semantics=TUNABLES["lowering_semantics"], y_dtype=jnp.float32,
                            interpret=None):
     """The recurrence core (see `common.py`); u, delta, B, C may be bfloat16/float16 (upcast in the kernel).
 
     chunk: time steps per pipeline stage and between saved boundary states (rounded up to a multiple of 8, at
     most the padded length); block_c: channels per program, a multiple of 64; max_concurrent_steps: chunks
-    in flight in the input pipeline (2 = double buffering); lowering_semantics: "lane" or "warpgroup".
+    in flight in the input pipeline (2 = double buffering); lowering_semantics: "lane" or "warpgroup";
+    y_dtype: the dtype the kernel writes y in (`make_backend(..., native_dtypes=True)` passes bfloat16 for
+    bfloat16 inputs without D or z, so that y costs 2 bytes an element instead of 4 plus a cast).
     interpret (default: off GPU) runs the kernels in Mosaic GPU interpret mode.
     """
     if block_c % _TILE_ROWS or block_c <= 0:
@@ -308,9 +314,10 @@ def pallas_mosaic_gpu_core(u, delta, A, B, C, h0, *, chunk=TUNABLES["chunk"], bl
     state = A.shape[1]
     chunk = min(_round_up(chunk, 8), _round_up(length, 8))
     u, delta, B, C = (x if x.dtype in _KERNEL_DTYPES else x.astype(jnp.float32) for x in (u, delta, B, C))
+    kernel_y_dtype = jnp.dtype(y_dtype) if jnp.dtype(y_dtype) in _KERNEL_DTYPES else jnp.dtype(jnp.float32)
     if not interpret:
         _check_shared_memory(chunk, block_c, _round_up(state, _TILE_COLS), max_concurrent_steps,
-                             [x.dtype.itemsize for x in (u, delta, B, C)])
+                             [x.dtype.itemsize for x in (u, delta, B, C)] + [kernel_y_dtype.itemsize])
     pad_t = _round_up(length, chunk) - length
     pad_c = _round_up(channels, block_c) - channels
     pad_n = _round_up(state, _TILE_COLS) - state
@@ -318,6 +325,6 @@ def pallas_mosaic_gpu_core(u, delta, A, B, C, h0, *, chunk=TUNABLES["chunk"], bl
     B, C = (jnp.pad(x, ((0, 0), (0, pad_t), (0, pad_n))) for x in (B, C))
     A = jnp.pad(A.astype(jnp.float32), ((0, pad_c), (0, pad_n)))
     h0 = jnp.pad(h0.astype(jnp.float32), ((0, 0), (0, pad_c), (0, pad_n)))
-    cfg = _Config(chunk, block_c, max_concurrent_steps, lowering_semantics, bool(interpret))
+    cfg = _Config(chunk, block_c, max_concurrent_steps, lowering_semantics, bool(interpret), kernel_y_dtype)
     y, h_last = _mosaic_scan(u, delta, A, B, C, h0, cfg)
-    return y[:, :length, :channels], h_last[:, :channels, :state]
+    return y[:, :length, :channels].astype(y_dtype), h_last[:, :channels, :state]

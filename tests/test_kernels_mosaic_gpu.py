@@ -66,9 +66,10 @@ def _check_bfloat16(fn, shape, options, seed=5):
         assert_close_tree([g], [g_ref], *_BF16_GRADS[name], what=f"d{name}")
 
 
-def test_mosaic_gpu_reads_bfloat16_inputs_within_mamba_ssm_tolerances():
-    """Plain delta (no bias, softplus or mask): u, delta, B and C reach the kernel as bfloat16."""
-    _check_bfloat16(SMALL, (1, 12, 64, 16), dict(D=True, z=True, initial_state=True))
+def test_mosaic_gpu_reads_and_writes_bfloat16_within_mamba_ssm_tolerances():
+    """Plain delta (no bias, softplus or mask) and no D or z: u, delta, B and C reach the kernel as bfloat16, it
+    writes y as bfloat16 and its backward reads dy as bfloat16."""
+    _check_bfloat16(SMALL, (1, 12, 64, 16), dict(initial_state=True))
 
 
 def test_mosaic_gpu_backend_hands_bfloat16_to_the_kernel_and_float32_to_the_others():
@@ -76,16 +77,18 @@ def test_mosaic_gpu_backend_hands_bfloat16_to_the_kernel_and_float32_to_the_othe
     seen = {}
 
     def spy(name):
-        def core(u, delta, A, B, C, h0):
-            seen[name] = (u.dtype, delta.dtype, B.dtype, C.dtype)
-            return jnp.zeros(u.shape, jnp.float32), h0
+        def core(u, delta, A, B, C, h0, **y_dtype):
+            seen[name] = (u.dtype, delta.dtype, B.dtype, C.dtype, *y_dtype.values())
+            return jnp.zeros(u.shape, y_dtype.get("y_dtype", jnp.float32)), h0
         return core
 
-    make_backend(spy("native"), "native", upcast_inputs=False)(*args, **kwargs)
+    make_backend(spy("native"), "native", native_dtypes=True)(*args, **kwargs)
     make_backend(spy("upcast"), "upcast")(*args, **kwargs)
-    make_backend(spy("softplus"), "softplus", upcast_inputs=False)(*args, **dict(kwargs, delta_softplus=True))
+    make_backend(spy("softplus"), "softplus", native_dtypes=True)(*args, **dict(kwargs, delta_softplus=True))
+    make_backend(spy("D"), "D", native_dtypes=True)(*args[:5], jnp.ones(4, jnp.bfloat16), **kwargs)
     bf16, f32 = jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)
-    assert seen == {"native": (bf16,) * 4, "upcast": (f32,) * 4, "softplus": (bf16, f32, bf16, bf16)}
+    assert seen == {"native": (bf16,) * 5, "upcast": (f32,) * 4, "softplus": (bf16, f32, bf16, bf16, bf16),
+                    "D": (bf16,) * 4 + (f32,)}
 
 
 def _export(fn, dtype, semantics):
@@ -101,7 +104,7 @@ def test_mosaic_gpu_kernels_lower_for_cuda_under_each_lowering_semantics(semanti
     """The Pallas -> Mosaic GPU lowering (layouts, shared-memory budget, TMA copies) of forward and backward for
     an sm_90 GPU, with bfloat16 inputs, padding of length, channels and state, and two chunks."""
     fn = make_backend(functools.partial(pallas_mosaic_gpu_core, chunk=24, lowering_semantics=semantics,
-                                        interpret=False), "pallas_mosaic_gpu", upcast_inputs=False)
+                                        interpret=False), "pallas_mosaic_gpu", native_dtypes=True)
     forward, backward = _export(fn, jnp.bfloat16, semantics)
     assert "mosaic_gpu" in forward and "selective_scan_fwd_mosaic_gpu" in forward
     assert "selective_scan_bwd_mosaic_gpu" not in forward
@@ -113,7 +116,7 @@ def test_mosaic_gpu_gradient_writes_no_full_state_array():
     state); the forward keeps one state per chunk of 16 steps."""
     batch, length, channels, state = 2, 64, 64, 16
     args, _ = make_inputs(9, batch, length, channels, state)
-    fn = make_backend(functools.partial(pallas_mosaic_gpu_core, interpret=False), "m", upcast_inputs=False)
+    fn = make_backend(functools.partial(pallas_mosaic_gpu_core, interpret=False), "m", native_dtypes=True)
     jaxpr = jax.make_jaxpr(jax.grad(lambda *a: jnp.sum(fn(*a)), argnums=(0, 1, 2, 3, 4)))(*args[:5])
 
     def shapes(jaxpr):
