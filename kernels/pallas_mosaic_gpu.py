@@ -15,10 +15,12 @@ Those boundary states, (batch, n_chunks, channels, state), are all the backward 
 Backward, same grid and pipeline with reversed index maps (chunks in reverse): a chunk's states are recomputed
 from its boundary state into a (chunk, block_c, state) shared-memory workspace, then the adjoint recurrence
 g_t = exp(delta_{t+1} A) g_{t+1} + C_t dy_t runs backwards through the chunk, giving du and ddelta per channel,
-dA accumulated in registers, and dB, dC per step reduced over the block's channels. dB and dC are summed over
-channel blocks by a second pass (XLA's sum of per-block partials, (batch, n_blocks, length, state)) rather
-than by atomic adds into HBM: the sum is deterministic (training runs repeat bit for bit) and costs
-2 * state * 4 / block_c bytes per (batch, time, channel) element, small next to u, delta and du, ddelta.
+dA accumulated in registers, and dB, dC per step reduced over the block's channels (a reduction across the
+warpgroup's four warps through shared memory, twice a step: the part most likely to cost on a device; Mosaic
+GPU cannot concatenate the two into one). dB and dC are summed over channel blocks by a second pass (XLA's
+sum of per-block partials, (batch, n_blocks, length, state)) rather than by atomic adds into HBM: the sum is
+deterministic (training runs repeat bit for bit) and costs 2 * state * 4 / block_c bytes per (batch, time,
+channel) element, written once and read once, small next to u, delta and du, ddelta.
 Nothing of size (batch, length, channels, state) is ever written.
 
 u, delta, B and C are read in their own dtype (bfloat16 halves the HBM reads) and upcast in registers; y is
