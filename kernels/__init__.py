@@ -2,13 +2,18 @@
 single-step `selective_state_update` for decoding.
 
 Backends (all share the signature of `selective_scan_reference`):
-  reference      plain `lax.scan`, the ground truth                                  (reference.py)
-  associative    `lax.associative_scan`, the baseline; materialises (batch, length, channels, state)
-  chunked        sequential chunks + hand-written VJP keeping chunk-boundary states (chunked.py)
-  pallas_triton  Pallas GPU kernel on Pallas's Triton backend (deprecated by JAX 0.11) (pallas_triton.py)
-  pallas_tpu     Pallas TPU kernel (Mosaic)                                           (pallas_tpu.py)
-  pallas         the platform's Pallas kernel: pallas_tpu on TPU, the GPU kernel elsewhere
-  auto           cpu -> chunked, gpu -> pallas, tpu -> pallas
+  reference          plain `lax.scan`, the ground truth                                      (reference.py)
+  associative        `lax.associative_scan`, the baseline; materialises (batch, length, channels, state)
+  chunked            sequential chunks + hand-written VJP keeping chunk-boundary states        (chunked.py)
+  pallas_triton      Pallas GPU kernel on Pallas's Triton backend, deprecated by JAX 0.11 (pallas_triton.py)
+  pallas_mosaic_gpu  Pallas GPU kernel on Mosaic GPU, sm_90+ (Hopper, Blackwell)       (pallas_mosaic_gpu.py)
+  pallas_tpu         Pallas TPU kernel (Mosaic)                                              (pallas_tpu.py)
+  pallas             the platform's Pallas kernel: pallas_tpu on TPU; elsewhere pallas_triton where this JAX
+                     has Pallas's Triton dialect, else pallas_mosaic_gpu
+  auto               cpu -> chunked, gpu -> pallas, tpu -> pallas
+On GPU `pallas` (and so `auto`) prefers the Triton kernel while JAX has it: until a GPU has measured both, it is
+the safer choice (simpler code with no asynchronous copies or barriers to get wrong, and it runs on any CUDA GPU,
+where the Mosaic GPU kernel needs sm_90+); where the Triton dialect is gone it falls back to Mosaic GPU.
 Off their platform the Pallas kernels run in interpret mode (slow; for tests). The Pallas backends import their
 Pallas dialect only when asked for, so a JAX without one (e.g. without Triton) still serves every other backend.
 `tuned_backend(name, **tunables)` builds a Pallas backend with non-default tunables (block and chunk sizes) for
@@ -27,19 +32,22 @@ from alignmamba_jax.kernels.reference import selective_scan_reference
 from alignmamba_jax.kernels.validation import BACKENDS, validate_scan_inputs, validate_step_inputs
 
 _AUTO = {"cpu": "chunked", "gpu": "pallas", "cuda": "pallas", "rocm": "pallas", "tpu": "pallas"}
-# Pallas backend -> (module, core); each module also defines TUNABLES, the defaults of its core's keywords.
-_PALLAS = {"pallas_triton": ("pallas_triton", "pallas_triton_core"),
-           "pallas_tpu": ("pallas_tpu", "pallas_tpu_core")}
+# Pallas backend -> (module, core, whether the core reads and writes the inputs' own dtypes, see `make_backend`);
+# each module also defines TUNABLES, the defaults of its core's keywords.
+_PALLAS = {"pallas_triton": ("pallas_triton", "pallas_triton_core", False),
+           "pallas_mosaic_gpu": ("pallas_mosaic_gpu", "pallas_mosaic_gpu_core", True),
+           "pallas_tpu": ("pallas_tpu", "pallas_tpu_core", False)}
 TUNABLE_BACKENDS = tuple(_PALLAS)
 _MISSING_DIALECT = {
     "pallas_triton": "JAX 0.11 deprecated Pallas's Triton backend and later versions remove it; on GPUs use "
                      "backend='pallas' (the platform's Pallas kernel), or 'chunked' / 'associative' anywhere",
+    "pallas_mosaic_gpu": "use backend 'pallas_triton', 'chunked' or 'associative'",
     "pallas_tpu": "use backend 'chunked' or 'associative'",
 }
 
 
 def _pallas_module(name):
-    module, _ = _PALLAS[name]
+    module = _PALLAS[name][0]
     try:
         return importlib.import_module(f"alignmamba_jax.kernels.{module}")
     except ImportError as error:
@@ -57,9 +65,9 @@ def tunables(name):
 
 @functools.lru_cache(maxsize=None)
 def _tuned(name, items):
-    module = _pallas_module(name)
-    core = getattr(module, _PALLAS[name][1])
-    return make_backend(functools.partial(core, **dict(items)) if items else core, name)
+    _, core_name, native_dtypes = _PALLAS[name]
+    core = getattr(_pallas_module(name), core_name)
+    return make_backend(functools.partial(core, **dict(items)) if items else core, name, native_dtypes)
 
 
 def tuned_backend(name, **settings):
@@ -73,12 +81,22 @@ def tuned_backend(name, **settings):
     return _tuned(name, tuple(sorted(settings.items())))
 
 
+def _gpu_pallas_backend():
+    """pallas_triton where this JAX still has Pallas's Triton dialect (the safer kernel until a GPU has measured
+    both, see the module docstring), else pallas_mosaic_gpu."""
+    try:
+        _pallas_module("pallas_triton")
+    except RuntimeError:
+        return "pallas_mosaic_gpu"
+    return "pallas_triton"
+
+
 def _implementation(backend):
     platform = jax.default_backend()
     if backend == "auto":
         backend = _AUTO.get(platform, "chunked")
     if backend == "pallas":
-        backend = "pallas_tpu" if platform == "tpu" else "pallas_triton"
+        backend = "pallas_tpu" if platform == "tpu" else _gpu_pallas_backend()
     if backend in _PALLAS:
         return _tuned(backend, ())
     return {"reference": selective_scan_reference, "associative": selective_scan_associative,

@@ -1,10 +1,11 @@
 """Tests of the Pallas backends in interpret mode (GPU/Triton kernel and TPU/Mosaic kernel), of their lowering
 for real accelerators through `jax.export` from this CPU machine, and of the backend registry (tunables, a
-JAX without the Triton dialect).
+JAX without the Triton dialect). The Mosaic GPU kernel has its own file, test_kernels_mosaic_gpu.py.
 
 Interpret mode runs every grid step through the JAX interpreter, so shapes are tiny and chunk/block sizes are
 shrunk to exercise several chunks, several channel blocks and padding of length, channels and state.
 """
+import contextlib
 import functools
 import os
 import subprocess
@@ -55,7 +56,7 @@ def test_pallas_matches_reference_on_larger_shapes(backend, shape, options):
     test_pallas_matches_reference_values_and_gradients(backend, shape, options)
 
 
-def test_pallas_bfloat16_extremes_and_vmap():
+def test_pallas_bfloat16():
     fn = BACKENDS["pallas_triton_small_blocks"]
     args, kwargs = make_inputs(5, 2, 10, 3, 4, OPTION_SETS["all"].items(), dtype=jnp.bfloat16)
     y, h = fn(*args, return_final_state=True, **kwargs)
@@ -66,6 +67,11 @@ def test_pallas_bfloat16_extremes_and_vmap():
     np.testing.assert_allclose(np.asarray(y, np.float32), y_ref, rtol=3e-2, atol=5e-2)
     np.testing.assert_allclose(h, h_ref, rtol=3e-2, atol=5e-2)
 
+
+@pytest.mark.parametrize("fn", [pytest.param(BACKENDS["pallas_triton_small_blocks"], id="pallas_triton"),
+                                pytest.param(tuned_backend("pallas_mosaic_gpu", chunk=8), id="pallas_mosaic_gpu",
+                                             marks=pytest.mark.slow)])
+def test_pallas_extremes_and_vmap(fn):
     args, _ = make_inputs(6, 1, 6, 3, 2)
     stacked = [jnp.stack([a, 2 * a]) for a in args[:5]]
     stacked[1] = jnp.full_like(stacked[1], 1e3)
@@ -93,9 +99,14 @@ def _export_for(platform, fn, disabled_target):
     sds = [jax.ShapeDtypeStruct(s, d) for s, d in zip(shapes, dtypes)]
     checks = [export.DisabledSafetyCheck.custom_call(disabled_target)]
     grad = jax.jit(jax.grad(lambda *a: fn(*a).astype(jnp.float32).sum(), argnums=(0, 1, 2, 3, 4)))
+    # jax 0.11's Triton lowering asks which GPU it lowers for; off GPU an abstract H100 answers.
+    h100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", platform="gpu", num_cores=132)
+    target = (jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), (), abstract_device=h100))
+              if platform == "cuda" else contextlib.nullcontext())
     try:
-        return [export.export(f, platforms=[platform], disabled_checks=checks)(*sds).mlir_module()
-                for f in (jax.jit(fn), grad)]
+        with target:
+            return [export.export(f, platforms=[platform], disabled_checks=checks)(*sds).mlir_module()
+                    for f in (jax.jit(fn), grad)]
     except (NotImplementedError, ImportError) as err:
         pytest.skip(f"this jax/jaxlib cannot lower Pallas kernels for {platform} from a CPU machine: {err}")
 
@@ -128,10 +139,12 @@ sys.modules["jax.experimental.pallas.triton"] = None      # a JAX whose Pallas h
 import numpy as np
 from alignmamba_jax.kernels import selective_scan, selective_scan_reference
 from alignmamba_jax.kernels.testing import OPTION_SETS, make_inputs
+from alignmamba_jax.kernels import _implementation
 args, kwargs = make_inputs(1, 1, 5, 2, 3, OPTION_SETS["mask"].items())
 expected = selective_scan_reference(*args, **kwargs)
-for backend in ("reference", "associative", "chunked", "pallas_tpu", "auto"):
+for backend in ("reference", "associative", "chunked", "pallas_tpu", "pallas_mosaic_gpu", "pallas", "auto"):
     np.testing.assert_allclose(selective_scan(*args, backend=backend, **kwargs), expected, rtol=1e-4, atol=1e-4)
+print("pallas is", _implementation("pallas").__name__)
 try:
     selective_scan(*args, backend="pallas_triton", **kwargs)
 except RuntimeError as error:
@@ -140,7 +153,9 @@ except RuntimeError as error:
 
 
 def test_a_jax_without_triton_serves_every_other_backend_and_explains_pallas_triton():
+    """`pallas` falls back to the Mosaic GPU kernel (here in interpret mode)."""
     out = subprocess.run([sys.executable, "-c", _WITHOUT_TRITON], capture_output=True, text=True, check=True,
                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert "pallas is selective_scan_pallas_mosaic_gpu" in out.stdout
     assert "backend='pallas_triton' is unavailable" in out.stdout
     assert "deprecated Pallas's Triton backend" in out.stdout

@@ -1,0 +1,332 @@
+"""The `pallas_mosaic_gpu` backend: the selective scan as Pallas Mosaic GPU kernels (Hopper and later), forward
+and backward, sequential in time, parallel over channel blocks.
+
+Both passes are Mosaic GPU kernels (`plgpu.kernel`); only the sums of the per-block partial gradients (dA
+over the batch, dB and dC over channel blocks) and the padding are XLA.
+
+Forward, grid (batch, channel blocks), one warpgroup per program: the float32 state of a (block_c, state)
+channel block lives in registers (WGMMA layout; per-channel rows in its `reduce(1)` layout, per-state rows in
+`reduce(0)`). `plgpu.emit_pipeline` brings time chunks of u and delta (chunk, block_c) and of B and C
+(chunk, state) into shared memory with TMA copies, `max_concurrent_steps` chunks in flight, so the next
+chunks load while this one computes. Each chunk's y goes from a double-buffered shared-memory tile back to HBM
+by an asynchronous copy; under differentiation the state at the start of every chunk is written the same way.
+Those boundary states, (batch, n_chunks, channels, state), are all the backward pass keeps.
+
+Backward, same grid and pipeline with reversed index maps (chunks in reverse): a chunk's states are recomputed
+from its boundary state into a (chunk, block_c, state) shared-memory workspace, then the adjoint recurrence
+g_t = exp(delta_{t+1} A) g_{t+1} + C_t dy_t runs backwards through the chunk, giving du and ddelta per channel,
+dA accumulated in registers, and dB, dC per step reduced over the block's channels (a reduction across the
+warpgroup's four warps through shared memory, twice a step: the part most likely to cost on a device; Mosaic
+GPU cannot concatenate the two into one). dB and dC are summed over channel blocks by a second pass (XLA's
+sum of per-block partials, (batch, n_blocks, length, state)) rather than by atomic adds into HBM: the sum is
+deterministic (training runs repeat bit for bit) and costs 2 * state * 4 / block_c bytes per (batch, time,
+channel) element, written once and read once, small next to u, delta and du, ddelta.
+Nothing of size (batch, length, channels, state) is ever written.
+
+u, delta, B and C are read in their own dtype (bfloat16 halves the HBM reads) and upcast in registers; y is
+written in `y_dtype` (bfloat16 for bfloat16 inputs where no D or z follows) and the backward reads dy in it;
+the state and all accumulation are float32. Lengths are padded to a multiple of the chunk with identity steps
+(delta = 0), channels to the block size and the state to a multiple of 8 (the WGMMA layout's tile); the
+padding lives outside the `custom_vjp`, so autodiff drops its gradient.
+
+The lowering semantics is pinned in the compiler params (`lowering_semantics`, a tunable): Warpgroup by
+default, as JAX's own Mosaic GPU kernels pin it in jax 0.10 and as jax 0.11 defaults to it; Lane (jax 0.10's
+default) also lowers, for state sizes whose float32 rows are not 128 bytes (state 32 and 64 fail there: no
+bank-conflict-free shared-memory transfer of the state tile).
+
+Verified on CPU only: the kernels run in Mosaic GPU interpret mode (tests, against `reference`, values and
+gradients) and lower for sm_90 through `jax.export(..., platforms=["cuda"])` under both lowering semantics.
+No GPU has compiled the PTX or timed these kernels yet.
+"""
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+# Defaults of the core's keyword arguments, so that a device run can sweep them (`kernels.tuned_backend`).
+TUNABLES = {"chunk": 16, "block_c": 64, "max_concurrent_steps": 2, "lowering_semantics": "warpgroup"}
+SEMANTICS = {"lane": plgpu.LoweringSemantics.Lane, "warpgroup": plgpu.LoweringSemantics.Warpgroup}
+_TILE_ROWS, _TILE_COLS = 64, 8                                    # the WGMMA layout's (rows, cols) tile
+_SLOTS = 2                                                        # double-buffered output tiles
+_SHARED_MEMORY_BYTES = 227 * 1024                                 # per block on sm_90 / sm_100
+_REDUCTION_SCRATCH_BYTES = plgpu.CompilerParams().reduction_scratch_bytes
+_KERNEL_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
+_STATE, _ROW, _COL = plgpu.Layout.WGMMA, plgpu.Layout.WGMMA.reduce(1), plgpu.Layout.WGMMA.reduce(0)
+
+
+class _Config(NamedTuple):
+    """The static (hashable) settings of one kernel call."""
+    chunk: int
+    block_c: int
+    max_concurrent_steps: int
+    lowering_semantics: str
+    interpret: bool
+    y_dtype: jnp.dtype
+
+    def layout(self, x, layout):
+        # Interpret mode has no rule for layout casts (layouts only matter to the GPU lowering).
+        return x if self.interpret else plgpu.layout_cast(x, layout)
+
+    def kernel(self, body, out_type, scratch_types, grid, name):
+        interpret = None
+        if self.interpret:    # a private module of jax 0.10-0.11, imported only where interpret mode is asked for
+            from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+            interpret = InterpretGPUParams()
+        return plgpu.kernel(
+            body, out_type=out_type, scratch_types=scratch_types, grid=grid, grid_names=("batch", "block"),
+            compiler_params=plgpu.CompilerParams(lowering_semantics=SEMANTICS[self.lowering_semantics]),
+            interpret=interpret, kernel_name=name)
+
+
+def _rows(cfg, ref, i, shape, axis, layout):
+    """Row i of a (chunk, k) shared-memory tile, upcast to float32 and broadcast along `axis` to `shape`."""
+    row = cfg.layout(ref[i], layout).astype(jnp.float32)
+    return row, lax.broadcast_in_dim(row, shape, [1 - axis])
+
+
+def _step_inputs(cfg, i, u_s, d_s, B_s, shape):
+    """Step i's u_i and delta_i as channel rows, delta_i broadcast over the state, B_i broadcast over channels."""
+    u, _ = _rows(cfg, u_s, i, shape, 1, _ROW)
+    d, d_b = _rows(cfg, d_s, i, shape, 1, _ROW)
+    _, B_b = _rows(cfg, B_s, i, shape, 0, _COL)
+    return u, d, d_b, B_b
+
+
+def _load_blocks(cfg, sources, tiles, barriers):
+    """Copies (block_c, state) blocks from HBM into shared-memory tiles; returns them as float32 state arrays."""
+    for k, src in enumerate(sources):
+        plgpu.copy_gmem_to_smem(src, tiles.at[k], barriers.at[k])
+    for k in range(len(sources)):
+        plgpu.barrier_wait(barriers.at[k])
+    return [cfg.layout(tiles[k], _STATE) for k in range(len(sources))]
+
+
+def _store_blocks(pairs, tiles):
+    """Writes (block_c, state) arrays to HBM through shared-memory tiles and waits for the copies."""
+    for k, (_, value) in enumerate(pairs):
+        tiles[k] = value
+    plgpu.commit_smem()
+    for k, (dst, _) in enumerate(pairs):
+        plgpu.copy_smem_to_gmem(tiles.at[k], dst, commit_group=False)
+    plgpu.commit_smem_to_gmem_group()
+    plgpu.wait_smem_to_gmem(0)
+
+
+def _forward(u, delta, A, B, C, h0, cfg, save_starts):
+    batch, length, channels = u.shape
+    state = A.shape[1]
+    chunk, block_c = cfg.chunk, cfg.block_c
+    n_chunks = length // chunk
+    shape = (block_c, state)
+    f32 = jnp.float32
+
+    def kernel(u_g, d_g, A_g, B_g, C_g, h0_g, y_g, h_last_g, *rest):
+        h_starts_g = rest[0] if save_starts else None
+        y_s, st_s, barriers = rest[-3:]
+        b, c = lax.axis_index("batch"), lax.axis_index("block")
+        cs = pl.ds(c * block_c, block_c)
+        A_r, h = _load_blocks(cfg, [A_g.at[cs], h0_g.at[b, cs]], st_s, barriers)
+
+        def chunk_body(indices, u_s, d_s, B_s, C_s, carry):
+            (k,), (h,) = indices, carry
+            slot = lax.rem(k, _SLOTS)
+            plgpu.wait_smem_to_gmem(_SLOTS - 1, wait_read_only=True)   # this slot's previous copies are done
+            if save_starts:
+                st_s[slot] = h
+
+            def step(i, h):
+                u, d, d_b, B_b = _step_inputs(cfg, i, u_s, d_s, B_s, shape)
+                h = jnp.exp(d_b * A_r) * h + lax.broadcast_in_dim(d * u, shape, [0]) * B_b
+                _, C_b = _rows(cfg, C_s, i, shape, 0, _COL)
+                y_s[slot, i] = jnp.sum(h * C_b, axis=1).astype(cfg.y_dtype)
+                return h
+
+            h = lax.fori_loop(0, chunk, step, h)
+            plgpu.commit_smem()
+            ts = pl.ds(k * chunk, chunk)
+            if save_starts:
+                plgpu.copy_smem_to_gmem(st_s.at[slot], h_starts_g.at[b, k, cs], commit_group=False)
+            plgpu.copy_smem_to_gmem(y_s.at[slot], y_g.at[b, ts, cs])
+            return (h,)
+
+        pipeline = plgpu.emit_pipeline(
+            chunk_body, grid=(n_chunks,),
+            in_specs=[pl.BlockSpec((chunk, block_c), lambda k: (k, c))] * 2
+            + [pl.BlockSpec((chunk, state), lambda k: (k, 0))] * 2,
+            max_concurrent_steps=cfg.max_concurrent_steps, init_carry=(h,))
+        h, = pipeline(u_g.at[b], d_g.at[b], B_g.at[b], C_g.at[b])
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+        _store_blocks([(h_last_g.at[b, cs], h)], st_s)
+
+    out_type = [jax.ShapeDtypeStruct((batch, length, channels), cfg.y_dtype),
+                jax.ShapeDtypeStruct((batch, channels, state), f32)]
+    if save_starts:
+        out_type.append(jax.ShapeDtypeStruct((batch, n_chunks, channels, state), f32))
+    scratch = [plgpu.SMEM((_SLOTS, chunk, block_c), cfg.y_dtype), plgpu.SMEM((_SLOTS, block_c, state), f32),
+               plgpu.Barrier(num_barriers=2)]
+    return cfg.kernel(kernel, tuple(out_type), scratch, (batch, channels // block_c),
+                      "selective_scan_fwd_mosaic_gpu")(u, delta, A, B, C, h0)
+
+
+def _backward(u, delta, A, B, C, h_starts, dy, dh_last, cfg):
+    batch, length, channels = u.shape
+    state = A.shape[1]
+    chunk, block_c = cfg.chunk, cfg.block_c
+    n_chunks, n_blocks = length // chunk, channels // block_c
+    shape = (block_c, state)
+    f32 = jnp.float32
+
+    def kernel(u_g, d_g, A_g, B_g, C_g, h_starts_g, dy_g, dh_last_g,
+               du_g, dd_g, dA_g, dB_g, dC_g, dh0_g, work, du_s, dd_s, bc_s, barriers):
+        b, c = lax.axis_index("batch"), lax.axis_index("block")
+        cs = pl.ds(c * block_c, block_c)
+        # A and dh_last pass through the state workspace before the chunks need it, dA and dh0 after.
+        A_r, g = _load_blocks(cfg, [A_g.at[cs], dh_last_g.at[b, cs]], work, barriers)
+
+        def chunk_body(indices, u_s, d_s, B_s, C_s, dy_s, h_start_s, carry):
+            (k,), (g, dA) = indices, carry
+            slot = lax.rem(k, _SLOTS)
+            plgpu.wait_smem_to_gmem(_SLOTS - 1, wait_read_only=True)
+
+            def recompute(i, h):
+                work[i] = h                                         # the state before step i
+                u, d, d_b, B_b = _step_inputs(cfg, i, u_s, d_s, B_s, shape)
+                return jnp.exp(d_b * A_r) * h + lax.broadcast_in_dim(d * u, shape, [0]) * B_b
+
+            lax.fori_loop(0, chunk, recompute, cfg.layout(h_start_s[...], _STATE))
+
+            def adjoint_step(j, carry):
+                g, dA = carry
+                i = chunk - 1 - j
+                u, d, d_b, B_b = _step_inputs(cfg, i, u_s, d_s, B_s, shape)
+                _, C_b = _rows(cfg, C_s, i, shape, 0, _COL)
+                dy, dy_b = _rows(cfg, dy_s, i, shape, 1, _ROW)
+                h_prev = cfg.layout(work[i], _STATE)
+                a = jnp.exp(d_b * A_r)
+                du_b = lax.broadcast_in_dim(d * u, shape, [0])
+                g = g + dy_b * C_b
+                g_a_hprev = g * a * h_prev
+                dA = dA + g_a_hprev * d_b
+                g_b = jnp.sum(g * B_b, axis=1)
+                du_s[slot, i] = (d * g_b).astype(du_s.dtype)
+                dd_s[slot, i] = (jnp.sum(g_a_hprev * A_r, axis=1) + u * g_b).astype(dd_s.dtype)
+                bc_s[0, slot, i] = jnp.sum(g * du_b, axis=0)
+                bc_s[1, slot, i] = jnp.sum((a * h_prev + du_b * B_b) * dy_b, axis=0)
+                return g * a, dA
+
+            carry = lax.fori_loop(0, chunk, adjoint_step, (g, dA))
+            plgpu.commit_smem()
+            ts = pl.ds((n_chunks - 1 - k) * chunk, chunk)
+            for dst, src in ((du_g.at[b, ts, cs], du_s.at[slot]), (dd_g.at[b, ts, cs], dd_s.at[slot]),
+                             (dB_g.at[b, c, ts], bc_s.at[0, slot])):
+                plgpu.copy_smem_to_gmem(src, dst, commit_group=False)
+            plgpu.copy_smem_to_gmem(bc_s.at[1, slot], dC_g.at[b, c, ts])
+            return carry
+
+        reverse = lambda k: n_chunks - 1 - k
+        per_channel = pl.BlockSpec((chunk, block_c), lambda k: (reverse(k), c))
+        per_state = pl.BlockSpec((chunk, state), lambda k: (reverse(k), 0))
+        pipeline = plgpu.emit_pipeline(
+            chunk_body, grid=(n_chunks,),
+            in_specs=[per_channel, per_channel, per_state, per_state, per_channel,
+                      pl.BlockSpec((None, block_c, state), lambda k: (reverse(k), c, 0))],
+            max_concurrent_steps=cfg.max_concurrent_steps, init_carry=(g, cfg.layout(jnp.zeros(shape, f32), _STATE)))
+        g, dA = pipeline(u_g.at[b], d_g.at[b], B_g.at[b], C_g.at[b], dy_g.at[b], h_starts_g.at[b])
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+        _store_blocks([(dh0_g.at[b, cs], g), (dA_g.at[b, cs], dA)], work)
+
+    # du and ddelta in the dtypes of u and delta (their cotangents' dtypes); dA, dB, dC partials in float32.
+    per_block_state = jax.ShapeDtypeStruct((batch, n_blocks, length, state), f32)
+    block_state = jax.ShapeDtypeStruct((batch, channels, state), f32)
+    out_type = (jax.ShapeDtypeStruct(u.shape, u.dtype), jax.ShapeDtypeStruct(delta.shape, delta.dtype), block_state,
+                per_block_state, per_block_state, block_state)
+    scratch = [plgpu.SMEM((chunk, block_c, state), f32), plgpu.SMEM((_SLOTS, chunk, block_c), u.dtype),
+               plgpu.SMEM((_SLOTS, chunk, block_c), delta.dtype), plgpu.SMEM((2, _SLOTS, chunk, state), f32),
+               plgpu.Barrier(num_barriers=2)]
+    du, ddelta, dA, dB, dC, dh0 = cfg.kernel(kernel, out_type, scratch, (batch, n_blocks),
+                                             "selective_scan_bwd_mosaic_gpu")(
+        u, delta, A, B, C, h_starts, dy, dh_last)
+    return du, ddelta, dA.sum(0), dB.sum(1), dC.sum(1), dh0
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _mosaic_scan(u, delta, A, B, C, h0, cfg):
+    return _forward(u, delta, A, B, C, h0, cfg, save_starts=False)
+
+
+def _mosaic_scan_fwd(u, delta, A, B, C, h0, cfg):
+    y, h_last, h_starts = _forward(u, delta, A, B, C, h0, cfg, save_starts=True)
+    return (y, h_last), (u, delta, A, B, C, h_starts)
+
+
+def _mosaic_scan_bwd(cfg, res, cotangents):
+    u, delta, A, B, C, h_starts = res
+    dy, dh_last = cotangents
+    grads = _backward(u, delta, A, B, C, h_starts, dy, dh_last, cfg)
+    return tuple(grad.astype(x.dtype) for grad, x in zip(grads, (u, delta, A, B, C, dh_last)))
+
+
+_mosaic_scan.defvjp(_mosaic_scan_fwd, _mosaic_scan_bwd)
+
+
+def _round_up(x, multiple):
+    return -(-x // multiple) * multiple
+
+
+def _check_shared_memory(chunk, block_c, state, max_concurrent_steps, itemsizes):
+    """The backward kernel's shared memory (the larger of the two) must fit in a Hopper/Blackwell block."""
+    u, delta, B, C, dy = itemsizes
+    per_stage = chunk * block_c * (u + delta + dy) + chunk * state * (B + C) + block_c * state * 4
+    scratch = 4 * (chunk * block_c * state + 2 * _SLOTS * chunk * state) + _SLOTS * chunk * block_c * (u + delta)
+    barriers = 8 * (2 + max_concurrent_steps)
+    need = max_concurrent_steps * per_stage + scratch + barriers + _REDUCTION_SCRATCH_BYTES
+    if need > _SHARED_MEMORY_BYTES:
+        raise ValueError(
+            f"chunk={chunk}, block_c={block_c}, max_concurrent_steps={max_concurrent_steps}: the backward kernel "
+            f"needs {need} bytes of shared memory at state size {state}, more than the {_SHARED_MEMORY_BYTES} "
+            f"of a block; use a smaller chunk or block_c")
+
+
+def pallas_mosaic_gpu_core(u, delta, A, B, C, h0, *, chunk=TUNABLES["chunk"], block_c=TUNABLES["block_c"],
+                           max_concurrent_steps=TUNABLES["max_concurrent_steps"],
+                           lowering_semantics=TUNABLES["lowering_semantics"], y_dtype=jnp.float32,
+                           interpret=None):
+    """The recurrence core (see `common.py`); u, delta, B, C may be bfloat16/float16 (upcast in the kernel).
+
+    chunk: time steps per pipeline stage and between saved boundary states (rounded up to a multiple of 8, at
+    most the padded length); block_c: channels per program, a multiple of 64; max_concurrent_steps: chunks
+    in flight in the input pipeline (2 = double buffering); lowering_semantics: "lane" or "warpgroup";
+    y_dtype: the dtype the kernel writes y in (`make_backend(..., native_dtypes=True)` passes bfloat16 for
+    bfloat16 inputs without D or z, so that y costs 2 bytes an element instead of 4 plus a cast).
+    interpret (default: off GPU) runs the kernels in Mosaic GPU interpret mode.
+    """
+    if block_c % _TILE_ROWS or block_c <= 0:
+        raise ValueError(f"block_c: expected a positive multiple of {_TILE_ROWS}, found {block_c}")
+    if max_concurrent_steps < 1:
+        raise ValueError(f"max_concurrent_steps: expected >= 1, found {max_concurrent_steps}")
+    if lowering_semantics not in SEMANTICS:
+        raise ValueError(f"lowering_semantics: expected one of {sorted(SEMANTICS)}, found {lowering_semantics!r}")
+    if interpret is None:
+        interpret = jax.default_backend() != "gpu"
+    batch, length, channels = u.shape
+    state = A.shape[1]
+    chunk = min(_round_up(chunk, 8), _round_up(length, 8))
+    u, delta, B, C = (x if x.dtype in _KERNEL_DTYPES else x.astype(jnp.float32) for x in (u, delta, B, C))
+    kernel_y_dtype = jnp.dtype(y_dtype) if jnp.dtype(y_dtype) in _KERNEL_DTYPES else jnp.dtype(jnp.float32)
+    if not interpret:
+        _check_shared_memory(chunk, block_c, _round_up(state, _TILE_COLS), max_concurrent_steps,
+                             [x.dtype.itemsize for x in (u, delta, B, C)] + [kernel_y_dtype.itemsize])
+    pad_t = _round_up(length, chunk) - length
+    pad_c = _round_up(channels, block_c) - channels
+    pad_n = _round_up(state, _TILE_COLS) - state
+    u, delta = (jnp.pad(x, ((0, 0), (0, pad_t), (0, pad_c))) for x in (u, delta))
+    B, C = (jnp.pad(x, ((0, 0), (0, pad_t), (0, pad_n))) for x in (B, C))
+    A = jnp.pad(A.astype(jnp.float32), ((0, pad_c), (0, pad_n)))
+    h0 = jnp.pad(h0.astype(jnp.float32), ((0, 0), (0, pad_c), (0, pad_n)))
+    cfg = _Config(chunk, block_c, max_concurrent_steps, lowering_semantics, bool(interpret), kernel_y_dtype)
+    y, h_last = _mosaic_scan(u, delta, A, B, C, h0, cfg)
+    return y[:, :length, :channels].astype(y_dtype), h_last[:, :channels, :state]

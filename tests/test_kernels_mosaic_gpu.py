@@ -1,0 +1,167 @@
+"""Tests of the Pallas Mosaic GPU kernel (`pallas_mosaic_gpu`): values and gradients in Mosaic GPU interpret mode
+against `reference`, bfloat16 inputs read as such, and the lowering for sm_90 through `jax.export` under both
+lowering semantics, all from this CPU machine. No GPU runs here: these tests do not show that the PTX compiles
+or how fast it is.
+
+Interpret mode is slow (seconds per call), so the default suite makes a few small calls whose shapes still
+exercise several chunks and channel blocks and the padding of length, channels and state; larger shapes and
+more settings are marked slow.
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import export
+
+import alignmamba_jax.kernels as kernels
+from alignmamba_jax.kernels import selective_scan, selective_scan_reference, tuned_backend
+from alignmamba_jax.kernels.common import make_backend
+from alignmamba_jax.kernels.pallas_mosaic_gpu import SEMANTICS, pallas_mosaic_gpu_core
+from alignmamba_jax.kernels.testing import OPTION_SETS, assert_close_tree, grads_of_all_inputs, make_inputs
+
+# chunk 8 on a length of 20: 3 chunks, the last padded; 70 channels: 2 blocks of 64, the second padded;
+# state 5: padded to 8.
+SMALL = tuned_backend("pallas_mosaic_gpu", chunk=8)
+
+
+def _check_against_reference(fn, shape, options, seed=2):
+    args, kwargs = make_inputs(seed, *shape, options.items())
+    y, h = jax.jit(lambda a: fn(*a, return_final_state=True, **kwargs))(args)
+    y_ref, h_ref = selective_scan_reference(*args, return_final_state=True, **kwargs)
+    assert y.shape == y_ref.shape and y.dtype == y_ref.dtype and h.dtype == jnp.float32
+    assert_close_tree([y, h], [y_ref, h_ref], rtol=1e-4, atol=1e-4, what="values")
+    assert_close_tree(grads_of_all_inputs(fn, args, kwargs),
+                      grads_of_all_inputs(selective_scan_reference, args, kwargs), rtol=1e-3, atol=1e-3,
+                      what="gradients")
+
+
+def test_mosaic_gpu_matches_reference_values_and_gradients_of_every_input():
+    """Every option at once (mask, delta_bias + softplus, D, z, initial and final state): a wrong adjoint step,
+    a wrong chunk order in the backward pipeline or a lost boundary state changes some gradient."""
+    _check_against_reference(SMALL, (2, 20, 70, 5), OPTION_SETS["all"])
+
+
+# mamba-ssm's tests/ops/test_selective_scan.py tolerances for bfloat16 inputs (with z): outputs and dB, dC at
+# (rtol, atol) = (3e-2, 5e-2), du at twice that, ddelta at (5 rtol, 10 atol), dA at (rtol, 5 atol), D, z,
+# delta_bias and (here) the initial state at (rtol, atol).
+_BF16 = (3e-2, 5e-2)
+_BF16_GRADS = {"u": (2 * _BF16[0], 2 * _BF16[1]), "delta": (5 * _BF16[0], 10 * _BF16[1]),
+               "A": (_BF16[0], 5 * _BF16[1]), "B": _BF16, "C": _BF16, "D": _BF16, "z": _BF16,
+               "delta_bias": _BF16, "initial_state": _BF16}
+
+
+def _check_bfloat16(fn, shape, options, seed=5):
+    args, kwargs = make_inputs(seed, *shape, options.items(), dtype=jnp.bfloat16)
+    y, h = jax.jit(lambda a: fn(*a, return_final_state=True, **kwargs))(args)
+    y_ref, h_ref = selective_scan_reference(*args, return_final_state=True, **kwargs)
+    assert y.dtype == jnp.bfloat16 and h.dtype == jnp.float32
+    assert_close_tree([y, h], [y_ref, h_ref], *_BF16, what="values")
+    names = [n for n, a in zip(("u", "delta", "A", "B", "C", "D", "z", "delta_bias"), args) if a is not None]
+    names += ["initial_state"] if "initial_state" in kwargs else []
+    for name, g, g_ref in zip(names, grads_of_all_inputs(fn, args, kwargs),
+                              grads_of_all_inputs(selective_scan_reference, args, kwargs)):
+        assert g.dtype == g_ref.dtype
+        assert_close_tree([g], [g_ref], *_BF16_GRADS[name], what=f"d{name}")
+
+
+def test_mosaic_gpu_reads_and_writes_bfloat16_within_mamba_ssm_tolerances():
+    """Plain delta (no bias, softplus or mask) and no D or z: u, delta, B and C reach the kernel as bfloat16, it
+    writes y as bfloat16 and its backward reads dy as bfloat16."""
+    _check_bfloat16(SMALL, (1, 12, 64, 16), dict(initial_state=True))
+
+
+def test_mosaic_gpu_backend_hands_bfloat16_to_the_kernel_and_float32_to_the_others():
+    args, kwargs = make_inputs(0, 1, 8, 4, 2, dtype=jnp.bfloat16)
+    seen = {}
+
+    def spy(name):
+        def core(u, delta, A, B, C, h0, **y_dtype):
+            seen[name] = (u.dtype, delta.dtype, B.dtype, C.dtype, *y_dtype.values())
+            return jnp.zeros(u.shape, y_dtype.get("y_dtype", jnp.float32)), h0
+        return core
+
+    make_backend(spy("native"), "native", native_dtypes=True)(*args, **kwargs)
+    make_backend(spy("upcast"), "upcast")(*args, **kwargs)
+    make_backend(spy("softplus"), "softplus", native_dtypes=True)(*args, **dict(kwargs, delta_softplus=True))
+    make_backend(spy("D"), "D", native_dtypes=True)(*args[:5], jnp.ones(4, jnp.bfloat16), **kwargs)
+    bf16, f32 = jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)
+    assert seen == {"native": (bf16,) * 5, "upcast": (f32,) * 4, "softplus": (bf16, f32, bf16, bf16, bf16),
+                    "D": (bf16,) * 4 + (f32,)}
+
+
+def _export(fn, dtype, semantics):
+    b, L, c, n = 2, 40, 70, 16
+    shapes = [(b, L, c), (b, L, c), (c, n), (b, L, n), (b, L, n)]
+    sds = [jax.ShapeDtypeStruct(s, jnp.float32 if len(s) == 2 else dtype) for s in shapes]
+    grad = jax.jit(jax.grad(lambda *a: fn(*a).astype(jnp.float32).sum(), argnums=(0, 1, 2, 3, 4)))
+    return [export.export(f, platforms=["cuda"])(*sds).mlir_module() for f in (jax.jit(fn), grad)]
+
+
+@pytest.mark.parametrize("semantics", sorted(SEMANTICS))
+def test_mosaic_gpu_kernels_lower_for_cuda_under_each_lowering_semantics(semantics):
+    """The Pallas -> Mosaic GPU lowering (layouts, shared-memory budget, TMA copies) of forward and backward for
+    an sm_90 GPU, with bfloat16 inputs, padding of length, channels and state, and two chunks."""
+    fn = make_backend(functools.partial(pallas_mosaic_gpu_core, chunk=24, lowering_semantics=semantics,
+                                        interpret=False), "pallas_mosaic_gpu", native_dtypes=True)
+    forward, backward = _export(fn, jnp.bfloat16, semantics)
+    assert "mosaic_gpu" in forward and "selective_scan_fwd_mosaic_gpu" in forward
+    assert "selective_scan_bwd_mosaic_gpu" not in forward
+    assert "selective_scan_fwd_mosaic_gpu" in backward and "selective_scan_bwd_mosaic_gpu" in backward
+
+
+def test_mosaic_gpu_gradient_writes_no_full_state_array():
+    """Every array the kernels write to HBM and every XLA temporary is smaller than (batch, length, channels,
+    state); the forward keeps one state per chunk of 16 steps."""
+    batch, length, channels, state = 2, 64, 64, 16
+    args, _ = make_inputs(9, batch, length, channels, state)
+    fn = make_backend(functools.partial(pallas_mosaic_gpu_core, interpret=False), "m", native_dtypes=True)
+    jaxpr = jax.make_jaxpr(jax.grad(lambda *a: jnp.sum(fn(*a)), argnums=(0, 1, 2, 3, 4)))(*args[:5])
+
+    def shapes(jaxpr):
+        for eqn in jaxpr.eqns:
+            yield from (v.aval.shape for v in eqn.outvars)
+            for param in eqn.params.values():
+                if isinstance(param, jax.extend.core.ClosedJaxpr):
+                    yield from shapes(param.jaxpr)
+
+    found = list(shapes(jaxpr.jaxpr))
+    assert (batch, length // 16, channels, state) in found
+    assert max(np.prod(s) for s in found) < batch * length * channels * state
+
+
+def test_mosaic_gpu_rejects_bad_settings_before_tracing():
+    sds = [jax.ShapeDtypeStruct(s, jnp.float32) for s in [(1, 64, 64), (1, 64, 64), (64, 64), (1, 64, 64),
+                                                          (1, 64, 64), (1, 64, 64)]]
+    core = functools.partial(pallas_mosaic_gpu_core, interpret=False)
+    with pytest.raises(ValueError, match="needs .* bytes of shared memory at state size 64"):
+        jax.eval_shape(functools.partial(core, chunk=64), *sds)
+    with pytest.raises(ValueError, match="block_c: expected a positive multiple of 64, found 32"):
+        jax.eval_shape(functools.partial(core, block_c=32), *sds)
+    with pytest.raises(ValueError, match="lowering_semantics: expected one of"):
+        jax.eval_shape(functools.partial(core, lowering_semantics="lanes"), *sds)
+
+
+def test_mosaic_gpu_registry_and_tunables():
+    assert kernels.tunables("pallas_mosaic_gpu") == {"chunk": 16, "block_c": 64, "max_concurrent_steps": 2,
+                                                      "lowering_semantics": "warpgroup"}
+    assert "pallas_mosaic_gpu" in kernels.TUNABLE_BACKENDS and "pallas_mosaic_gpu" in kernels.BACKENDS
+    with pytest.raises(ValueError, match="unknown tunables \\['num_warps'\\]"):
+        tuned_backend("pallas_mosaic_gpu", num_warps=4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("settings", [{}, dict(chunk=8, max_concurrent_steps=1), dict(chunk=8, block_c=128),
+                                      dict(chunk=16, max_concurrent_steps=3, lowering_semantics="lane")])
+@pytest.mark.parametrize("shape,options", [((2, 100, 70, 16), "all"), ((3, 67, 33, 5), "bias_softplus_h0"),
+                                           ((1, 150, 130, 4), "mask"), ((1, 1, 1, 1), "all")])
+def test_mosaic_gpu_matches_reference_on_larger_shapes_and_settings(settings, shape, options):
+    _check_against_reference(tuned_backend("pallas_mosaic_gpu", **settings), shape, OPTION_SETS[options])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("options", ["all", "plain"])
+def test_mosaic_gpu_bfloat16_on_larger_shapes(options):
+    _check_bfloat16(functools.partial(selective_scan, backend="pallas_mosaic_gpu"), (2, 70, 100, 16),
+                    OPTION_SETS[options])
