@@ -16,7 +16,8 @@ round-robin in one loop, so that time(2L)/time(L) is not skewed by load changing
 Attention (`--attention_impls`): the Transformers run with Flax's attention ("xla": logits materialised, the
 papers' kind of baseline) and, on a GPU by default, also with cuDNN's fused flash attention ("cudnn", model key
 `attention_impl`), in rows named e.g. "transformer_single+cudnn", so that no claim rests on a weak baseline;
-a fused row takes the FLOP count of its "xla" twin (the same arithmetic; the fused call is opaque to the count).
+a fused row takes the FLOP count of its "xla" twin (the same arithmetic; the fused call is opaque to the count),
+or 0 if the twin did not run.
 Audio and video lengths either equal L (`--av_lengths equal`, fused tokens = 3L, the paper's axis: L = 2176 is
 6.5k fused tokens) or follow CMU-MOSI's unaligned proportions 50:375:500 (`--av_lengths mosi`).
 
@@ -172,7 +173,7 @@ def prepare(name, model, lengths, args):
                      - mem.alias_size_in_bytes)
     xla = compiled.cost_analysis()
     xla = (xla[0] if isinstance(xla, (list, tuple)) else xla) or {}
-    flops, loops = count_flops(dce(jax.make_jaxpr(forward)(params, feats, masks)))
+    flops, loops = (0, 0) if "+" in name else count_flops(dce(jax.make_jaxpr(forward)(params, feats, masks)))
     run = lambda: jax.block_until_ready(compiled(params, feats, masks))  # noqa: E731
     for _ in range(args.warmup):
         run()
@@ -197,8 +198,8 @@ def measure(pairs, args):
     rows = []
     xla_flops = {(n, L): i["flops"] for (n, L), i in info.items() if "+" not in n}
     for (name, text_len), i in info.items():
-        if "+" in name:  # the fused attention is one opaque call: count its arithmetic as the xla twin's
-            i["flops"] = xla_flops.get((name.partition("+")[0], text_len), i["flops"])
+        if "+" in name:  # the fused attention is one opaque call: its arithmetic is its xla twin's (0 if none ran)
+            i["flops"] = xla_flops.get((name.partition("+")[0], text_len), 0)
         tokens = sum(modality_lengths(text_len, args.av_lengths).values())
         row = dict(model=name, text_len=text_len, tokens=tokens, time_ms=float(np.median(times[name, text_len])),
                    memory_bytes=i["memory_bytes"], flops=i["flops"])

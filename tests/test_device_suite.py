@@ -142,6 +142,18 @@ def test_sweep_candidates_order_and_best():
     assert best["forward_s"]["settings"] == {"x": 1} and best["forward_backward_s"]["settings"] == {"x": 2}
 
 
+def test_efficiency_compares_alignmamba_with_both_attention_implementations():
+    import efficiency
+    row = lambda model, time_ms, memory: dict(model=model, text_len=2176, tokens=6528, time_ms=time_ms,  # noqa: E731
+                                               memory_bytes=memory, flops=100)
+    lines = efficiency.summarize([row("alignmamba", 10.0, 50), row("transformer_single", 100.0, 100),
+                                  row("transformer_single+cudnn", 20.0, 80)])
+    assert any(line.startswith("vs transformer_single at L=2176") and "time -90.0% (paper -83.3%)" in line
+               for line in lines)
+    assert any(line.startswith("vs transformer_single+cudnn at L=2176") and "memory -37.5% (paper -20.3%), "
+               "time -50.0%" in line for line in lines)
+
+
 @pytest.mark.slow
 def test_dry_run_of_the_whole_suite(tmp_path):
     out = tmp_path / "out"
