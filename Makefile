@@ -36,7 +36,7 @@ wheels:
 
 # On the GPU machine: the device tool's `run` with carry [".whl"]; results in $OUT (else runs/device_suite).
 device-suite:
-	bash benchmarks/device_suite.sh
+	PYTHON=$(PYTHON) bash benchmarks/device_suite.sh
 
 device-suite-dry: $(STAMP)
 	PYTHON=$(PY) bash benchmarks/device_suite.sh --dry-run
