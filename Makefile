@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test test-slow demo clean
+.PHONY: test test-slow demo clean wheels device-suite device-suite-dry
 
 $(STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,5 +21,25 @@ test-slow: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m alignmamba_jax.main --config configs/synthetic.py --workdir runs/demo
 
+# `make device-suite` on a GPU machine with no network (benchmarks/device_suite.py): Python 3.12 wheels of the
+# runtime dependencies its image lacks. The image has jax 0.11 with the CUDA 13 plugin, flax, optax, orbax, chex,
+# absl-py, numpy, matplotlib, tqdm, psutil, etils, PyYAML, protobuf and packaging, which is also everything these
+# two wheels need; tensorflow-datasets, grain and array_record are not on the suite's path (data loaders only).
+GPU_IMAGE_MISSING := ml_collections==1.1.0 tensorboardX==2.6.5
+WHEELS := .whl
+
+wheels:
+	rm -rf $(WHEELS)
+	$(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		--platform manylinux1_x86_64 --dest $(WHEELS) $(GPU_IMAGE_MISSING)
+
+# On the GPU machine: the device tool's `run` with carry [".whl"]; results in $OUT (else runs/device_suite).
+device-suite:
+	PYTHON=$(PYTHON) bash benchmarks/device_suite.sh
+
+device-suite-dry: $(STAMP)
+	PYTHON=$(PY) bash benchmarks/device_suite.sh --dry-run
+
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) runs $(WHEELS)

@@ -14,6 +14,7 @@ remaining modality in `modalities` becomes the anchor. A modality whose tokens a
 carried as masked tokens: identity steps of every scan, excluded from pooling and from the alignment losses.
 """
 import dataclasses
+import functools
 import math
 from typing import Dict, Sequence, Tuple, Union
 
@@ -35,6 +36,7 @@ ALIGNMENT_OPTIONS = ("ot_centred", "ot_straight_through_tau", "ot_match_dim", "o
 MMD_ON = ("aligned", "projected", "both")
 TASKS = ("regression", "classification")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+ATTENTION_IMPLS = ("xla", "cudnn")
 
 
 def default_model_config() -> ml_collections.ConfigDict:
@@ -94,6 +96,8 @@ def default_model_config() -> ml_collections.ConfigDict:
     # Transformer baselines
     c.n_heads = 4
     c.mlp_mult = 4
+    c.attention_impl = "xla"         # "xla": Flax's attention (logits materialised, the papers' kind of baseline);
+                                     # "cudnn": cuDNN's fused flash attention, GPU only (see fused_attention)
     return c
 
 
@@ -163,6 +167,8 @@ def create_model(cfg, modalities: Sequence[str], anchor: str, input_dims: Dict[s
     if cfg.ot_contrastive < 0 or not (cfg.ot_contrastive_tau > 0 and cfg.ot_contrastive_sigma > 0):
         raise ValueError(f"cfg.ot_contrastive must be >= 0 (0 = off) and ot_contrastive_tau / ot_contrastive_sigma "
                          f"> 0, found {cfg.ot_contrastive}, {cfg.ot_contrastive_tau}, {cfg.ot_contrastive_sigma}")
+    if cfg.attention_impl not in ATTENTION_IMPLS:
+        raise ValueError(f"cfg.attention_impl must be one of {ATTENTION_IMPLS}, found {cfg.attention_impl!r}")
     if cfg.dtype not in DTYPES:
         raise ValueError(f"cfg.dtype must be one of {tuple(DTYPES)}, found {cfg.dtype!r}")
     if task not in TASKS:
@@ -202,8 +208,10 @@ def create_model(cfg, modalities: Sequence[str], anchor: str, input_dims: Dict[s
         return_plans=cfg.return_plans, moe_num_shared_experts=cfg.moe_num_shared_experts,
         moe_hidden_mult=cfg.moe_hidden_mult, sinkhorn_epsilon=cfg.sinkhorn_epsilon,
         sinkhorn_iters=cfg.sinkhorn_iters, n_heads=cfg.n_heads, mlp_mult=cfg.mlp_mult)
-    return {"alignmamba": AlignMamba, "alignmamba2": AlignMamba2, "transformer_single": TransformerSingle,
-            "transformer_multi": TransformerMulti}[cfg.name](spec)
+    transformers = {"transformer_single": TransformerSingle, "transformer_multi": TransformerMulti}
+    if cfg.name in transformers:
+        return transformers[cfg.name](spec, attention_impl=cfg.attention_impl)
+    return {"alignmamba": AlignMamba, "alignmamba2": AlignMamba2}[cfg.name](spec)
 
 
 def check_inputs(spec: ModelSpec, features, masks) -> Dict[str, jax.Array]:
@@ -445,9 +453,31 @@ def sinusoidal_positions(length: int, d_model: int):
     return enc.at[:, 1::2].set(jnp.cos(pos * freq[: d_model // 2]))
 
 
+def fused_attention(query, key, value, mask=None, *, implementation="cudnn"):
+    """`jax.nn.dot_product_attention` as a Flax `attention_fn` (query, key, value: (batch, length, heads,
+    head_dim); mask: broadcastable to (batch, heads, q_length, kv_length), True = attend).
+
+    Inputs run in bfloat16 (cuDNN's fused kernels take 16-bit inputs only), the output is cast back; the mask
+    (Flax makes it float) becomes an additive bias; the attention weights get no dropout (the fused kernel has
+    none). Odd lengths get one padding query (dropped) and one masked key: cuDNN's backward pass with a bias
+    takes even lengths only."""
+    batch, q_len = query.shape[:2]
+    kv_len = key.shape[1]
+    mask = jnp.ones((1, 1, 1, 1), bool) if mask is None else mask.astype(bool)
+    mask = jnp.broadcast_to(mask, (batch, mask.shape[1], q_len, kv_len))
+    pad_q, pad_kv = q_len % 2, kv_len % 2
+    pad = lambda x, n: jnp.pad(x.astype(jnp.bfloat16), ((0, 0), (0, n), (0, 0), (0, 0)))  # noqa: E731
+    mask = jnp.pad(mask, ((0, 0), (0, 0), (0, pad_q), (0, pad_kv)))
+    out = jax.nn.dot_product_attention(pad(query, pad_q), pad(key, pad_kv), pad(value, pad_kv), mask=mask,
+                                       implementation=implementation)
+    return out[:, :q_len].astype(query.dtype)
+
+
 class TransformerBlock(nn.Module):
-    """Pre-LN Transformer block; self-attention when `context` is None, else cross-attention to it."""
+    """Pre-LN Transformer block; self-attention when `context` is None, else cross-attention to it.
+    attention_impl: "xla" (Flax's attention) or "cudnn" (`fused_attention`)."""
     spec: ModelSpec
+    attention_impl: str = "xla"
 
     @nn.compact
     def __call__(self, x, mask, context=None, context_mask=None, train: bool = False):
@@ -457,9 +487,12 @@ class TransformerBlock(nn.Module):
             kv, kv_mask = h, mask
         else:
             kv, kv_mask = nn.LayerNorm(dtype=jnp.float32, name="norm_kv")(context), context_mask
+        attention_fn = (nn.dot_product_attention if self.attention_impl == "xla"
+                        else functools.partial(fused_attention, implementation=self.attention_impl))
         h = nn.MultiHeadDotProductAttention(
             num_heads=spec.n_heads, dtype=spec.compute_dtype, dropout_rate=spec.dropout,
-            deterministic=not train, name="attention")(h, kv, mask=nn.make_attention_mask(mask, kv_mask))
+            deterministic=not train, attention_fn=attention_fn, name="attention")(
+                h, kv, mask=nn.make_attention_mask(mask, kv_mask))
         x = x + h.astype(x.dtype)
         h = nn.LayerNorm(dtype=jnp.float32, name="norm_mlp")(x)
         h = nn.Dense(spec.mlp_mult * spec.d_model, dtype=spec.compute_dtype, name="mlp_up")(h)
@@ -476,6 +509,7 @@ class TransformerSingle(nn.Module):
     """Single-stream Transformer baseline: all projected tokens (own positions per modality) concatenated,
     n_layers of full self-attention (quadratic in the fused length), masked pooling, head."""
     spec: ModelSpec
+    attention_impl: str = "xla"
 
     @nn.compact
     def __call__(self, features, masks=None, train: bool = False):
@@ -485,7 +519,7 @@ class TransformerSingle(nn.Module):
         h = jnp.concatenate([x[m] for m in spec.modalities], axis=1)
         mask = jnp.concatenate([masks[m] for m in spec.modalities], axis=1)
         for i in range(spec.n_layers):
-            h = TransformerBlock(spec, name=f"block_{i}")(h, mask, train=train)
+            h = TransformerBlock(spec, self.attention_impl, name=f"block_{i}")(h, mask, train=train)
         h = nn.LayerNorm(dtype=jnp.float32, name="norm_f")(h)
         pooled = masked_pool(h, mask, spec.pooling)
         return {"prediction": Head(spec, name="head")(pooled, train), "align_loss": jnp.float32(0.0), "aux": {}}
@@ -496,6 +530,7 @@ class TransformerMulti(nn.Module):
     attention from each other modality, the results concatenated, projected and passed through n_layers of
     self-attention, pooled; all targets' pooled features concatenated into the head."""
     spec: ModelSpec
+    attention_impl: str = "xla"
 
     @nn.compact
     def __call__(self, features, masks=None, train: bool = False):
@@ -509,13 +544,13 @@ class TransformerMulti(nn.Module):
             for src in others:
                 h = x[tgt]
                 for i in range(spec.n_layers):
-                    h = TransformerBlock(spec, name=f"cross_{src}_to_{tgt}_{i}")(
+                    h = TransformerBlock(spec, self.attention_impl, name=f"cross_{src}_to_{tgt}_{i}")(
                         h, masks[tgt], x[src], masks[src], train=train)
                 crossed.append(h)
             h = nn.Dense(spec.d_model, dtype=spec.compute_dtype, name=f"merge_{tgt}")(
                 jnp.concatenate(crossed, axis=-1))
             for i in range(spec.n_layers):
-                h = TransformerBlock(spec, name=f"self_{tgt}_{i}")(h, masks[tgt], train=train)
+                h = TransformerBlock(spec, self.attention_impl, name=f"self_{tgt}_{i}")(h, masks[tgt], train=train)
             h = nn.LayerNorm(dtype=jnp.float32, name=f"norm_{tgt}")(h)
             pooled.append(masked_pool(h, masks[tgt], spec.pooling))
         pooled = jnp.concatenate(pooled, axis=-1)

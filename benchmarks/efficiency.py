@@ -13,6 +13,11 @@ Doubling (`--doubling_lengths`): AlignMamba and its linear part alone ("mamba_fu
 Mamba stack over the 3L concatenated tokens, no OT/MMD) at lengths L, 2L, 4L..., all compiled first and timed
 round-robin in one loop, so that time(2L)/time(L) is not skewed by load changing between lengths; written to
 `--doubling_json` (same row schema, those two model names).
+Attention (`--attention_impls`): the Transformers run with Flax's attention ("xla": logits materialised, the
+papers' kind of baseline) and, on a GPU by default, also with cuDNN's fused flash attention ("cudnn", model key
+`attention_impl`), in rows named e.g. "transformer_single+cudnn", so that no claim rests on a weak baseline;
+a fused row takes the FLOP count of its "xla" twin (the same arithmetic; the fused call is opaque to the count),
+or 0 if the twin did not run.
 Audio and video lengths either equal L (`--av_lengths equal`, fused tokens = 3L, the paper's axis: L = 2176 is
 6.5k fused tokens) or follow CMU-MOSI's unaligned proportions 50:375:500 (`--av_lengths mosi`).
 
@@ -125,9 +130,12 @@ FUSION_ONLY = {"name": "alignmamba", "fusion": "single_stream", "use_local_align
 
 
 def build(name, args):
+    """`name` is a model name, "mamba_fusion_only", or a Transformer with its attention: "transformer_single+cudnn"."""
     from alignmamba_jax.models import create_model, default_model_config
     cfg = default_model_config()
+    name, _, attention_impl = name.partition("+")
     cfg.name = name
+    cfg.attention_impl = attention_impl or "xla"
     if name == "mamba_fusion_only":
         cfg.update(FUSION_ONLY)
     cfg.d_model = args.d_model
@@ -165,7 +173,7 @@ def prepare(name, model, lengths, args):
                      - mem.alias_size_in_bytes)
     xla = compiled.cost_analysis()
     xla = (xla[0] if isinstance(xla, (list, tuple)) else xla) or {}
-    flops, loops = count_flops(dce(jax.make_jaxpr(forward)(params, feats, masks)))
+    flops, loops = (0, 0) if "+" in name else count_flops(dce(jax.make_jaxpr(forward)(params, feats, masks)))
     run = lambda: jax.block_until_ready(compiled(params, feats, masks))  # noqa: E731
     for _ in range(args.warmup):
         run()
@@ -188,7 +196,10 @@ def measure(pairs, args):
             run()
             times[key].append(1e3 * (time.perf_counter() - t0))
     rows = []
+    xla_flops = {(n, L): i["flops"] for (n, L), i in info.items() if "+" not in n}
     for (name, text_len), i in info.items():
+        if "+" in name:  # the fused attention is one opaque call: its arithmetic is its xla twin's (0 if none ran)
+            i["flops"] = xla_flops.get((name.partition("+")[0], text_len), 0)
         tokens = sum(modality_lengths(text_len, args.av_lengths).values())
         row = dict(model=name, text_len=text_len, tokens=tokens, time_ms=float(np.median(times[name, text_len])),
                    memory_bytes=i["memory_bytes"], flops=i["flops"])
@@ -221,7 +232,9 @@ def summarize(rows, min_tokens=6400):
     by = {(r["model"], r["text_len"]): r for r in rows}
     lines = []
     am_lengths = sorted(L for (m, L) in by if m == "alignmamba")
-    for other, (p_mem, p_time) in PAPER_REDUCTION.items():
+    others = [(m, PAPER_REDUCTION[m.partition("+")[0]]) for m in sorted({m for m, _ in by})
+              if m.partition("+")[0] in PAPER_REDUCTION]
+    for other, (p_mem, p_time) in others or PAPER_REDUCTION.items():
         common = [L for L in am_lengths if (other, L) in by and by["alignmamba", L]["tokens"] >= min_tokens]
         if not common:
             lines.append(f"vs {other}: no common length with >= {min_tokens} fused tokens")
@@ -239,6 +252,7 @@ def summarize(rows, min_tokens=6400):
 
 
 def main(argv=None):
+    from alignmamba_jax.models import ATTENTION_IMPLS
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--lengths", type=int, nargs="+", default=[50, 100, 200, 400, 800, 1088, 1600, 2176, 4352])
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
@@ -249,6 +263,9 @@ def main(argv=None):
     p.add_argument("--av_lengths", choices=("equal", "mosi"), default="equal")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--attention_impls", nargs="+", default=None, choices=ATTENTION_IMPLS,
+                   help="the Transformers' attention implementations, each timed (default: xla and cudnn on a "
+                        "GPU, xla elsewhere)")
     p.add_argument("--max_tokens", type=int, default=None,
                    help="skip the Transformers above this many fused tokens (memory guard)")
     p.add_argument("--doubling_lengths", type=int, nargs="*", default=[],
@@ -261,10 +278,13 @@ def main(argv=None):
     print(f"# jax {jax.__version__} on {jax.devices()[0].device_kind} ({platform.processor() or platform.machine()},"
           f" {os.cpu_count()} cpus); d_model={args.d_model} n_layers={args.n_layers} batch={args.batch} "
           f"av_lengths={args.av_lengths} repeats={args.repeats}", flush=True)
+    impls = args.attention_impls or (["xla", "cudnn"] if jax.default_backend() == "gpu" else ["xla"])
+    variants = [m if impl == "xla" else f"{m}+{impl}" for m in args.models
+                for impl in (impls if m.startswith("transformer") else ["xla"])]
     rows = []
     for L in args.lengths:
         tokens = sum(modality_lengths(L, args.av_lengths).values())
-        models = [m for m in args.models
+        models = [m for m in variants
                   if m == "alignmamba" or args.max_tokens is None or tokens <= args.max_tokens]
         rows.extend(measure([(m, L) for m in models], args))
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)

@@ -4,6 +4,9 @@ AlignMamba and the single-stream Transformer baseline at the same width are meas
 alternate between the models, each round times `--steps` steps after compilation, and the table reports the
 median over rounds. Inputs are random arrays in the shapes of MMSA's unaligned MOSI (text 50 x 768, audio
 375 x 5, vision 500 x 20, every token valid), so only the model's cost is measured, not data loading.
+On a GPU the Transformer is measured twice by default, with Flax's attention and with cuDNN's fused attention
+("transformer_single+cudnn", model key `attention_impl`); a model that fails to build or compile is reported
+under "skipped" and the others are measured.
 
     python benchmarks/train_throughput.py [--batch_size 16 --d_model 128 --rounds 5 --steps 5]
         [--write_results benchmarks/RESULTS.md]
@@ -29,8 +32,11 @@ SECTION = "## Training throughput"
 
 
 def build(model_name, args):
+    """`model_name`: a model name, or a Transformer with its attention implementation ("transformer_single+cudnn")."""
     config = train.default_config()
-    config.model.update(name=model_name, d_model=args.d_model, n_layers=args.n_layers, dropout=0.1)
+    name, _, attention_impl = model_name.partition("+")
+    config.model.update(name=name, d_model=args.d_model, n_layers=args.n_layers, dropout=0.1,
+                        attention_impl=attention_impl or "xla")
     config.train.update(batch_size=args.batch_size, steps=10_000, warmup_steps=10)
     mesh = train.create_mesh(1)
     splits = {"train": {m: np.zeros((1, t, d), np.float32) for m, (t, d) in SHAPES.items()}}
@@ -104,9 +110,19 @@ def write_section(path, section):
         f.write(text)
 
 
-def main():
+def model_variants(models, attention_impls):
+    """Each Transformer once per attention implementation ("xla" keeps the plain name), others once."""
+    return [m if impl == "xla" else f"{m}+{impl}" for m in models
+            for impl in (attention_impls if m.startswith("transformer") else ["xla"])]
+
+
+def main(argv=None):
+    from alignmamba_jax.models import ATTENTION_IMPLS
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["alignmamba", "transformer_single"])
+    parser.add_argument("--attention_impls", nargs="+", default=None, choices=ATTENTION_IMPLS,
+                        help="the Transformers' attention implementations (default: xla and cudnn on a GPU, "
+                             "xla elsewhere)")
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--d_model", type=int, default=128)
     parser.add_argument("--n_layers", type=int, default=2)
@@ -114,28 +130,39 @@ def main():
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--json", help="also write the rows to this JSON file")
     parser.add_argument("--write_results", help="replace the 'Training throughput' section of this file")
-    args = parser.parse_args()
-    command = "python benchmarks/train_throughput.py " + " ".join(sys.argv[1:])
+    args = parser.parse_args(argv)
+    command = "python benchmarks/train_throughput.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    impls = args.attention_impls or (["xla", "cudnn"] if jax.default_backend() == "gpu" else ["xla"])
 
-    entries = {name: build(name, args) for name in args.models}
-    times = {name: [] for name in args.models}
+    entries, skipped = {}, {}
+    for name in model_variants(args.models, impls):
+        try:
+            entries[name] = build(name, args)
+        except Exception as error:  # noqa: BLE001  (e.g. no cuDNN attention here: measure the others)
+            skipped[name] = f"{type(error).__name__}: {str(error)[:300]}"
+            print(f"{name}: skipped ({skipped[name]})", flush=True)
+    times = {name: [] for name in entries}
     for _ in range(args.rounds):
-        for name in args.models:
+        for name in entries:
             times[name].append(time_round(entries[name], args.steps))
     rows = []
-    for name in args.models:
+    for name in entries:
         step_s = float(np.median(times[name]))
         rows.append({"model": name, "params": int(entries[name]["params"]),
                      "compile_s": entries[name]["compile_s"], "step_ms": 1e3 * step_s,
                      "samples_per_s": args.batch_size / step_s, "round_step_ms": [1e3 * t for t in times[name]]})
-    section = markdown(rows, args, command)
-    print(section)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"machine": machine_description(), "command": command, "rows": rows}, f, indent=2)
+            json.dump({"machine": machine_description(), "command": command, "rows": rows, "skipped": skipped}, f,
+                      indent=2)
+    if not rows:
+        return 1
+    section = markdown(rows, args, command)
+    print(section)
     if args.write_results:
         write_section(args.write_results, section)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

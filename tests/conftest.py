@@ -1,4 +1,24 @@
-"""Shared pytest setup: float64 available for finite-difference checks, CPU only."""
+"""Shared pytest setup: float64 available for finite-difference checks, CPU only unless JAX_PLATFORMS says
+otherwise; tests marked `gpu` skip, with the reason, where jax sees no GPU."""
 import os
 
+import pytest
+
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+@pytest.hookimpl(trylast=True)  # after `-m` has deselected: the default run never initialises a GPU backend
+def pytest_collection_modifyitems(config, items):
+    gpu_items = [item for item in items if item.get_closest_marker("gpu")]
+    if not gpu_items or os.environ.get("ALIGNMAMBA_DRY_RUN") == "1":
+        return
+    import jax
+    try:
+        jax.devices("gpu")
+        return
+    except RuntimeError as error:
+        reason = (f"needs a GPU: jax.devices('gpu') failed with JAX_PLATFORMS="
+                  f"{os.environ.get('JAX_PLATFORMS')!r} ({error}); on a GPU machine run `make device-suite`, "
+                  f"or ALIGNMAMBA_DRY_RUN=1 for tiny sizes on the CPU")
+    for item in gpu_items:
+        item.add_marker(pytest.mark.skip(reason=reason))

@@ -121,13 +121,29 @@ def test_scan_bench_runs(tmp_path):
     assert json.load(open(out))["results"]
 
 
+def test_scan_bench_records_a_failing_backend_and_sweeps_the_gpu_kernels_in_interpret_mode(tmp_path):
+    out = tmp_path / "scan.json"
+    run_script("scan_bench.py", "--lengths", "16", "--channels", 8, "--state", 4, "--repeats", 1,
+               "--backends", "no_such_backend,chunked", "--json", out)
+    rows = {r["backend"]: r for r in json.load(open(out))["results"]}
+    assert "backend: expected one of" in rows["no_such_backend"]["error"] and rows["chunked"]["forward_backward_s"] > 0
+    run_script("scan_bench.py", "--lengths", "16", "--channels", 8, "--state", 4, "--repeats", 1, "--kernels-for",
+               "gpu", "--sweep", "--sweep-budget-s", 1, "--json", out)
+    sweep = json.load(open(out))
+    assert sweep["sweep"][0]["settings"] == {"chunk": 64, "block_c": 64, "num_warps": 4, "unroll": 1}
+    assert sweep["skipped_for_budget"] and "pallas_triton" in sweep["best"]           # the budget stops it
+
+
 @pytest.mark.skipif(not os.path.exists(os.path.join(BENCH, "train_throughput.py")), reason="not present")
 def test_train_throughput_runs(tmp_path):
     out = tmp_path / "tt.json"
     run_script("train_throughput.py", "--batch_size", 2, "--d_model", 16, "--n_layers", 1, "--rounds", 1,
-               "--steps", 1, "--json", out)
-    rows = json.load(open(out))["rows"]
+               "--steps", 1, "--attention_impls", "xla", "cudnn", "--json", out)
+    report = json.load(open(out))
+    rows = report["rows"]
+    assert [r["model"] for r in rows] == ["alignmamba", "transformer_single"]
     assert all(r["samples_per_s"] > 0 and not math.isnan(r["samples_per_s"]) for r in rows)
+    assert list(report["skipped"]) == ["transformer_single+cudnn"]           # cuDNN needs a GPU: the others run
 
 
 @pytest.mark.skipif(not os.path.exists(os.path.join(BENCH, "load_bench.py")), reason="not present")

@@ -247,3 +247,28 @@ def test_two_modalities_and_loss_decreases_when_overfitting_a_tiny_batch():
         losses.append(float(loss))
     assert np.isfinite(losses).all()
     assert losses[-1] < 0.1 * losses[0], losses[::10]
+
+
+def test_fused_attention_option_matches_flax_attention(monkeypatch):
+    """attention_impl="cudnn" routes every attention through `fused_attention` (run here with JAX's XLA
+    implementation, cuDNN needing a GPU: tests/test_gpu.py runs cuDNN); the multi-stream model's self- and
+    cross-attention at odd lengths, with padding and whole missing modalities, give Flax's result to bfloat16
+    accuracy."""
+    import alignmamba_jax.models as models
+    calls, original = [], models.fused_attention
+
+    def xla_fused(query, key, value, mask=None, *, implementation):
+        calls.append(implementation)
+        return original(query, key, value, mask, implementation="xla")
+
+    feats, masks = make_batch()
+    plain = create_model(tiny_config(name="transformer_multi"), MODS, "text", DIMS)
+    params = fast_jit(plain.init)(jax.random.PRNGKey(0), feats, masks)["params"]
+    expected = fast_jit(plain.apply)({"params": params}, feats, masks)["prediction"]
+    monkeypatch.setattr(models, "fused_attention", xla_fused)
+    fused = create_model(tiny_config(name="transformer_multi", attention_impl="cudnn"), MODS, "text", DIMS)
+    got = fast_jit(fused.apply)({"params": params}, feats, masks)["prediction"]
+    assert calls and set(calls) == {"cudnn"}
+    np.testing.assert_allclose(got, expected, rtol=2e-2, atol=2e-2 * float(np.abs(expected).max()))
+    with pytest.raises(ValueError, match=r"cfg.attention_impl must be one of \('xla', 'cudnn'\), found 'flash'"):
+        create_model(tiny_config(attention_impl="flash"), MODS, "text", DIMS)
