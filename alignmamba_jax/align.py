@@ -82,8 +82,10 @@ def _flat(x, batch_ndim):
 
 
 def _rows_per_tile(n_rows, pair_elements):
-    """Rows per tile such that a tile's pairwise work, `pair_elements` per row, fits _TILE_ELEMENTS."""
-    return max(1, min(n_rows, _TILE_ELEMENTS // max(pair_elements, 1)))
+    """Rows per tile such that a tile's pairwise work, `pair_elements` per row, fits _TILE_ELEMENTS, balanced
+    over the tiles so that padding the last one wastes less than one row per tile."""
+    tiles = -(-n_rows // max(1, _TILE_ELEMENTS // max(pair_elements, 1)))
+    return max(1, -(-n_rows // max(tiles, 1)))
 
 
 def _row_tiles(x, rows):
