@@ -4,16 +4,38 @@ mean-centring (`masked_centre`) and the temporal contrastive matching loss that 
 matches which (`time_contrastive_loss`).
 
 Conventions: tokens are (..., T, d) with any leading batch dims; masks are bool (..., T), True = valid, and
-None means all valid. Masked tokens carry no mass and receive none. Every function is jit/vmap/grad-safe and
-returns finite values (no NaN) for identical tokens, all-zero tokens and fully masked inputs.
+None means all valid. Masked tokens carry no mass and receive none, and their values are replaced by 0 before
+any arithmetic, so whatever sits under a mask (inf, NaN) reaches neither values nor gradients. Every function
+is jit/vmap/grad-safe and returns finite values (no NaN) for identical tokens, all-zero tokens and fully
+masked inputs.
+
+Memory: no function holds a (T_source x T_anchor) array unless the caller asks for a plan (`return_plan`) or
+passes one (`sinkhorn`'s cost). Pairwise work runs over tiles of source rows against all anchor tokens
+(`_map_row_tiles`, at most _TILE_ELEMENTS elements per tile), and the tiles of a differentiated loss are recomputed
+in the backward pass (`jax.checkpoint`), so memory is O(tile + (T_source + T_anchor) d), values and gradients
+the same as the dense formulas'.
 """
+import functools
 import math
 from typing import Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 _EPS = 1e-12
+# Elements of one tile of pairwise work (4 MiB in float32): small enough to be no memory concern at any
+# length, large enough that short sequences run as a single tile, i.e. the dense computation.
+_TILE_ELEMENTS = 2 ** 20
+# mmd divides tokens by a power of two that brings them below this magnitude, so that a squared distance summed
+# over up to 2^14 features stays finite in float32 ...
+_SAFE_MAGNITUDE = 2.0 ** 56
+# ... and caps scale / sigma here, so that the exponent factor (scale / sigma)^2 / 2 stays finite (a smaller
+# sigma acts as scale * 1e-15, which changes only kernels between tokens closer than that).
+_MAX_INVERSE_SIGMA = 1e15
+# mmd's largest tolerated error in a kernel exponent (|a - b|^2 / 2 sigma^2) from the fast matmul form of
+# squared distances; beyond it (tokens spread over more than ~100 sigma) distances are summed from differences.
+_GRAM_EXPONENT_ERROR = 2.0 ** -10
 
 
 def _mask_or_ones(x, mask, name):
@@ -30,6 +52,66 @@ def _check_pair(x, y, xname, yname):
         raise ValueError(f"{xname} and {yname} must be (..., T, d), found {x.shape} and {y.shape}")
     if x.shape[-1] != y.shape[-1] or x.shape[:-2] != y.shape[:-2]:
         raise ValueError(f"{xname} {x.shape} and {yname} {y.shape} must share batch dims and feature width")
+
+
+def _check_tokens(x, y, xname, yname):
+    """Both sides need a token axis to take an argmin / a softmax over (a fully masked one is fine)."""
+    for t, name in ((x, xname), (y, yname)):
+        if t.shape[-2] == 0:
+            raise ValueError(f"{name} has no tokens: expected T >= 1 on axis -2, found shape {t.shape} "
+                             f"(mask tokens out instead of removing them)")
+
+
+def _check_positive(name, value):
+    """value (scalar or sequence) must be finite and > 0; a traced value cannot be checked before tracing."""
+    try:
+        v = np.asarray(value, np.float64)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError, TypeError):
+        return
+    if v.size == 0 or not np.all(np.isfinite(v)) or not np.all(v > 0):
+        raise ValueError(f"{name} must be finite and > 0, found {value}")
+
+
+def _zero_masked(x, mask):
+    return jnp.where(mask[..., None], x, jnp.zeros((), x.dtype))
+
+
+def _flat(x, batch_ndim):
+    """Leading batch dims merged into one: (..., rest) -> (n, rest)."""
+    return x.reshape((math.prod(x.shape[:batch_ndim]),) + x.shape[batch_ndim:])
+
+
+def _rows_per_tile(n_rows, pair_elements):
+    """Rows per tile such that a tile's pairwise work, `pair_elements` per row, fits _TILE_ELEMENTS, balanced
+    over the tiles so that padding the last one wastes less than one row per tile."""
+    tiles = -(-n_rows // max(1, _TILE_ELEMENTS // max(pair_elements, 1)))
+    return max(1, -(-n_rows // max(tiles, 1)))
+
+
+def _row_tiles(x, rows):
+    """(n, T, ...) -> (ceil(T / rows), n, rows, ...), zero-padded along T: the row tiles of x."""
+    n, t = x.shape[:2]
+    tiles = -(-t // rows)
+    x = jnp.pad(x, [(0, 0), (0, tiles * rows - t)] + [(0, 0)] * (x.ndim - 2))
+    return jnp.moveaxis(x.reshape((n, tiles, rows) + x.shape[2:]), 1, 0)
+
+
+def _untile(y, t):
+    """Inverse of _row_tiles for per-row results: (tiles, n, rows, ...) -> (n, T, ...)."""
+    y = jnp.moveaxis(y, 0, 1)
+    return y.reshape((y.shape[0], -1) + y.shape[3:])[:, :t]
+
+
+def _map_row_tiles(fn, xs, pair_elements, remat=False):
+    """fn(*tiles) -> per-row results (n, R, ...) for row tiles (n, R, ...) of the arrays xs (n, T, ...), mapped
+    over tiles (a scan) whose pairwise work, `pair_elements` per row, fits _TILE_ELEMENTS; (n, T, ...) results.
+    remat: each tile is recomputed in the backward pass rather than kept (pointless for a single tile)."""
+    t = xs[0].shape[1]
+    rows = _rows_per_tile(t, pair_elements)
+    if rows == t:
+        return fn(*xs)
+    body = jax.checkpoint(fn) if remat else fn
+    return _untile(jax.lax.map(lambda tiles: body(*tiles), tuple(_row_tiles(x, rows) for x in xs)), t)
 
 
 def _unit(x):
@@ -52,8 +134,8 @@ def masked_centre(x, mask=None):
     """
     m = _mask_or_ones(x, mask, "mask")
     w = m.astype(jnp.float32)[..., None]
-    x32 = x.astype(jnp.float32)
-    mean = jnp.sum(x32 * w, axis=-2, keepdims=True) / jnp.maximum(jnp.sum(w, axis=-2, keepdims=True), 1.0)
+    x32 = _zero_masked(x, m).astype(jnp.float32)
+    mean = jnp.sum(x32, axis=-2, keepdims=True) / jnp.maximum(jnp.sum(w, axis=-2, keepdims=True), 1.0)
     return jnp.where(m[..., None], x32 - mean, 0.0).astype(x.dtype)
 
 
@@ -65,16 +147,29 @@ def relative_time(mask):
     return jnp.where(m, k / jnp.maximum(n, 1.0), 0.0)
 
 
+def _ot_cost_rows(time_prior, anchor_unit, anchor_time):
+    """cost_rows(u (n, R, k), t (n, R)) -> (n, R, T_a): the OT cost of source tokens against every anchor token,
+    1 - cos + time_prior |t_i - t_j|, from unit-norm keys and relative times."""
+    def cost_rows(u, t):
+        cost = 1.0 - jnp.einsum("nrk,njk->nrj", u, anchor_unit)
+        if time_prior:
+            cost = cost + time_prior * jnp.abs(t[..., None] - anchor_time[:, None, :])
+        return cost
+    return cost_rows
+
+
 def ot_align(source, anchor, source_mask=None, anchor_mask=None, *, centred: bool = False,
              straight_through_tau: Optional[float] = None, barycentric: bool = False,
-             source_key=None, anchor_key=None, time_prior: float = 0.0):
+             source_key=None, anchor_key=None, time_prior: float = 0.0, return_plan: bool = True):
     """AlignMamba's local alignment: relaxed OT with the anchor's incoming-mass constraint dropped.
 
     source (..., T_s, d), anchor (..., T_a, d). Cost C(i, j) = 1 - cos(source_i, anchor_j) (eq. 3); each valid
     source token sends all its mass 1/T_s to its cheapest valid anchor token, M(i, j) = 1/T_s iff
-    j = argmin_j' C(i, j') (eq. 5; T_s = number of valid source tokens); aligned = M^T source (eq. 6).
-    Returns (aligned (..., T_a, d), plan M (..., T_s, T_a)). The defaults are the paper exactly: the plan is
-    piecewise constant in the inputs, so gradients reach `source` through M^T source only, never `anchor`.
+    j = argmin_j' C(i, j') (eq. 5; T_s = number of valid source tokens; ties go to the first such j);
+    aligned = M^T source (eq. 6). Returns (aligned (..., T_a, d), plan M (..., T_s, T_a)), or (aligned, None)
+    with return_plan=False: the argmin is taken over tiles of source tokens and aligned is a segment sum, so
+    that no (T_s x T_a) array is held. The defaults are the paper exactly: the plan is piecewise constant in the
+    inputs, so gradients reach `source` through M^T source only, never `anchor`.
 
     Options (ours; the forward plan stays the hard argmin plan above in every case):
     centred: the cost is taken between `masked_centre`d source and anchor (each sequence minus the mean of its
@@ -82,8 +177,7 @@ def ot_align(source, anchor, source_mask=None, anchor_mask=None, *, centred: boo
     straight_through_tau: a straight-through plan M + S - stop_gradient(S) with the soft plan
       S(i, j) = (1/T_s) softmax_j(-C(i, j) / tau) over valid anchor tokens: the forward values (plan and
       aligned) are exactly the hard ones, the gradient is that of S^T source with respect to the cost (so it
-      reaches both `source` and `anchor` and teaches the projections which token matches which) plus the hard
-      plan's M^T d(source).
+      reaches both `source` and `anchor`) plus the hard plan's M^T d(source). S is dense (T_s x T_a).
     barycentric: aligned_j = sum_i M(i, j) source_i / sum_i M(i, j), the mean of the tokens assigned to anchor
       token j (0 where none is), instead of the 1/T_s-scaled sum.
     time_prior: adds time_prior * |t_i - t_j| to the cost, t the `relative_time` of each valid token, so that
@@ -93,47 +187,60 @@ def ot_align(source, anchor, source_mask=None, anchor_mask=None, *, centred: boo
       still averages `source`.
     """
     _check_pair(source, anchor, "source", "anchor")
+    _check_tokens(source, anchor, "source", "anchor")
     sm = _mask_or_ones(source, source_mask, "source_mask")
     am = _mask_or_ones(anchor, anchor_mask, "anchor_mask")
     if straight_through_tau is not None and not straight_through_tau > 0:
         raise ValueError(f"straight_through_tau must be None or > 0, found {straight_through_tau}")
+    if not (np.isfinite(time_prior) and time_prior >= 0):
+        raise ValueError(f"time_prior must be finite and >= 0, found {time_prior}")
     source_key = source if source_key is None else source_key
     anchor_key = anchor if anchor_key is None else anchor_key
     _check_pair(source_key, anchor_key, "source_key", "anchor_key")
     if source_key.shape[:-1] != source.shape[:-1] or anchor_key.shape[:-1] != anchor.shape[:-1]:
         raise ValueError(f"source_key {source_key.shape} / anchor_key {anchor_key.shape} must have the token axes "
                          f"of source {source.shape} / anchor {anchor.shape}")
-    cost = (cosine_cost(masked_centre(source_key, sm), masked_centre(anchor_key, am)) if centred
-            else cosine_cost(source_key, anchor_key))
-    if time_prior:
-        cost = cost + time_prior * jnp.abs(relative_time(sm)[..., :, None] - relative_time(am)[..., None, :])
-    if straight_through_tau is None:
-        cost = jax.lax.stop_gradient(cost)
-    masked_cost = jnp.where(am[..., None, :], cost, jnp.inf)
-    nearest = jnp.argmin(jax.lax.stop_gradient(masked_cost), axis=-1)
-    n_src = jnp.sum(sm, axis=-1, dtype=jnp.float32)[..., None, None]
-    keep = sm[..., :, None] & jnp.any(am, axis=-1)[..., None, None]
-    mass = jnp.where(keep, 1.0 / jnp.maximum(n_src, 1.0), 0.0)[..., 0]            # (..., T_s)
-    plan = jax.nn.one_hot(nearest, anchor.shape[-2], dtype=jnp.float32) * mass[..., None]
-    # M^T source as a segment sum over each token's nearest anchor, so that the dense plan is only
-    # materialised when the caller uses it.
-    t_s, t_a, d = source.shape[-2], anchor.shape[-2], source.shape[-1]
-    n = math.prod(source.shape[:-2])
-    segment = (nearest.reshape(n, t_s) + t_a * jnp.arange(n)[:, None]).reshape(-1)
-    source32 = source.astype(jnp.float32)
+    batch, (t_s, d), t_a = source.shape[:-2], source.shape[-2:], anchor.shape[-2]
+    nb = len(batch)
+    source_key, anchor_key = _zero_masked(source_key, sm), _zero_masked(anchor_key, am)
+    if centred:
+        source_key, anchor_key = masked_centre(source_key, sm), masked_centre(anchor_key, am)
+    su = _flat(_unit(source_key.astype(jnp.float32)), nb)
+    au = _flat(_unit(anchor_key.astype(jnp.float32)), nb)
+    st, at, am_flat = _flat(relative_time(sm), nb), _flat(relative_time(am), nb), _flat(am, nb)
+
+    # The hard plan has no gradient: its argmin is taken on constants, one tile of source tokens at a time.
+    hard_cost_rows = _ot_cost_rows(time_prior, jax.lax.stop_gradient(au), at)
+
+    def nearest_rows(u, t):
+        return jnp.argmin(jnp.where(am_flat[:, None, :], hard_cost_rows(u, t), jnp.inf), axis=-1)
+
+    nearest = _map_row_tiles(nearest_rows, (jax.lax.stop_gradient(su), st), su.shape[0] * t_a)
+    sm_flat = _flat(sm, nb)
+    n_src = jnp.sum(sm_flat, axis=-1, dtype=jnp.float32)[:, None]
+    keep = sm_flat & jnp.any(am_flat, axis=-1, keepdims=True)
+    mass = jnp.where(keep, 1.0 / jnp.maximum(n_src, 1.0), 0.0)                            # (n, T_s)
+    n = mass.shape[0]
+    segment = (nearest + t_a * jnp.arange(n)[:, None]).reshape(-1)
+    source32 = _flat(_zero_masked(source, sm).astype(jnp.float32), nb)
     weighted = (source32 * mass[..., None]).reshape(n * t_s, d)
-    aligned = jax.ops.segment_sum(weighted, segment, num_segments=n * t_a).reshape(source.shape[:-2] + (t_a, d))
+    aligned = jax.ops.segment_sum(weighted, segment, num_segments=n * t_a).reshape(n, t_a, d)
+    plan = (jax.nn.one_hot(nearest, t_a, dtype=jnp.float32) * mass[..., None]) if return_plan else None
     if straight_through_tau is not None:
-        logits = jnp.where(am[..., None, :], -cost.astype(jnp.float32) / straight_through_tau, -1e9)
+        cost = _ot_cost_rows(time_prior, au, at)(su, st)
+        logits = jnp.where(am_flat[:, None, :], -cost / straight_through_tau, -1e9)
         soft = jax.nn.softmax(logits, axis=-1) * mass[..., None]
         # x - stop_gradient(x) is exactly 0 in the forward pass, so the values stay the hard ones bit for bit.
-        plan = plan + (soft - jax.lax.stop_gradient(soft))
-        soft_aligned = jnp.einsum("...ij,...id->...jd", soft, jax.lax.stop_gradient(source32))
+        if return_plan:
+            plan = plan + (soft - jax.lax.stop_gradient(soft))
+        soft_aligned = jnp.einsum("nij,nid->njd", soft, jax.lax.stop_gradient(source32))
         aligned = aligned + (soft_aligned - jax.lax.stop_gradient(soft_aligned))
     if barycentric:
-        column_mass = jax.lax.stop_gradient(jnp.sum(jax.nn.one_hot(nearest, t_a) * mass[..., None], axis=-2))
+        column_mass = jax.ops.segment_sum(jax.lax.stop_gradient(mass).reshape(-1), segment,
+                                          num_segments=n * t_a).reshape(n, t_a)
         aligned = jnp.where(column_mass[..., None] > 0, aligned / jnp.maximum(column_mass, _EPS)[..., None], 0.0)
-    return aligned.astype(source.dtype), plan
+    aligned = aligned.reshape(batch + (t_a, d)).astype(source.dtype)
+    return aligned, (None if plan is None else plan.reshape(batch + (t_s, t_a)))
 
 
 def time_contrastive_loss(source_key, anchor_key, source_mask=None, anchor_mask=None, *, tau: float = 1.0,
@@ -143,7 +250,8 @@ def time_contrastive_loss(source_key, anchor_key, source_mask=None, anchor_mask=
     For each valid source token i: predicted p_i = softmax_j(cos(k_i, k_j) / tau) over the valid anchor tokens j
     (k = source_key / anchor_key, `masked_centre`d first if `centred`), target q_i = softmax_j(-|t_i - t_j| / sigma)
     with t the `relative_time` of each valid token; loss = mean over valid source tokens of the cross-entropy
-    -sum_j q_ij log p_ij. Returns (...) per sequence, 0 where either side has no valid token.
+    -sum_j q_ij log p_ij. Returns (...) per sequence, 0 where either side has no valid token. Computed over tiles
+    of source tokens, recomputed in the backward pass: no (T_s x T_a) array is held.
 
     Why: the relaxed-OT argmin has no gradient, so nothing else teaches the cost which anchor token a source
     token belongs to. Time order is a weak label (unaligned streams are roughly proportional in time, but word
@@ -151,44 +259,154 @@ def time_contrastive_loss(source_key, anchor_key, source_mask=None, anchor_mask=
     the two modalities, so the learned cost matches by content, which is what the argmin needs.
     """
     _check_pair(source_key, anchor_key, "source_key", "anchor_key")
+    _check_tokens(source_key, anchor_key, "source_key", "anchor_key")
     sm = _mask_or_ones(source_key, source_mask, "source_mask")
     am = _mask_or_ones(anchor_key, anchor_mask, "anchor_mask")
-    if not tau > 0 or not sigma > 0:
-        raise ValueError(f"tau and sigma must be > 0, found tau={tau}, sigma={sigma}")
+    for name, value in (("tau", tau), ("sigma", sigma)):
+        if not (np.isfinite(value) and value > 0):
+            raise ValueError(f"tau and sigma must be finite and > 0, found {name}={value}")
+    nb = source_key.ndim - 2
+    source_key, anchor_key = _zero_masked(source_key, sm), _zero_masked(anchor_key, am)
     if centred:
         source_key, anchor_key = masked_centre(source_key, sm), masked_centre(anchor_key, am)
-    valid = am[..., None, :]
-    logits = jnp.where(valid, (1.0 - cosine_cost(source_key, anchor_key).astype(jnp.float32)) / tau, -1e9)
-    gap = jnp.abs(relative_time(sm)[..., :, None] - relative_time(am)[..., None, :])
-    target = jax.nn.softmax(jnp.where(valid, -gap / sigma, -1e9), axis=-1)
-    cross_entropy = -jnp.sum(jnp.where(valid, target * jax.nn.log_softmax(logits, axis=-1), 0.0), axis=-1)
-    rows = (sm & jnp.any(am, axis=-1, keepdims=True)).astype(jnp.float32)
-    return jnp.sum(cross_entropy * rows, axis=-1) / jnp.maximum(jnp.sum(rows, axis=-1), 1.0)
+    su = _flat(_unit(source_key.astype(jnp.float32)), nb)
+    au = _flat(_unit(anchor_key.astype(jnp.float32)), nb)
+    at, am_flat = _flat(relative_time(am), nb), _flat(am, nb)
+
+    valid = am_flat[:, None, :]
+
+    def cross_entropy_rows(u, t):                                       # a tile of source tokens: (n, R, k), (n, R)
+        logits = jnp.where(valid, jnp.einsum("nrk,njk->nrj", u, au) / tau, -1e9)
+        target = jax.nn.softmax(jnp.where(valid, -jnp.abs(t[..., None] - at[:, None, :]) / sigma, -1e9), axis=-1)
+        return -jnp.sum(jnp.where(valid, target * jax.nn.log_softmax(logits, axis=-1), 0.0), axis=-1)
+
+    cross_entropy = _map_row_tiles(cross_entropy_rows, (su, _flat(relative_time(sm), nb)), su.shape[0] * au.shape[1],
+                                   remat=True)
+    rows = (_flat(sm, nb) & jnp.any(am_flat, axis=-1, keepdims=True)).astype(jnp.float32)
+    loss = jnp.sum(cross_entropy * rows, axis=-1) / jnp.maximum(jnp.sum(rows, axis=-1), 1.0)
+    return loss.reshape(source_key.shape[:-2])
 
 
-def segment_mean_resample(source, target_length: int, source_mask=None, target_mask=None):
+def segment_mean_resample(source, target_length: int, source_mask=None, target_mask=None, *,
+                          return_plan: bool = True):
     """Naive time alignment: resample each sequence's valid tokens to the target's valid length by segment means.
 
     Segment j of n_t output tokens averages source tokens [floor(j n_s / n_t), ceil((j + 1) n_s / n_t)) of the
     n_s valid ones (adaptive average pooling; upsamples by repetition when n_s < n_t). Assumes right padding.
-    Returns (resampled (..., target_length, d), plan (..., T_s, target_length)) with resampled = plan^T source.
+    Returns (resampled (..., target_length, d), plan (..., T_s, target_length)) with resampled = plan^T source,
+    or (resampled, None) with return_plan=False. The segment sums are differences of prefix sums (of the
+    tokens minus their mean, so that float32 keeps its precision at any length): no (T_s x target_length) array
+    is held unless the plan is asked for.
     """
     sm = _mask_or_ones(source, source_mask, "source_mask")
     tm = (jnp.ones(source.shape[:-2] + (target_length,), bool) if target_mask is None
           else target_mask.astype(bool))
     if tm.shape != source.shape[:-2] + (target_length,):
         raise ValueError(f"target_mask must have shape {source.shape[:-2] + (target_length,)}, found {tm.shape}")
-    n_s = jnp.sum(sm, axis=-1)[..., None, None]
-    n_t = jnp.maximum(jnp.sum(tm, axis=-1), 1)[..., None, None]
-    i = jnp.arange(source.shape[-2])[:, None]
-    j = jnp.arange(target_length)[None, :]
-    start = (j * n_s) // n_t
-    end = -((-(j + 1) * n_s) // n_t)
-    member = (i >= start) & (i < end) & tm[..., None, :] & sm[..., :, None]
-    count = jnp.sum(member, axis=-2, keepdims=True)
-    plan = jnp.where(member, 1.0 / jnp.maximum(count, 1), 0.0).astype(jnp.float32)
-    resampled = jnp.einsum("...ij,...id->...jd", plan, source.astype(jnp.float32)).astype(source.dtype)
-    return resampled, plan
+    t_s = source.shape[-2]
+    n_s = jnp.sum(sm, axis=-1)[..., None]
+    n_t = jnp.maximum(jnp.sum(tm, axis=-1), 1)[..., None]
+    j = jnp.arange(target_length)
+    start = jnp.minimum((j * n_s) // n_t, t_s)                                          # (..., target_length)
+    end = jnp.minimum(-((-(j + 1) * n_s) // n_t), t_s)
+    x = _zero_masked(source, sm).astype(jnp.float32)
+    w = sm.astype(jnp.float32)[..., None]
+    mean = jnp.sum(x, axis=-2, keepdims=True) / jnp.maximum(jnp.sum(w, axis=-2, keepdims=True), 1.0)
+    pad = [(0, 0)] * (source.ndim - 2) + [(1, 0), (0, 0)]
+    # associative_scan: a tree of sums, several times faster than jnp.cumsum on a CPU, and error O(log T).
+    prefix = jnp.pad(jax.lax.associative_scan(jnp.add, (x - mean) * w, axis=-2), pad)   # (..., T_s + 1, d)
+    count_prefix = jnp.pad(jax.lax.associative_scan(jnp.add, sm.astype(jnp.int32), axis=-1), pad[:-1])
+    total = (jnp.take_along_axis(prefix, end[..., None], axis=-2)
+             - jnp.take_along_axis(prefix, start[..., None], axis=-2))
+    count = jnp.take_along_axis(count_prefix, end, axis=-1) - jnp.take_along_axis(count_prefix, start, axis=-1)
+    keep = (tm & (count > 0))[..., None]
+    resampled = jnp.where(keep, mean + total / jnp.maximum(count, 1)[..., None], 0.0).astype(source.dtype)
+    if not return_plan:
+        return resampled, None
+    i = jnp.arange(t_s)[:, None]
+    member = (i >= start[..., None, :]) & (i < end[..., None, :]) & tm[..., None, :] & sm[..., :, None]
+    plan = jnp.where(member, 1.0 / jnp.maximum(jnp.sum(member, axis=-2, keepdims=True), 1), 0.0)
+    return resampled, plan.astype(jnp.float32)
+
+
+def _exact_scale(*xs):
+    """1, or the power of two (dividing by it is exact) that brings the largest |value| of xs down to
+    _SAFE_MAGNITUDE, so that squared distances summed over features cannot overflow float32."""
+    top = jax.lax.stop_gradient(jnp.max(jnp.stack([jnp.max(jnp.abs(x), initial=0.0) for x in xs])))
+    exponent = jnp.maximum(jnp.ceil(jnp.log2(top / _SAFE_MAGNITUDE)), 0.0)
+    return jnp.ldexp(jnp.float32(1.0), exponent.astype(jnp.int32))
+
+
+def _gaussian_tile(a_tile, b, factors, exact):
+    """Squared distances (n, R, T_b) of a row tile (n, R, d) to b (n, T_b, d), the kernels exp(-sq f_s)
+    (n, R, T_b, S) and the differences (n, R, T_b, d) or None. exact: summed from differences; else
+    |a|^2 + |b|^2 - 2ab, a matmul (several times faster on a CPU) whose cancellation error is about
+    4 eps max(|a|^2, |b|^2) (see `mmd`)."""
+    diff = None
+    if exact:
+        diff = a_tile[:, :, None, :] - b[:, None, :, :]
+        sq = jnp.sum(diff * diff, axis=-1)
+    else:
+        gram = jnp.einsum("nid,njd->nij", a_tile, b, precision=jax.lax.Precision.HIGHEST)
+        sq = jnp.maximum(jnp.sum(a_tile * a_tile, -1)[..., None] + jnp.sum(b * b, -1)[:, None, :] - 2.0 * gram, 0.0)
+    return sq, jnp.exp(-sq[..., None] * factors), diff
+
+
+def _gaussian_rows(a, b, factors, exact):
+    per_pair = max(factors.size, b.shape[2]) if exact else factors.size     # the differences are (..., d)
+    rows = _rows_per_tile(a.shape[1], a.shape[0] * b.shape[1] * per_pair)
+    return rows, _row_tiles(a, rows)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _kernel_sums(a, b, wa, wb, factors, exact):
+    """s[n] = sum_ij wa[n, i] wb[n, j] mean_s exp(-|a[n, i] - b[n, j]|^2 f_s) for a (n, T_a, d), b (n, T_b, d),
+    wa (n, T_a), wb (n, T_b), f = factors (S,), over row tiles of a. The custom VJP recomputes each tile's
+    kernels and forms the gradients (d sq_ij / d a_i = 2 (a_i - b_j)) from the differences if exact, else with
+    matmuls, so neither pass holds more than a tile. exact: see `_gaussian_tile`."""
+    return _kernel_sums_fwd(a, b, wa, wb, factors, exact)[0]
+
+
+def _kernel_sums_fwd(a, b, wa, wb, factors, exact):
+    rows, a_tiles = _gaussian_rows(a, b, factors, exact)
+
+    def add_tile(total, tile):
+        a_tile, wa_tile = tile
+        k = jnp.mean(_gaussian_tile(a_tile, b, factors, exact)[1], axis=-1)
+        return total + jnp.einsum("ni,nij,nj->n", wa_tile, k, wb), None
+
+    total, _ = jax.lax.scan(add_tile, jnp.zeros(a.shape[0], jnp.float32), (a_tiles, _row_tiles(wa, rows)))
+    return total, (a, b, wa, wb, factors)
+
+
+def _kernel_sums_bwd(exact, residuals, ct):
+    a, b, wa, wb, factors = residuals
+    rows, a_tiles = _gaussian_rows(a, b, factors, exact)
+
+    def tile_grads(carry, tile):
+        g_b, g_wb, g_f = carry
+        a_tile, wa_tile = tile
+        sq, e, diff = _gaussian_tile(a_tile, b, factors, exact)
+        k = jnp.mean(e, axis=-1)
+        weight = ct[:, None, None] * wa_tile[:, :, None] * wb[:, None, :]           # d s / d k_ij
+        d_sq = -weight * jnp.mean(e * factors, axis=-1)                            # d s / d sq_ij
+        if exact:
+            g_a = 2.0 * jnp.einsum("nij,nijd->nid", d_sq, diff)
+            g_b = g_b - 2.0 * jnp.einsum("nij,nijd->njd", d_sq, diff)
+        else:
+            g_a = 2.0 * (jnp.sum(d_sq, -1)[..., None] * a_tile - jnp.einsum("nij,njd->nid", d_sq, b))
+            g_b = g_b + 2.0 * (jnp.sum(d_sq, 1)[..., None] * b - jnp.einsum("nij,nid->njd", d_sq, a_tile))
+        g_wa = ct[:, None] * jnp.einsum("nij,nj->ni", k, wb)
+        g_wb = g_wb + ct[:, None] * jnp.einsum("ni,nij->nj", wa_tile, k)
+        g_f = g_f - jnp.einsum("nij,nijs->s", weight * sq, e) / factors.size
+        return (g_b, g_wb, g_f), (g_a, g_wa)
+
+    init = (jnp.zeros_like(b), jnp.zeros_like(wb), jnp.zeros_like(factors))
+    (g_b, g_wb, g_f), (g_a, g_wa) = jax.lax.scan(tile_grads, init, (a_tiles, _row_tiles(wa, rows)))
+    return _untile(g_a, a.shape[1]), g_b, _untile(g_wa, a.shape[1]), g_wb, g_f
+
+
+_kernel_sums.defvjp(_kernel_sums_fwd, _kernel_sums_bwd)
 
 
 def mmd(x, y, sigma: Union[float, Sequence[float]] = 1.0, x_mask=None, y_mask=None):
@@ -196,26 +414,44 @@ def mmd(x, y, sigma: Union[float, Sequence[float]] = 1.0, x_mask=None, y_mask=No
 
     k(a, b) = exp(-|a - b|^2 / (2 sigma^2)); MMD^2 = E k(x, x') + E k(y, y') - 2 E k(x, y) over valid tokens
     (V-statistic, so it is >= 0 and exactly 0 for identical sets). A sequence of sigmas averages the kernels
-    (multi-bandwidth). Returns (...) per batch element; 0 where either side has no valid token.
+    (multi-bandwidth). Returns (...) per batch element; 0 where either side has no valid token. Kernel sums are
+    accumulated over tiles of rows, recomputed in the backward pass: memory O(tile + (T_x + T_y) d) for values
+    and gradients alike.
     """
     _check_pair(x, y, "x", "y")
-    xm = _mask_or_ones(x, x_mask, "x_mask").astype(jnp.float32)
-    ym = _mask_or_ones(y, y_mask, "y_mask").astype(jnp.float32)
-    x32, y32 = x.astype(jnp.float32), y.astype(jnp.float32)
+    _check_positive("sigma", sigma)
+    xm = _mask_or_ones(x, x_mask, "x_mask")
+    ym = _mask_or_ones(y, y_mask, "y_mask")
+    nb = x.ndim - 2
+    batch = x.shape[:-2]
+    if x.shape[-2] == 0 or y.shape[-2] == 0:
+        return jnp.zeros(batch, jnp.float32)
+    x32 = _flat(_zero_masked(x, xm).astype(jnp.float32), nb)
+    y32 = _flat(_zero_masked(y, ym).astype(jnp.float32), nb)
+    xw, yw = _flat(xm, nb).astype(jnp.float32), _flat(ym, nb).astype(jnp.float32)
+    wx = xw / jnp.maximum(jnp.sum(xw, -1, keepdims=True), 1.0)
+    wy = yw / jnp.maximum(jnp.sum(yw, -1, keepdims=True), 1.0)
+    # The kernel is translation invariant, and k(a, b; sigma) = k(a / s, b / s; sigma / s): centred on the valid
+    # tokens' mean and divided by a power of two s (exactly), any float32 tokens give finite distances.
+    centre = jax.lax.stop_gradient((jnp.sum(x32, -2, keepdims=True) + jnp.sum(y32, -2, keepdims=True))
+                                   / jnp.maximum(jnp.sum(xw, -1) + jnp.sum(yw, -1), 1.0)[:, None, None])
+    x32, y32 = _zero_masked(x32 - centre, _flat(xm, nb)), _zero_masked(y32 - centre, _flat(ym, nb))
+    scale = _exact_scale(x32, y32)
+    x32, y32 = x32 / scale, y32 / scale
     sigmas = jnp.atleast_1d(jnp.asarray(sigma, jnp.float32))
-    wx = xm / jnp.maximum(jnp.sum(xm, -1, keepdims=True), 1.0)
-    wy = ym / jnp.maximum(jnp.sum(ym, -1, keepdims=True), 1.0)
+    factors = 0.5 * jnp.square(jnp.minimum(scale / sigmas, _MAX_INVERSE_SIGMA))
+    # Distances from the matmul form carry an error of ~4 eps r^2 (r the largest centred token norm): use it
+    # while that moves no kernel exponent by more than _GRAM_EXPONENT_ERROR, else sum differences.
+    r2 = jax.lax.stop_gradient(jnp.maximum(jnp.max(jnp.sum(x32 * x32, -1)), jnp.max(jnp.sum(y32 * y32, -1))))
+    exact = 4.0 * 2.0 ** -24 * r2 * jnp.max(factors) > _GRAM_EXPONENT_ERROR
 
-    def mean_kernel(a, b, wa, wb):
-        sq = (jnp.sum(a * a, -1)[..., :, None] + jnp.sum(b * b, -1)[..., None, :]
-              - 2.0 * jnp.einsum("...id,...jd->...ij", a, b))
-        sq = jnp.maximum(sq, 0.0)
-        k = jnp.mean(jnp.exp(-sq[..., None] / (2.0 * sigmas ** 2)), axis=-1)
-        return jnp.einsum("...i,...ij,...j->...", wa, k, wb)
+    def value_with(exact_form):
+        return (_kernel_sums(x32, x32, wx, wx, factors, exact_form) + _kernel_sums(y32, y32, wy, wy, factors,
+                exact_form) - 2.0 * _kernel_sums(x32, y32, wx, wy, factors, exact_form))
 
-    value = mean_kernel(x32, x32, wx, wx) + mean_kernel(y32, y32, wy, wy) - 2.0 * mean_kernel(x32, y32, wx, wy)
-    both = (jnp.sum(xm, -1) > 0) & (jnp.sum(ym, -1) > 0)
-    return jnp.where(both, jnp.maximum(value, 0.0), 0.0)
+    value = jax.lax.cond(exact, lambda: value_with(True), lambda: value_with(False))
+    both = (jnp.sum(xw, -1) > 0) & (jnp.sum(yw, -1) > 0)
+    return jnp.where(both, jnp.maximum(value, 0.0), 0.0).reshape(batch)
 
 
 def sinkhorn(cost, x_mask=None, y_mask=None, *, epsilon: float = 0.1, num_iters: int = 100):
@@ -224,12 +460,16 @@ def sinkhorn(cost, x_mask=None, y_mask=None, *, epsilon: float = 0.1, num_iters:
     Log-domain Sinkhorn (stable for small epsilon): potentials f, g alternate
     f_i = eps log a_i - eps LSE_j((g_j - C_ij) / eps), g_j likewise; plan P_ij = exp((f_i + g_j - C_ij) / eps).
     Returns (plan (..., T_x, T_y), distance <P, C> (...)). Differentiable by unrolling the fixed number of
-    iterations; masked rows/columns get zero mass; a fully masked side gives a zero plan and distance.
+    iterations, each recomputed in the backward pass from its potentials (jax.checkpoint), so the gradient
+    holds O(T_x T_y) memory whatever num_iters, not one (T_x x T_y) array per iteration. Masked rows/columns get
+    zero mass and their cost entries are never read; a fully masked side gives a zero plan and distance.
     """
     if cost.ndim < 2:
         raise ValueError(f"cost must be (..., T_x, T_y), found {cost.shape}")
+    _check_positive("epsilon", epsilon)
+    if not (isinstance(num_iters, (int, np.integer)) and num_iters >= 0):
+        raise ValueError(f"num_iters must be an int >= 0, found {num_iters!r}")
     dtype = jnp.promote_types(cost.dtype, jnp.float32)
-    cost = cost.astype(dtype)
     xm = (jnp.ones(cost.shape[:-1], bool) if x_mask is None else x_mask.astype(bool))
     ym = (jnp.ones(cost.shape[:-2] + cost.shape[-1:], bool) if y_mask is None else y_mask.astype(bool))
     if xm.shape != cost.shape[:-1]:
@@ -241,13 +481,15 @@ def sinkhorn(cost, x_mask=None, y_mask=None, *, epsilon: float = 0.1, num_iters:
     log_a = -jnp.log(jnp.maximum(jnp.sum(xm, -1, keepdims=True), 1).astype(dtype))
     log_b = -jnp.log(jnp.maximum(jnp.sum(ym, -1, keepdims=True), 1).astype(dtype))
     valid = xm[..., :, None] & ym[..., None, :]
+    cost = jnp.where(valid, cost.astype(dtype), 0.0)
     # Masked entries are pushed to a large finite negative score, never -inf, so every gradient stays finite.
     neg = jnp.asarray(-1e9, dtype)
-    scaled_cost = jnp.where(valid, cost / epsilon, 0.0)
+    scaled_cost = cost / epsilon
 
     def scores(f, g):
         return jnp.where(valid, (f[..., :, None] + g[..., None, :]) / epsilon - scaled_cost, neg)
 
+    @jax.checkpoint
     def step(carry, _):
         f, g = carry
         f = jnp.where(xm, f + epsilon * (log_a - jax.nn.logsumexp(scores(f, g), axis=-1)), 0.0)
@@ -258,5 +500,5 @@ def sinkhorn(cost, x_mask=None, y_mask=None, *, epsilon: float = 0.1, num_iters:
     g0 = jnp.zeros(ym.shape, dtype)
     (f, g), _ = jax.lax.scan(step, (f0, g0), None, length=num_iters)
     plan = jnp.where(valid, jnp.exp(scores(f, g)), 0.0)
-    distance = jnp.sum(plan * jnp.where(valid, cost, 0.0), axis=(-2, -1))
+    distance = jnp.sum(plan * cost, axis=(-2, -1))
     return plan, distance

@@ -1,5 +1,5 @@
-"""Assembled networks: AlignMamba (with every Table-3 ablation), AlignMamba-2, and the Transformer baselines of
-the efficiency benchmark, behind `create_model(cfg, ...)` and `default_model_config()`.
+"""Assembled networks: AlignMamba (with every Table-3 ablation) and its `LocalAlignment`, AlignMamba-2, and the
+Transformer baselines of the efficiency benchmark, behind `create_model(cfg, ...)` and `default_model_config()`.
 
 All models share one calling convention:
     out = model.apply({"params": p}, features, masks, train=False[, rngs={"dropout": k}])
@@ -10,8 +10,15 @@ plus "ot_plans" {m: (B, T_m, T_anchor)} when cfg.return_plans.
 Modality handling: `modalities` fixes the order of the time-major interleave (sources in the given order, the
 anchor last in each time step, i.e. [a_1, v_1, l_1, a_2, ...] for ("text", "audio", "vision") anchored on text).
 `drop_modalities` removes modalities before anything else; if the anchor is dropped ("w/o language") the first
-remaining modality in `modalities` becomes the anchor. A modality whose tokens are all masked (missing) is
-carried as masked tokens: identity steps of every scan, excluded from pooling and from the alignment losses.
+remaining modality in `modalities` becomes the anchor. Masked (padded) feature values are replaced by 0 at the
+input, so whatever they hold (inf, NaN) reaches no valid position, loss or gradient. A modality whose tokens
+are all masked (missing) is carried as masked tokens: identity steps of every scan, excluded from pooling and
+from the alignment losses.
+Missing anchor: the sources of a sample whose anchor modality is missing entirely are segment-mean resampled
+onto all of the anchor's (padded) positions, which count as valid for them (`anchor_positions`), so that the
+sample's prediction still uses its other modalities; the anchor's own tokens stay masked. Samples with an
+anchor are aligned to its valid tokens as usual. Both AlignMamba (interleave fusion) and AlignMamba-2 follow
+this rule; with every modality missing a sample gets the "no information" output (the head of a zero pool).
 """
 import dataclasses
 import functools
@@ -22,21 +29,22 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
-from alignmamba_jax.align import (cosine_cost, masked_centre, mmd, ot_align, segment_mean_resample, sinkhorn,
-                                  time_contrastive_loss)
+from alignmamba_jax.align import cosine_cost, mmd, ot_align, segment_mean_resample, sinkhorn, time_contrastive_loss
 from alignmamba_jax.modules import MambaStack, ModalityAwareMambaLayer
 
 MODEL_NAMES = ("alignmamba", "alignmamba2", "transformer_single", "transformer_multi")
 FUSIONS = ("interleave", "single_stream", "multi_stream")
 POOLINGS = ("mean", "last")
-# Our local/global-alignment options (see default_model_config); their defaults are the paper's rule.
-ALIGNMENT_OPTIONS = ("ot_centred", "ot_straight_through_tau", "ot_match_dim", "ot_sinkhorn_loss", "ot_contrastive",
-                     "ot_time_prior", "ot_barycentric", "mmd_on")
-MMD_ON = ("aligned", "projected", "both")
+# Our local-alignment options (see default_model_config); their defaults are the paper's rule.
+ALIGNMENT_OPTIONS = ("ot_centred", "ot_match_dim", "ot_contrastive", "ot_time_prior", "ot_barycentric")
 TASKS = ("regression", "classification")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 ATTENTION_IMPLS = ("xla", "cudnn")
+# Model config keys that are not part of the built model: the model's name, what create_model resolves into
+# ModelSpec.modalities / anchor, and the trainer's loss weight.
+_NOT_IN_SPEC = ("name", "drop_modalities", "align_weight")
 
 
 def default_model_config() -> ml_collections.ConfigDict:
@@ -63,18 +71,13 @@ def default_model_config() -> ml_collections.ConfigDict:
     # Local-alignment options (ours). The inference plan is the paper's hard argmin plan whatever they are; the
     # defaults are the paper exactly. With the paper's cost the argmin gets no gradient and, on the synthetic
     # default, the plan stays at chance against the true word spans; what fixed it there (configs/synthetic.py)
-    # is a learned matching cost trained by ot_contrastive, centred, plus ot_time_prior. The other options
-    # (straight-through, Sinkhorn loss, barycentric, mmd_on) did not help there; see benchmarks/RESULTS.md.
+    # is a learned matching cost trained by ot_contrastive, centred, plus ot_time_prior. ot_barycentric did not
+    # help there; see benchmarks/RESULTS.md ("Ablation").
     c.ot_centred = False             # True: cost on per-sequence mask-aware mean-centred features (against the
                                      # shared-offset "hub collapse" of un-centred cosines)
-    c.ot_straight_through_tau = 0.0  # > 0: training gradient through softmax(-cost / tau) (straight-through,
-                                     # forward values unchanged); 0: hard plan only, no gradient reaches the cost
     c.ot_match_dim = 0               # > 0: the OT cost compares separate learned linear "matching" projections
                                      # of the raw features (width ot_match_dim), as attention's queries / keys;
                                      # 0: the cost compares the projected tokens themselves (paper)
-    c.ot_sinkhorn_loss = False       # True: add the entropic OT distance (sinkhorn_epsilon / sinkhorn_iters) of the
-                                     # OT cost (centred / on matching keys as configured; without the time prior)
-                                     # to align_loss, training only: a direct, balanced correspondence signal
     c.ot_time_prior = 0.0            # > 0: add ot_time_prior * |relative time of frame - of token| to the cost
                                      # (a temporal prior the content cost refines); 0: cosine cost only (paper)
     c.ot_contrastive = 0.0           # > 0: add ot_contrastive * time_contrastive_loss of the OT cost's features
@@ -84,10 +87,8 @@ def default_model_config() -> ml_collections.ConfigDict:
     c.ot_contrastive_tau = 1.0       # its cosine temperature
     c.ot_contrastive_sigma = 0.1     # its target width in relative time (fraction of the sequence)
     c.ot_barycentric = False         # True: aligned token = mean of its assigned frames, not M^T X (1/T_s-scaled)
-    c.mmd_on = "aligned"             # MMD of each source vs the anchor on: "aligned" tokens (paper), "projected"
-                                     # source tokens (before alignment), or "both" (sum of the two)
     c.align_weight = 0.1             # lambda in L = L_task + lambda * align_loss; used by the trainer (ours)
-    c.return_plans = False           # also return the OT plans (for plot_ot_plan)
+    c.return_plans = False           # also return the OT plans (for plot_ot_plan); else no plan is built
     # AlignMamba-2
     c.moe_num_shared_experts = 1     # modality-shared experts per layer (ours)
     c.moe_hidden_mult = 2            # expert MLP width = moe_hidden_mult * d_model (ours)
@@ -103,7 +104,9 @@ def default_model_config() -> ml_collections.ConfigDict:
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
-    """The resolved, hashable model description a module is built from (see `create_model`)."""
+    """The resolved, hashable model description a module is built from (see `create_model`): the modalities
+    resolved from the data and cfg.drop_modalities, then every key of `default_model_config()` except
+    _NOT_IN_SPEC, taken from the config by name and converted to the field's type (`_spec_value`)."""
     modalities: Tuple[str, ...]          # active modalities, in interleave order of the config
     anchor: str
     input_dims: Tuple[Tuple[str, int], ...]
@@ -124,15 +127,12 @@ class ModelSpec:
     fusion: str
     mmd_sigma: Tuple[float, ...]
     ot_centred: bool
-    ot_straight_through_tau: float
-    ot_barycentric: bool
-    ot_time_prior: float
     ot_match_dim: int
-    ot_sinkhorn_loss: bool
+    ot_time_prior: float
     ot_contrastive: float
     ot_contrastive_tau: float
     ot_contrastive_sigma: float
-    mmd_on: str
+    ot_barycentric: bool
     return_plans: bool
     moe_num_shared_experts: int
     moe_hidden_mult: int
@@ -140,6 +140,31 @@ class ModelSpec:
     sinkhorn_iters: int
     n_heads: int
     mlp_mult: int
+    attention_impl: str
+
+    def __post_init__(self):
+        choices = {"task": TASKS, "fusion": FUSIONS, "pooling": POOLINGS, "dtype": tuple(DTYPES),
+                   "attention_impl": ATTENTION_IMPLS}
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"{'task' if key == 'task' else 'cfg.' + key} must be one of {allowed}, "
+                                 f"found {getattr(self, key)!r}")
+        if self.task == "classification" and self.num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2 for classification, found {self.num_classes}")
+        at_least = {"d_model": 1, "n_layers": 1, "d_state": 1, "d_conv": 1, "expand": 1, "ot_match_dim": 0,
+                    "ot_time_prior": 0, "ot_contrastive": 0, "sinkhorn_iters": 1, "n_heads": 1, "mlp_mult": 1,
+                    "moe_num_shared_experts": 0, "moe_hidden_mult": 1}
+        for key, low in at_least.items():
+            if not getattr(self, key) >= low:
+                raise ValueError(f"cfg.{key} must be >= {low}, found {getattr(self, key)}")
+        positive = {"ot_contrastive_tau": (self.ot_contrastive_tau,), "ot_contrastive_sigma":
+                    (self.ot_contrastive_sigma,), "sinkhorn_epsilon": (self.sinkhorn_epsilon,),
+                    "mmd_sigma": self.mmd_sigma}
+        for key, values in positive.items():
+            if not values or not all(np.isfinite(v) and v > 0 for v in values):
+                raise ValueError(f"cfg.{key} must be finite and > 0, found {getattr(self, key)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"cfg.dropout must be in [0, 1), found {self.dropout}")
 
     @property
     def sources(self) -> Tuple[str, ...]:
@@ -150,31 +175,41 @@ class ModelSpec:
         return DTYPES[self.dtype]
 
 
+def _spec_value(key, value, kind):
+    """cfg value `value` of ModelSpec field `key` as the field's hashable type `kind`, or a ValueError."""
+    def wrong(expected):
+        return ValueError(f"cfg.{key} must be {expected}, found {value!r}")
+    is_bool = isinstance(value, (bool, np.bool_))
+    if kind is bool:
+        if not is_bool:
+            raise wrong("True or False")
+        return bool(value)
+    if kind is int:
+        if is_bool or not isinstance(value, (int, np.integer)):
+            raise wrong("an int")
+        return int(value)
+    if kind is float:
+        if is_bool or not isinstance(value, (int, float, np.integer, np.floating)):
+            raise wrong("a number")
+        return float(value)
+    if kind is str:
+        if not isinstance(value, str):
+            raise wrong("a string")
+        return value
+    if kind == Tuple[float, ...]:
+        values = tuple(value) if isinstance(value, (tuple, list)) else (value,)
+        return tuple(_spec_value(key, v, float) for v in values)
+    if kind == Union[int, str]:
+        return value if value == "auto" else _spec_value(key, value, int)
+    raise TypeError(f"ModelSpec field {key} has a type _spec_value does not convert: {kind}")
+
+
 def create_model(cfg, modalities: Sequence[str], anchor: str, input_dims: Dict[str, int],
                  task: str = "regression", num_classes: int = 1) -> nn.Module:
     """Build the model named by cfg.name for the given modalities (see the module docstring)."""
     modalities = tuple(modalities)
     if cfg.name not in MODEL_NAMES:
         raise ValueError(f"cfg.name must be one of {MODEL_NAMES}, found {cfg.name!r}")
-    if cfg.fusion not in FUSIONS:
-        raise ValueError(f"cfg.fusion must be one of {FUSIONS}, found {cfg.fusion!r}")
-    if cfg.pooling not in POOLINGS:
-        raise ValueError(f"cfg.pooling must be one of {POOLINGS}, found {cfg.pooling!r}")
-    if cfg.mmd_on not in MMD_ON:
-        raise ValueError(f"cfg.mmd_on must be one of {MMD_ON}, found {cfg.mmd_on!r}")
-    if cfg.ot_straight_through_tau < 0:
-        raise ValueError(f"cfg.ot_straight_through_tau must be >= 0 (0 = off), found {cfg.ot_straight_through_tau}")
-    if cfg.ot_contrastive < 0 or not (cfg.ot_contrastive_tau > 0 and cfg.ot_contrastive_sigma > 0):
-        raise ValueError(f"cfg.ot_contrastive must be >= 0 (0 = off) and ot_contrastive_tau / ot_contrastive_sigma "
-                         f"> 0, found {cfg.ot_contrastive}, {cfg.ot_contrastive_tau}, {cfg.ot_contrastive_sigma}")
-    if cfg.attention_impl not in ATTENTION_IMPLS:
-        raise ValueError(f"cfg.attention_impl must be one of {ATTENTION_IMPLS}, found {cfg.attention_impl!r}")
-    if cfg.dtype not in DTYPES:
-        raise ValueError(f"cfg.dtype must be one of {tuple(DTYPES)}, found {cfg.dtype!r}")
-    if task not in TASKS:
-        raise ValueError(f"task must be one of {TASKS}, found {task!r}")
-    if task == "classification" and num_classes < 2:
-        raise ValueError(f"num_classes must be >= 2 for classification, found {num_classes}")
     if not modalities or len(set(modalities)) != len(modalities):
         raise ValueError(f"modalities must be a non-empty sequence of distinct names, found {modalities}")
     if anchor not in modalities:
@@ -189,37 +224,27 @@ def create_model(cfg, modalities: Sequence[str], anchor: str, input_dims: Dict[s
     active = tuple(m for m in modalities if m not in drop)
     if not active:
         raise ValueError(f"cfg.drop_modalities {drop} removes every modality of {modalities}")
-    sigma = cfg.mmd_sigma
-    spec = ModelSpec(
-        modalities=active, anchor=anchor if anchor in active else active[0],
-        input_dims=tuple((m, int(input_dims[m])) for m in active), task=task,
-        num_classes=int(num_classes) if task == "classification" else 1,
-        d_model=cfg.d_model, n_layers=cfg.n_layers, d_state=cfg.d_state, d_conv=cfg.d_conv,
-        expand=cfg.expand, dt_rank=cfg.dt_rank, scan_backend=cfg.scan_backend, dtype=cfg.dtype,
-        dropout=cfg.dropout, pooling=cfg.pooling, use_local_alignment=cfg.use_local_alignment,
-        use_global_alignment=cfg.use_global_alignment, fusion=cfg.fusion,
-        mmd_sigma=tuple(float(s) for s in sigma) if isinstance(sigma, (tuple, list)) else (float(sigma),),
-        ot_centred=bool(cfg.ot_centred), ot_straight_through_tau=float(cfg.ot_straight_through_tau),
-        ot_barycentric=bool(cfg.ot_barycentric), ot_time_prior=float(cfg.ot_time_prior),
-        ot_match_dim=int(cfg.ot_match_dim),
-        ot_sinkhorn_loss=bool(cfg.ot_sinkhorn_loss), ot_contrastive=float(cfg.ot_contrastive),
-        ot_contrastive_tau=float(cfg.ot_contrastive_tau), ot_contrastive_sigma=float(cfg.ot_contrastive_sigma),
-        mmd_on=cfg.mmd_on,
-        return_plans=cfg.return_plans, moe_num_shared_experts=cfg.moe_num_shared_experts,
-        moe_hidden_mult=cfg.moe_hidden_mult, sinkhorn_epsilon=cfg.sinkhorn_epsilon,
-        sinkhorn_iters=cfg.sinkhorn_iters, n_heads=cfg.n_heads, mlp_mult=cfg.mlp_mult)
-    transformers = {"transformer_single": TransformerSingle, "transformer_multi": TransformerMulti}
-    if cfg.name in transformers:
-        return transformers[cfg.name](spec, attention_impl=cfg.attention_impl)
-    return {"alignmamba": AlignMamba, "alignmamba2": AlignMamba2}[cfg.name](spec)
+    resolved = dict(modalities=active, anchor=anchor if anchor in active else active[0],
+                    input_dims=tuple((m, int(input_dims[m])) for m in active), task=task,
+                    num_classes=int(num_classes) if task == "classification" else 1)
+    kinds = {f.name: f.type for f in dataclasses.fields(ModelSpec) if f.name not in resolved}
+    unknown_keys = sorted(set(cfg.keys()) - set(kinds) - set(_NOT_IN_SPEC))
+    missing_keys = sorted(set(kinds) - set(cfg.keys()))
+    if unknown_keys or missing_keys:
+        raise ValueError(f"cfg must have the keys of default_model_config(): unknown {unknown_keys}, "
+                         f"missing {missing_keys}")
+    spec = ModelSpec(**resolved, **{k: _spec_value(k, cfg[k], kind) for k, kind in kinds.items()})
+    return {"alignmamba": AlignMamba, "alignmamba2": AlignMamba2, "transformer_single": TransformerSingle,
+            "transformer_multi": TransformerMulti}[cfg.name](spec)
 
 
-def check_inputs(spec: ModelSpec, features, masks) -> Dict[str, jax.Array]:
-    """Validate features / masks for the active modalities; return the masks with None filled as all-valid."""
+def check_inputs(spec: ModelSpec, features, masks):
+    """Validate features / masks for the active modalities; return (features with every masked value replaced
+    by 0, masks with None filled as all-valid)."""
     if spec.anchor not in features:
         raise ValueError(f"features lacks the anchor modality {spec.anchor!r}; found keys {sorted(features)}")
     masks = {} if masks is None else masks
-    out, batch = {}, features[spec.anchor].shape[0]
+    out_features, out_masks, batch = {}, {}, features[spec.anchor].shape[0]
     for m, dim in spec.input_dims:
         if m not in features:
             raise ValueError(f"features lacks modality {m!r}; found keys {sorted(features)} "
@@ -232,8 +257,9 @@ def check_inputs(spec: ModelSpec, features, masks) -> Dict[str, jax.Array]:
             mask = jnp.ones(x.shape[:2], bool)
         elif mask.shape != x.shape[:2]:
             raise ValueError(f"masks[{m!r}] must have shape {x.shape[:2]}, found {mask.shape}")
-        out[m] = mask.astype(bool)
-    return out
+        out_masks[m] = jnp.asarray(mask, bool)
+        out_features[m] = jnp.where(out_masks[m][..., None], x, jnp.zeros((), x.dtype))
+    return out_features, out_masks
 
 
 def interleave_time_major(sequences: Sequence[jax.Array], masks: Sequence[jax.Array]):
@@ -254,10 +280,29 @@ def masked_pool(x, mask, pooling: str):
     return jnp.where((last >= 0)[:, None], picked, 0.0)
 
 
+def anchor_positions(anchor_mask):
+    """(B, T_a) -> (B, T_a): the positions the sources are aligned to. The anchor's valid tokens, or, for a
+    sample whose anchor is missing entirely, all T_a positions (the missing-anchor rule, module docstring)."""
+    return jnp.where(jnp.any(anchor_mask, axis=-1, keepdims=True), anchor_mask, True)
+
+
 def _batch_mean(values, present):
     """Mean of per-sample values over the samples where `present`; 0 if none."""
     w = present.astype(jnp.float32)
     return jnp.sum(values * w) / jnp.maximum(jnp.sum(w), 1.0)
+
+
+def _present(source_mask, anchor_mask):
+    """(B,) True where both (B, T) masks have a valid token."""
+    return jnp.any(source_mask, axis=-1) & jnp.any(anchor_mask, axis=-1)
+
+
+def mmd_losses(spec: ModelSpec, sources, source_masks, anchor, anchor_mask) -> Dict[str, jax.Array]:
+    """Global alignment: {"mmd/<source>": MMD^2 of the source's tokens vs the anchor's, averaged over the
+    samples where both are present}."""
+    return {f"mmd/{m}": _batch_mean(mmd(sources[m], anchor, spec.mmd_sigma, source_masks[m], anchor_mask),
+                                    _present(source_masks[m], anchor_mask))
+            for m in spec.sources}
 
 
 class Projections(nn.Module):
@@ -289,101 +334,96 @@ def _mamba_stack(spec: ModelSpec, name: str) -> MambaStack:
                       spec.scan_backend, spec.dropout, spec.compute_dtype, name=name)
 
 
+class LocalAlignment(nn.Module):
+    """AlignMamba's local alignment of every source modality to the anchor's positions, and what it owns: the
+    matching keys of the cost (`ot_match_dim`: learned linear projections of the raw features, else the
+    projected tokens), the cost options (`ot_centred`, `ot_time_prior`), the hard relaxed-OT plan of `ot_align`
+    (`ot_barycentric` for the aggregation) and the training-only matching loss (`ot_contrastive`:
+    `time_contrastive_loss` of the keys). With use_local_alignment=False ("w/o local") the sources are
+    segment-mean resampled instead, and there are no keys or losses. The sources of a sample without an anchor
+    are resampled onto all anchor positions (`anchor_positions`).
+
+    __call__(features, tokens, masks, train), with the raw features and the projected tokens per modality,
+    returns (aligned {source: (B, T_a, d)}, masks {source: (B, T_a)}, plans {source: (B, T_s, T_a)} (empty
+    unless spec.return_plans), aux {"contrastive/<source>": unweighted training loss}).
+    """
+    spec: ModelSpec
+
+    @nn.compact
+    def __call__(self, features, tokens, masks, train: bool):
+        spec = self.spec
+        anchor, am = tokens[spec.anchor], masks[spec.anchor]
+        positions, has_anchor = anchor_positions(am), jnp.any(am, axis=-1)[:, None, None]
+        keys = tokens
+        if spec.use_local_alignment and spec.ot_match_dim:
+            keys = {m: nn.Dense(spec.ot_match_dim, name=f"match_{m}")(features[m].astype(jnp.float32))
+                    for m in spec.modalities}
+        aligned, aligned_masks, plans, aux = {}, {}, {}, {}
+        for m in spec.sources:
+            aligned[m], plan = segment_mean_resample(tokens[m], anchor.shape[1], masks[m], positions,
+                                                     return_plan=spec.return_plans)
+            if spec.use_local_alignment:
+                matched, ot_plan = ot_align(tokens[m], anchor, masks[m], am, centred=spec.ot_centred,
+                                            barycentric=spec.ot_barycentric, source_key=keys[m],
+                                            anchor_key=keys[spec.anchor], time_prior=spec.ot_time_prior,
+                                            return_plan=spec.return_plans)
+                aligned[m] = jnp.where(has_anchor, matched, aligned[m])
+                plan = jnp.where(has_anchor, ot_plan, plan) if spec.return_plans else None
+                if train and spec.ot_contrastive > 0:
+                    nce = time_contrastive_loss(keys[m], keys[spec.anchor], masks[m], am, centred=spec.ot_centred,
+                                                tau=spec.ot_contrastive_tau, sigma=spec.ot_contrastive_sigma)
+                    aux[f"contrastive/{m}"] = _batch_mean(nce, _present(masks[m], am))
+            aligned_masks[m] = positions & jnp.any(masks[m], axis=-1, keepdims=True)
+            if spec.return_plans:
+                plans[m] = plan
+        return aligned, aligned_masks, plans, aux
+
+
 class AlignMamba(nn.Module):
-    """AlignMamba: projections, OT local alignment to the anchor, MMD global loss, time-major interleave,
-    a Mamba stack, masked pooling and a head; `spec.fusion` / `use_*_alignment` select the Table-3 ablations:
+    """AlignMamba: projections, local alignment to the anchor (`LocalAlignment`), MMD global loss, time-major
+    interleave, a Mamba stack, masked pooling and a head; `spec.fusion` / `use_*_alignment` select the Table-3
+    ablations:
 
     interleave + local   full model: each source -> ot_align to the anchor, interleaved [s_1, ..., anchor_1, ...]
     interleave, no local "w/o local": each source -> segment-mean resampled to the anchor length instead
     single_stream        all projected tokens concatenated modality after modality, one Mamba stack, no OT
     multi_stream         one Mamba stack per modality, pooled outputs concatenated, no OT
-    MMD (if use_global_alignment) compares each source with the anchor: for interleave on the aligned/resampled
-    tokens, the projected source tokens, or both (spec.mmd_on); on the projected tokens otherwise.
-    Local alignment uses ot_align with spec.ot_centred / ot_straight_through_tau (training only: the forward
-    values are the hard plan's either way) / ot_barycentric / ot_match_dim (the cost on learned matching
-    projections) / ot_time_prior (a relative-time term in the cost); all five off is the paper's rule exactly.
-    Training-only losses on the cost's features, added to align_loss: ot_sinkhorn_loss (entropic OT distance)
-    and ot_contrastive (weight of `time_contrastive_loss`, the one that teaches the cost to match by content).
+    MMD (if use_global_alignment) compares each source with the anchor: the aligned tokens for interleave, the
+    projected tokens otherwise. align_loss = sum of the MMD terms + ot_contrastive * LocalAlignment's losses.
     """
     spec: ModelSpec
 
     @nn.compact
     def __call__(self, features, masks=None, train: bool = False):
         spec = self.spec
-        masks = check_inputs(spec, features, masks)
+        features, masks = check_inputs(spec, features, masks)
         x = Projections(spec, name="projections")(features, train)
         anchor, am = x[spec.anchor], masks[spec.anchor]
-        aux, plans, mmd_terms, ot_terms, contrastive_terms = {}, {}, [], [], []
-        keys = {m: None for m in spec.modalities}
-        if spec.fusion == "interleave" and spec.use_local_alignment and spec.ot_match_dim > 0:
-            keys = {m: nn.Dense(spec.ot_match_dim, name=f"match_{m}")(features[m].astype(jnp.float32))
-                    for m in spec.modalities}
-
-        def add_mmd(m, src, src_mask, name=None):
-            value = mmd(src, anchor, spec.mmd_sigma, src_mask, am)
-            present = jnp.any(src_mask, -1) & jnp.any(am, -1)
-            aux[name or f"mmd/{m}"] = _batch_mean(value, present)
-            mmd_terms.append(aux[name or f"mmd/{m}"])
-
+        sources, source_masks, plans, aux = x, masks, {}, {}
         if spec.fusion == "interleave":
-            seqs, seq_masks = [], []
-            for m in spec.sources:
-                if spec.use_local_alignment:
-                    tau = spec.ot_straight_through_tau if train and spec.ot_straight_through_tau > 0 else None
-                    aligned, plan = ot_align(x[m], anchor, masks[m], am, centred=spec.ot_centred,
-                                             straight_through_tau=tau, barycentric=spec.ot_barycentric,
-                                             source_key=keys[m], anchor_key=keys[spec.anchor],
-                                             time_prior=spec.ot_time_prior)
-                else:
-                    aligned, plan = segment_mean_resample(x[m], anchor.shape[1], masks[m], am)
-                aligned_mask = am & jnp.any(masks[m], axis=-1, keepdims=True)
-                plans[m] = plan
-                src_key = x[m] if keys[m] is None else keys[m]
-                anc_key = anchor if keys[spec.anchor] is None else keys[spec.anchor]
-                present = jnp.any(masks[m], -1) & jnp.any(am, -1)
-                if spec.use_local_alignment and spec.ot_sinkhorn_loss and train:
-                    pair = ((masked_centre(src_key, masks[m]), masked_centre(anc_key, am)) if spec.ot_centred
-                            else (src_key, anc_key))
-                    _, dist = sinkhorn(cosine_cost(*pair), masks[m], am,
-                                       epsilon=spec.sinkhorn_epsilon, num_iters=spec.sinkhorn_iters)
-                    aux[f"ot/{m}"] = _batch_mean(dist, present)
-                    ot_terms.append(aux[f"ot/{m}"])
-                if spec.use_local_alignment and spec.ot_contrastive > 0 and train:
-                    nce = time_contrastive_loss(src_key, anc_key, masks[m], am, tau=spec.ot_contrastive_tau,
-                                                sigma=spec.ot_contrastive_sigma, centred=spec.ot_centred)
-                    aux[f"contrastive/{m}"] = _batch_mean(nce, present)
-                    contrastive_terms.append(aux[f"contrastive/{m}"])
-                if spec.use_global_alignment and spec.mmd_on in ("aligned", "both"):
-                    add_mmd(m, aligned, aligned_mask)
-                if spec.use_global_alignment and spec.mmd_on in ("projected", "both"):
-                    add_mmd(m, x[m], masks[m], name=f"mmd_projected/{m}" if spec.mmd_on == "both" else None)
-                seqs.append(aligned)
-                seq_masks.append(aligned_mask)
-            stream, stream_mask = interleave_time_major(seqs + [anchor], seq_masks + [am])
-            h = _mamba_stack(spec, "mamba")(stream, stream_mask, train)
-            pooled = masked_pool(h, stream_mask, spec.pooling)
+            local = LocalAlignment(spec, name="local_alignment")
+            nn.share_scope(self, local)  # its matching keys keep the parameter paths of earlier checkpoints
+            sources, source_masks, plans, aux = local(features, x, masks, train)
+            stream, stream_mask = interleave_time_major([sources[m] for m in spec.sources] + [anchor],
+                                                        [source_masks[m] for m in spec.sources] + [am])
+            pooled = masked_pool(_mamba_stack(spec, "mamba")(stream, stream_mask, train), stream_mask, spec.pooling)
+        elif spec.fusion == "single_stream":
+            stream = jnp.concatenate([x[m] for m in spec.modalities], axis=1)
+            stream_mask = jnp.concatenate([masks[m] for m in spec.modalities], axis=1)
+            pooled = masked_pool(_mamba_stack(spec, "mamba")(stream, stream_mask, train), stream_mask, spec.pooling)
         else:
-            if spec.use_global_alignment:
-                for m in spec.sources:
-                    add_mmd(m, x[m], masks[m])
-            if spec.fusion == "single_stream":
-                stream = jnp.concatenate([x[m] for m in spec.modalities], axis=1)
-                stream_mask = jnp.concatenate([masks[m] for m in spec.modalities], axis=1)
-                h = _mamba_stack(spec, "mamba")(stream, stream_mask, train)
-                pooled = masked_pool(h, stream_mask, spec.pooling)
-            else:
-                pooled = jnp.concatenate(
-                    [masked_pool(_mamba_stack(spec, f"mamba_{m}")(x[m], masks[m], train), masks[m], spec.pooling)
-                     for m in spec.modalities], axis=-1)
+            pooled = jnp.concatenate(
+                [masked_pool(_mamba_stack(spec, f"mamba_{m}")(x[m], masks[m], train), masks[m], spec.pooling)
+                 for m in spec.modalities], axis=-1)
+        if spec.use_global_alignment:
+            aux.update(mmd_losses(spec, sources, source_masks, anchor, am))
+        mmd_terms = [v for k, v in aux.items() if k.startswith("mmd/")]
+        contrastive_terms = [v for k, v in aux.items() if k.startswith("contrastive/")]
         aux["mmd"] = jnp.asarray(sum(mmd_terms) if mmd_terms else 0.0, jnp.float32)
-        if ot_terms:
-            aux["ot"] = jnp.asarray(sum(ot_terms), jnp.float32)
         if contrastive_terms:
             aux["contrastive"] = jnp.asarray(sum(contrastive_terms), jnp.float32)
-        align_loss = sum(mmd_terms + ot_terms + [spec.ot_contrastive * c for c in contrastive_terms])
-        align_loss = align_loss if mmd_terms + ot_terms + contrastive_terms else jnp.float32(0.0)
-        out = {"prediction": Head(spec, name="head")(pooled, train),
-               "align_loss": jnp.asarray(align_loss, jnp.float32), "aux": aux}
+        align_loss = sum(mmd_terms + [spec.ot_contrastive * c for c in contrastive_terms], jnp.float32(0.0))
+        out = {"prediction": Head(spec, name="head")(pooled, train), "align_loss": align_loss, "aux": aux}
         if spec.return_plans:
             out["ot_plans"] = plans
         return out
@@ -392,11 +432,12 @@ class AlignMamba(nn.Module):
 class AlignMamba2(nn.Module):
     """AlignMamba-2: alignment as training-only regularisers, fusion by Modality-Aware Mamba layers.
 
-    Fusion (train and inference alike): each source is segment-mean resampled to the anchor length and the
-    streams are interleaved time-major; n_layers ModalityAwareMambaLayers (shared Mamba mixer + modality-aware
-    MoE) follow. With train=True, align_loss = sum over sources of the entropic OT distance (Sinkhorn, cosine
-    cost) and MMD^2 between the projected source and anchor tokens; with train=False no alignment is computed
-    (align_loss = 0), except the Sinkhorn plans when cfg.return_plans asks for them.
+    Fusion (train and inference alike): each source is segment-mean resampled to the anchor's positions (all
+    of them for a sample without an anchor, `anchor_positions`) and the streams are interleaved time-major;
+    n_layers ModalityAwareMambaLayers (shared Mamba mixer + modality-aware MoE) follow. With train=True,
+    align_loss = sum over sources of the entropic OT distance (Sinkhorn, cosine cost) and MMD^2 between the
+    projected source and anchor tokens; with train=False no alignment is computed (align_loss = 0), except the
+    Sinkhorn plans when cfg.return_plans asks for them.
     use_local_alignment / use_global_alignment switch the OT / MMD term off; fusion is always the interleave.
     """
     spec: ModelSpec
@@ -404,13 +445,13 @@ class AlignMamba2(nn.Module):
     @nn.compact
     def __call__(self, features, masks=None, train: bool = False):
         spec = self.spec
-        masks = check_inputs(spec, features, masks)
+        features, masks = check_inputs(spec, features, masks)
         x = Projections(spec, name="projections")(features, train)
         anchor, am = x[spec.anchor], masks[spec.anchor]
         aux = {}
         ot_terms, mmd_terms, plans = [], [], {}
         for m in spec.sources:
-            present = jnp.any(masks[m], -1) & jnp.any(am, -1)
+            present = _present(masks[m], am)
             if train or spec.return_plans:
                 plan, dist = sinkhorn(cosine_cost(x[m], anchor), masks[m], am,
                                       epsilon=spec.sinkhorn_epsilon, num_iters=spec.sinkhorn_iters)
@@ -424,10 +465,10 @@ class AlignMamba2(nn.Module):
         aux["ot"] = jnp.asarray(sum(ot_terms) if ot_terms else 0.0, jnp.float32)
         aux["mmd"] = jnp.asarray(sum(mmd_terms) if mmd_terms else 0.0, jnp.float32)
 
-        seqs, seq_masks = [], []
-        for m in spec.sources:
-            seqs.append(segment_mean_resample(x[m], anchor.shape[1], masks[m], am)[0])
-            seq_masks.append(am & jnp.any(masks[m], axis=-1, keepdims=True))
+        positions = anchor_positions(am)
+        seqs = [segment_mean_resample(x[m], anchor.shape[1], masks[m], positions, return_plan=False)[0]
+                for m in spec.sources]
+        seq_masks = [positions & jnp.any(masks[m], axis=-1, keepdims=True) for m in spec.sources]
         stream, stream_mask = interleave_time_major(seqs + [anchor], seq_masks + [am])
         n_mod = len(spec.modalities)
         for i in range(spec.n_layers):
@@ -475,9 +516,8 @@ def fused_attention(query, key, value, mask=None, *, implementation="cudnn"):
 
 class TransformerBlock(nn.Module):
     """Pre-LN Transformer block; self-attention when `context` is None, else cross-attention to it.
-    attention_impl: "xla" (Flax's attention) or "cudnn" (`fused_attention`)."""
+    spec.attention_impl: "xla" (Flax's attention) or "cudnn" (`fused_attention`)."""
     spec: ModelSpec
-    attention_impl: str = "xla"
 
     @nn.compact
     def __call__(self, x, mask, context=None, context_mask=None, train: bool = False):
@@ -487,8 +527,8 @@ class TransformerBlock(nn.Module):
             kv, kv_mask = h, mask
         else:
             kv, kv_mask = nn.LayerNorm(dtype=jnp.float32, name="norm_kv")(context), context_mask
-        attention_fn = (nn.dot_product_attention if self.attention_impl == "xla"
-                        else functools.partial(fused_attention, implementation=self.attention_impl))
+        attention_fn = (nn.dot_product_attention if spec.attention_impl == "xla"
+                        else functools.partial(fused_attention, implementation=spec.attention_impl))
         h = nn.MultiHeadDotProductAttention(
             num_heads=spec.n_heads, dtype=spec.compute_dtype, dropout_rate=spec.dropout,
             deterministic=not train, attention_fn=attention_fn, name="attention")(
@@ -509,17 +549,16 @@ class TransformerSingle(nn.Module):
     """Single-stream Transformer baseline: all projected tokens (own positions per modality) concatenated,
     n_layers of full self-attention (quadratic in the fused length), masked pooling, head."""
     spec: ModelSpec
-    attention_impl: str = "xla"
 
     @nn.compact
     def __call__(self, features, masks=None, train: bool = False):
         spec = self.spec
-        masks = check_inputs(spec, features, masks)
+        features, masks = check_inputs(spec, features, masks)
         x = _positioned_projections(spec, features, train, "projections")
         h = jnp.concatenate([x[m] for m in spec.modalities], axis=1)
         mask = jnp.concatenate([masks[m] for m in spec.modalities], axis=1)
         for i in range(spec.n_layers):
-            h = TransformerBlock(spec, self.attention_impl, name=f"block_{i}")(h, mask, train=train)
+            h = TransformerBlock(spec, name=f"block_{i}")(h, mask, train=train)
         h = nn.LayerNorm(dtype=jnp.float32, name="norm_f")(h)
         pooled = masked_pool(h, mask, spec.pooling)
         return {"prediction": Head(spec, name="head")(pooled, train), "align_loss": jnp.float32(0.0), "aux": {}}
@@ -530,12 +569,11 @@ class TransformerMulti(nn.Module):
     attention from each other modality, the results concatenated, projected and passed through n_layers of
     self-attention, pooled; all targets' pooled features concatenated into the head."""
     spec: ModelSpec
-    attention_impl: str = "xla"
 
     @nn.compact
     def __call__(self, features, masks=None, train: bool = False):
         spec = self.spec
-        masks = check_inputs(spec, features, masks)
+        features, masks = check_inputs(spec, features, masks)
         x = _positioned_projections(spec, features, train, "projections")
         pooled = []
         for tgt in spec.modalities:
@@ -544,13 +582,13 @@ class TransformerMulti(nn.Module):
             for src in others:
                 h = x[tgt]
                 for i in range(spec.n_layers):
-                    h = TransformerBlock(spec, self.attention_impl, name=f"cross_{src}_to_{tgt}_{i}")(
+                    h = TransformerBlock(spec, name=f"cross_{src}_to_{tgt}_{i}")(
                         h, masks[tgt], x[src], masks[src], train=train)
                 crossed.append(h)
             h = nn.Dense(spec.d_model, dtype=spec.compute_dtype, name=f"merge_{tgt}")(
                 jnp.concatenate(crossed, axis=-1))
             for i in range(spec.n_layers):
-                h = TransformerBlock(spec, self.attention_impl, name=f"self_{tgt}_{i}")(h, masks[tgt], train=train)
+                h = TransformerBlock(spec, name=f"self_{tgt}_{i}")(h, masks[tgt], train=train)
             h = nn.LayerNorm(dtype=jnp.float32, name=f"norm_{tgt}")(h)
             pooled.append(masked_pool(h, masks[tgt], spec.pooling))
         pooled = jnp.concatenate(pooled, axis=-1)

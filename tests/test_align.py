@@ -6,8 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from alignmamba_jax.align import (cosine_cost, masked_centre, mmd, ot_align, segment_mean_resample, sinkhorn,
-                                  time_contrastive_loss)
+from alignmamba_jax import align
+from alignmamba_jax.align import (cosine_cost, masked_centre, mmd, ot_align, relative_time, segment_mean_resample,
+                                  sinkhorn, time_contrastive_loss)
 
 # Tiny graphs: XLA's backend optimisations cost far more compile time than they save at run time.
 fast_jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
@@ -411,3 +412,299 @@ def test_plot_ot_plan_writes_a_png_cropped_to_valid_tokens(tmp_path, rng):
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="plan must be"):
         plot_ot_plan(plan, str(tmp_path / "bad.png"))
+
+
+# ---- blockwise == dense, masked values, argument checks, memory ----------------------------------------------
+
+def ot_align_dense(src, anc, sm, am, centred=False, barycentric=False, source_key=None, anchor_key=None,
+                   time_prior=0.0):
+    """The dense formulation ot_align had before it went blockwise: the whole (T_s x T_a) cost, its argmin, the
+    one-hot plan and aligned = M^T source as an einsum."""
+    sk = src if source_key is None else source_key
+    ak = anc if anchor_key is None else anchor_key
+    if centred:
+        sk, ak = masked_centre(sk, sm), masked_centre(ak, am)
+    cost = cosine_cost(sk, ak)
+    if time_prior:
+        cost = cost + time_prior * jnp.abs(relative_time(sm)[..., :, None] - relative_time(am)[..., None, :])
+    nearest = jnp.argmin(jnp.where(am[..., None, :], jax.lax.stop_gradient(cost), jnp.inf), axis=-1)
+    n_src = jnp.sum(sm, axis=-1, dtype=jnp.float32)[..., None]
+    mass = jnp.where(sm & jnp.any(am, axis=-1, keepdims=True), 1.0 / jnp.maximum(n_src, 1.0), 0.0)
+    plan = jax.nn.one_hot(nearest, anc.shape[-2], dtype=jnp.float32) * mass[..., None]
+    aligned = jnp.einsum("...ij,...id->...jd", plan, src)
+    if barycentric:
+        column = jnp.sum(plan, axis=-2)[..., None]
+        aligned = jnp.where(column > 0, aligned / jnp.maximum(column, 1e-12), 0.0)
+    return aligned, plan
+
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    """Tiles of a few rows, so that the row-tiled code runs several tiles and a padded last one on test sizes."""
+    monkeypatch.setattr(align, "_TILE_ELEMENTS", 64)
+
+
+def jit_value_and_grads(f, g_out):
+    """args -> (f(*args), gradient of <f(*args), g_out> with respect to every arg), jitted."""
+    return fast_jit(lambda *a: (f(*a), jax.grad(lambda *b: jnp.sum(f(*b) * g_out), range(len(a)))(*a)))
+
+
+def value_and_grads(f, g_out, *args):
+    return jit_value_and_grads(f, g_out)(*args)
+
+
+def tricky_ot_inputs(rng):
+    """(2, 3) batch dims; masks with holes, one-token and fully masked sequences; exact ties (zero source tokens
+    cost 1 against every anchor token, duplicated anchor tokens)."""
+    ts, ta, d = 7, 5, 4
+    src = rng.normal(size=(2, 3, ts, d)).astype(np.float32)
+    anc = rng.normal(size=(2, 3, ta, d)).astype(np.float32)
+    sm = np.ones((2, 3, ts), bool)
+    am = np.ones((2, 3, ta), bool)
+    sm[0, 1, 1:] = False                                   # one source token
+    am[0, 2, 1:] = False                                   # one anchor token
+    sm[1, 0] = False                                       # fully masked source
+    am[1, 1] = False                                       # fully masked anchor
+    am[1, 2, :2] = False                                   # holes before the ties below
+    src[0, 0, 2] = 0.0                                     # tie over all anchors: the first valid one wins
+    src[1, 2, 3] = 0.0
+    anc[0, 0, 3] = anc[0, 0, 1]                            # duplicated anchor: the first copy wins
+    anc[1, 2, 4] = anc[1, 2, 2]
+    src[1, 2, 5] = anc[1, 2, 2] * 2.0                      # ... and this token surely picks it
+    return src, anc, sm, am
+
+
+OT_OPTIONS = {"paper": {}, "centred": {"centred": True}, "time_prior": {"time_prior": 0.5},
+              "barycentric": {"barycentric": True}, "keys": {"keys": True, "centred": True, "time_prior": 0.3}}
+
+
+@pytest.mark.parametrize("options", ["paper", "keys"])
+def test_ot_align_blockwise_equals_dense_values_plans_and_gradients(rng, small_tiles, options):
+    src, anc, sm, am = tricky_ot_inputs(rng)
+    g_out = rng.normal(size=anc.shape).astype(np.float32)
+    cases = OT_OPTIONS if options == "paper" else {options: OT_OPTIONS[options]}
+    for name, kwargs in cases.items():
+        kwargs = dict(kwargs)
+        if kwargs.pop("keys", False):
+            kwargs["source_key"] = rng.normal(size=src.shape[:-1] + (3,)).astype(np.float32)
+            kwargs["anchor_key"] = rng.normal(size=anc.shape[:-1] + (3,)).astype(np.float32)
+        light, grads = value_and_grads(lambda s, a: ot_align(s, a, sm, am, return_plan=False, **kwargs)[0],
+                                       g_out, src, anc)
+        ref, ref_grads = value_and_grads(lambda s, a: ot_align_dense(s, a, sm, am, **kwargs)[0], g_out, src, anc)
+        np.testing.assert_allclose(light, ref, rtol=1e-6, atol=1e-7, err_msg=name)
+        for g, r in zip(grads, ref_grads):
+            np.testing.assert_allclose(g, r, rtol=1e-6, atol=1e-7, err_msg=name)
+        assert np.all(np.asarray(grads[1]) == 0)
+        _, plan = fast_jit(lambda s, a: ot_align(s, a, sm, am, **kwargs))(src, anc)
+        ref_plan = fast_jit(lambda s, a: ot_align_dense(s, a, sm, am, **kwargs)[1])(src, anc)
+        np.testing.assert_array_equal(plan, ref_plan, err_msg=name)
+        if name in ("paper", "barycentric"):         # the paper's cost: the planted ties are exact
+            assert np.argmax(plan[0, 0, 2]) == 0 and np.argmax(plan[1, 2, 3]) == 2 and np.argmax(plan[1, 2, 5]) == 2
+    assert ot_align(src, anc, sm, am, return_plan=False)[1] is None
+
+
+def mmd_dense(x, y, sigma, xm, ym):
+    """The dense formulation mmd had before it went blockwise: (T_x x T_y x n_sigma) kernels from
+    |a|^2 + |b|^2 - 2ab."""
+    sigmas = jnp.atleast_1d(jnp.asarray(sigma, jnp.float32))
+    xw, yw = xm.astype(jnp.float32), ym.astype(jnp.float32)
+    wx = xw / jnp.maximum(jnp.sum(xw, -1, keepdims=True), 1.0)
+    wy = yw / jnp.maximum(jnp.sum(yw, -1, keepdims=True), 1.0)
+
+    def mean_kernel(a, b, wa, wb):
+        sq = jnp.maximum(jnp.sum(a * a, -1)[..., :, None] + jnp.sum(b * b, -1)[..., None, :]
+                         - 2.0 * jnp.einsum("...id,...jd->...ij", a, b), 0.0)
+        k = jnp.mean(jnp.exp(-sq[..., None] / (2.0 * sigmas ** 2)), axis=-1)
+        return jnp.einsum("...i,...ij,...j->...", wa, k, wb)
+
+    value = mean_kernel(x, x, wx, wx) + mean_kernel(y, y, wy, wy) - 2.0 * mean_kernel(x, y, wx, wy)
+    return jnp.where((jnp.sum(xw, -1) > 0) & (jnp.sum(yw, -1) > 0), jnp.maximum(value, 0.0), 0.0)
+
+
+@pytest.mark.parametrize("spread", [1.0, 300.0], ids=["matmul_form", "difference_form"])
+def test_mmd_blockwise_equals_dense_values_and_gradients(rng, small_tiles, spread):
+    """Both distance forms of the tiles (tokens spread over 300 sigma take the difference form) against the
+    dense formula (float64 for the wide spread, where float32 |a|^2 + |b|^2 - 2ab is inaccurate)."""
+    x = (spread * rng.normal(size=(2, 3, 9, 4))).astype(np.float32)
+    y = (spread * (rng.normal(size=(2, 3, 6, 4)) + 0.5)).astype(np.float32)
+    y[..., :2, :] = x[..., :2, :] + 0.3                     # close pairs: kernels well away from 0
+    xm = rng.uniform(size=x.shape[:-1]) < 0.8
+    ym = rng.uniform(size=y.shape[:-1]) < 0.8
+    xm[0, 0] = False                                        # an empty side gives 0
+    ym[1, 2, 1:] = False                                    # one token
+    sigma = (0.5, 2.0, 8.0)
+    g_out = rng.normal(size=x.shape[:2]).astype(np.float32)
+    got, grads = value_and_grads(lambda a, b: mmd(a, b, sigma, xm, ym), g_out, x, y)
+    with jax.enable_x64(spread > 1):
+        dtype = jnp.float64 if spread > 1 else jnp.float32
+        ref, ref_grads = value_and_grads(lambda a, b: mmd_dense(a, b, sigma, xm, ym), g_out.astype(dtype),
+                                         x.astype(dtype), y.astype(dtype))
+    assert float(got[0, 0]) == 0.0 and np.all(np.asarray(got) >= 0) and np.max(np.asarray(ref)) > 0.1
+    np.testing.assert_allclose(got, ref, rtol=2e-5, atol=1e-6)
+    for g, r in zip(grads, ref_grads):
+        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-6 / spread)
+
+
+def test_mmd_is_finite_and_right_far_from_the_origin():
+    """|a|^2 + |b|^2 - 2ab overflows float32 near 1e20 (NaN); differences do not. Against float64 NumPy on the
+    same float32 values, with bandwidths at the tokens' scale (kernels between 0 and 1) and at 1 (exactly 0 or 1)."""
+    rng = np.random.default_rng(1)
+    x = (1e20 * rng.normal(size=(2, 5, 3))).astype(np.float32)
+    y = (1e20 * (rng.normal(size=(2, 4, 3)) + 0.5)).astype(np.float32)
+    y[1, :2] = x[1, :2]                                     # shared tokens: kernel exactly 1 at any bandwidth
+    sigmas = (1.0, 1e20, 4e20)
+    got, grads = value_and_grads(lambda a, b: mmd(a, b, sigmas), np.ones(2, np.float32), x, y)
+    ref = [mmd_numpy(x[n].astype(np.float64), y[n].astype(np.float64), sigmas, np.ones(5, bool), np.ones(4, bool))
+           for n in range(2)]
+    np.testing.assert_allclose(got, ref, rtol=1e-5)
+    assert all(np.all(np.isfinite(g)) for g in grads)
+
+
+def sinkhorn_unrolled(cost, xm, ym, epsilon, num_iters):
+    """Plain log-domain Sinkhorn whose autodiff keeps every iteration's (T_x x T_y) arrays."""
+    valid = xm[..., :, None] & ym[..., None, :]
+    log_a = -jnp.log(xm.sum(-1, keepdims=True).astype(jnp.float32))
+    log_b = -jnp.log(ym.sum(-1, keepdims=True).astype(jnp.float32))
+    f, g = jnp.zeros(xm.shape), jnp.zeros(ym.shape)
+    score = lambda f, g: jnp.where(valid, (f[..., :, None] + g[..., None, :] - cost) / epsilon, -1e9)
+    for _ in range(num_iters):
+        f = jnp.where(xm, f + epsilon * (log_a - jax.nn.logsumexp(score(f, g), axis=-1)), 0.0)
+        g = jnp.where(ym, g + epsilon * (log_b - jax.nn.logsumexp(score(f, g), axis=-2)), 0.0)
+    plan = jnp.where(valid, jnp.exp(score(f, g)), 0.0)
+    return jnp.sum(plan * jnp.where(valid, cost, 0.0), axis=(-2, -1))
+
+
+def test_sinkhorn_gradient_equals_the_unrolled_one_and_memory_does_not_grow_with_iterations(rng):
+    x = rng.normal(size=(2, 9, 4)).astype(np.float32)
+    y = rng.normal(size=(2, 7, 4)).astype(np.float32)
+    xm, ym = right_padded_mask([9, 5], 9), right_padded_mask([7, 6], 7)
+    g_out = np.ones(2, np.float32)
+    got, grads = value_and_grads(
+        lambda a, b: sinkhorn(cosine_cost(a, b), xm, ym, epsilon=0.2, num_iters=30)[1], g_out, x, y)
+    ref, ref_grads = value_and_grads(lambda a, b: sinkhorn_unrolled(cosine_cost(a, b), xm, ym, 0.2, 30), g_out, x, y)
+    np.testing.assert_allclose(got, ref, rtol=1e-6)
+    for g, r in zip(grads, ref_grads):
+        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-6)
+
+    def grad_temp_bytes(num_iters, t=256):
+        f = jax.grad(lambda c: sinkhorn(c, epsilon=0.1, num_iters=num_iters)[1])
+        return jax.jit(f).lower(jax.ShapeDtypeStruct((t, t), jnp.float32)).compile().memory_analysis().temp_size_in_bytes
+
+    # Autodiff through the iterations keeps the (T x T) scores of each: 50 iterations would cost 10x 5.
+    assert grad_temp_bytes(50) < 1.5 * grad_temp_bytes(5)
+
+
+def test_values_under_masks_reach_neither_values_nor_gradients(rng):
+    """Every function gives the same values and gradients whatever sits under its masks (NaN, inf, -inf vs 0)."""
+    src = rng.normal(size=(2, 6, 3)).astype(np.float32)
+    anc = rng.normal(size=(2, 4, 3)).astype(np.float32)
+    sm, am = right_padded_mask([4, 6], 6), right_padded_mask([3, 4], 4)
+    am[1, 1] = False
+    junk = np.array([np.nan, np.inf, -np.inf], np.float32)
+    dirty_src = np.where(sm[..., None], src, junk[rng.integers(0, 3, size=src.shape)])
+    dirty_anc = np.where(am[..., None], anc, junk[rng.integers(0, 3, size=anc.shape)])
+    src, anc = np.where(sm[..., None], src, 0.0), np.where(am[..., None], anc, 0.0)
+    valid = sm[..., :, None] & am[..., None, :]
+    functions = {
+        "ot_align": lambda s, a: ot_align(s, a, sm, am)[0],
+        "ot_align_options": lambda s, a: ot_align(s, a, sm, am, centred=True, time_prior=0.5, barycentric=True,
+                                                  source_key=s * 2.0, anchor_key=a - 1.0)[0],
+        "mmd": lambda s, a: mmd(s, a, (1.0, 3.0), sm, am),
+        "time_contrastive_loss": lambda s, a: time_contrastive_loss(s, a, sm, am, centred=True),
+        "segment_mean_resample": lambda s, a: segment_mean_resample(s, 4, sm, am, return_plan=False)[0],
+        "masked_centre": lambda s, a: masked_centre(s, sm),
+    }
+    cost = np.asarray(cosine_cost(src, anc))
+    dirty_cost = np.where(valid, cost, junk[rng.integers(0, 3, size=cost.shape)])
+    cases = {name: (f, (src, anc), (dirty_src, dirty_anc)) for name, f in functions.items()}
+    cases["sinkhorn"] = (lambda c: sinkhorn(c, sm, am, epsilon=0.2, num_iters=20)[1], (cost,), (dirty_cost,))
+    for name, (f, clean_args, dirty_args) in cases.items():
+        run = jit_value_and_grads(f, np.ones(np.shape(jax.eval_shape(f, *clean_args)), np.float32))
+        (clean, clean_grads), (dirty, dirty_grads) = run(*clean_args), run(*dirty_args)
+        np.testing.assert_array_equal(dirty, clean, err_msg=name)
+        for gc, gd in zip(clean_grads, dirty_grads):
+            assert np.all(np.isfinite(gd)), name
+            np.testing.assert_array_equal(gd, gc, err_msg=name)
+
+
+def test_bad_arguments_raise_clear_errors(rng):
+    x = rng.normal(size=(2, 5, 3)).astype(np.float32)
+    empty = np.zeros((2, 0, 3), np.float32)
+    for epsilon in (0.0, -1.0, np.nan):
+        with pytest.raises(ValueError, match=r"epsilon must be finite and > 0, found"):
+            sinkhorn(cosine_cost(x, x), epsilon=epsilon)
+    for sigma in (0.0, -2.0, np.inf, np.nan, (1.0, 0.0), ()):
+        with pytest.raises(ValueError, match=r"sigma must be finite and > 0, found"):
+            mmd(x, x, sigma)
+    with pytest.raises(ValueError, match=r"num_iters must be an int >= 0"):
+        sinkhorn(cosine_cost(x, x), num_iters=2.5)
+    with pytest.raises(ValueError, match=r"anchor has no tokens.*\(2, 0, 3\)"):
+        ot_align(x, empty)
+    with pytest.raises(ValueError, match=r"source has no tokens.*\(2, 0, 3\)"):
+        ot_align(empty, x)
+    with pytest.raises(ValueError, match=r"source_key has no tokens"):
+        time_contrastive_loss(empty, x)
+    with pytest.raises(ValueError, match=r"anchor_key has no tokens"):
+        time_contrastive_loss(x, empty)
+    with pytest.raises(ValueError, match=r"time_prior must be finite and >= 0"):
+        ot_align(x, x, time_prior=-1.0)
+    np.testing.assert_array_equal(mmd(empty, x), [0.0, 0.0])     # no valid token: 0, as with masks
+
+
+def test_time_contrastive_loss_and_resampling_blockwise_gradients_equal_dense(rng, small_tiles):
+    src = rng.normal(size=(3, 8, 4)).astype(np.float32)
+    anc = rng.normal(size=(3, 5, 4)).astype(np.float32)
+    sm, am = right_padded_mask([8, 3, 0], 8), right_padded_mask([5, 5, 2], 5)
+
+    def nce_dense(s, a):
+        """time_contrastive_loss with the whole (T_s x T_a) logits at once."""
+        s, a = masked_centre(s, sm), masked_centre(a, am)
+        valid = am[:, None, :]
+        logits = jnp.where(valid, (1.0 - cosine_cost(s, a)) / 0.5, -1e9)
+        gap = jnp.abs(relative_time(sm)[..., :, None] - relative_time(am)[..., None, :])
+        target = jax.nn.softmax(jnp.where(valid, -gap / 0.2, -1e9), axis=-1)
+        ce = -jnp.sum(jnp.where(valid, target * jax.nn.log_softmax(logits, axis=-1), 0.0), axis=-1)
+        rows = (sm & am.any(-1, keepdims=True)).astype(jnp.float32)
+        return jnp.sum(ce * rows, -1) / jnp.maximum(rows.sum(-1), 1.0)
+
+    g_out = rng.normal(size=3).astype(np.float32)
+    got, grads = value_and_grads(lambda s, a: time_contrastive_loss(s, a, sm, am, tau=0.5, sigma=0.2, centred=True),
+                                 g_out, src, anc)
+    ref, ref_grads = value_and_grads(nce_dense, g_out, src, anc)
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+    for g, r in zip(grads, ref_grads):
+        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-6)
+
+    target_mask = right_padded_mask([5, 4, 5], 5)
+    out, plan = segment_mean_resample(src, 5, sm, target_mask)
+    g_out = rng.normal(size=out.shape).astype(np.float32)
+    light, grad = value_and_grads(lambda s: segment_mean_resample(s, 5, sm, target_mask, return_plan=False)[0],
+                                  g_out, src)
+    dense, dense_grad = value_and_grads(lambda s: jnp.einsum("bij,bid->bjd", plan, s), g_out, src)
+    np.testing.assert_allclose(light, dense, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(grad[0], dense_grad[0], rtol=1e-5, atol=1e-6)
+    assert segment_mean_resample(src, 5, sm, target_mask, return_plan=False)[1] is None
+
+
+def compiled_bytes(f, *shapes):
+    memory = jax.jit(f).lower(*[jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes]).compile().memory_analysis()
+    return memory.temp_size_in_bytes + memory.output_size_in_bytes
+
+
+def test_compiled_memory_is_linear_in_length():
+    """At T = 8192 tokens per side a (T x T) float32 array is 256 MiB; each function, values or gradients, stays
+    within 4 KiB per token (16 features): 32 MiB, linear in T (tiles are align._TILE_ELEMENTS = 4 MiB)."""
+    t, d = 8192, 16
+    mask = np.arange(t) < t - 3
+    functions = {
+        "ot_align": lambda s, a: ot_align(s, a, mask, mask, centred=True, time_prior=0.5, return_plan=False)[0],
+        "ot_align grad": jax.grad(lambda s, a: jnp.sum(ot_align(s, a, mask, mask, return_plan=False)[0] ** 2)),
+        "mmd grad": jax.grad(lambda s, a: mmd(s, a, (1.0, 2.0, 4.0, 8.0, 16.0), mask, mask), argnums=(0, 1)),
+        "time_contrastive_loss grad": jax.grad(lambda s, a: time_contrastive_loss(s, a, mask, mask, centred=True),
+                                               argnums=(0, 1)),
+        "segment_mean_resample grad": jax.grad(
+            lambda s, a: jnp.sum(segment_mean_resample(s, t, mask, mask, return_plan=False)[0] ** 2)),
+    }
+    for name, f in functions.items():
+        used = compiled_bytes(f, (t, d), (t, d))
+        assert used < 4096 * t, f"{name}: {used / 2 ** 20:.0f} MiB at T = {t}"

@@ -1,14 +1,17 @@
 """Models: every ablation switch and missing modalities run forward + backward under jit; the wiring of OT, MMD
-and the interleave is checked against the pure functions; masked tokens are inert; a tiny batch is overfit."""
+and the interleave is checked against the pure functions; masked values are inert (NaN and inf included); a
+sample without its anchor uses its other modalities; the model spec is built and checked from the config; a tiny
+batch is overfit."""
 import functools
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import pytest
 
-from alignmamba_jax.align import cosine_cost, mmd, ot_align, segment_mean_resample, sinkhorn, time_contrastive_loss
+from alignmamba_jax.align import mmd, ot_align, segment_mean_resample, time_contrastive_loss
 from alignmamba_jax.models import create_model, default_model_config, interleave_time_major, masked_pool
 
 # Tiny graphs: XLA's backend optimisations cost far more compile time than they save at run time.
@@ -62,8 +65,7 @@ def run_forward_backward(cfg, feats, masks, task="regression", num_classes=1, mo
 VARIANTS = {
     "full": {},
     "wo_local": {"use_local_alignment": False},
-    "all_local_options": {"ot_centred": True, "ot_straight_through_tau": 0.1, "ot_barycentric": True,
-                          "ot_match_dim": 3, "ot_sinkhorn_loss": True, "ot_time_prior": 0.5, "mmd_on": "both",
+    "all_local_options": {"ot_centred": True, "ot_barycentric": True, "ot_match_dim": 3, "ot_time_prior": 0.5,
                           "ot_contrastive": 0.7},
     "wo_global": {"use_global_alignment": False},
     "single_stream": {"fusion": "single_stream"},
@@ -92,13 +94,12 @@ def test_every_variant_forward_backward_under_jit_with_missing_modalities(varian
         assert float(out["align_loss"]) > 0.0
 
 
-PAPER_EXACT = {"ot_centred": False, "ot_straight_through_tau": 0.0, "ot_match_dim": 0, "ot_sinkhorn_loss": False,
-               "ot_barycentric": False, "ot_time_prior": 0.0, "mmd_on": "aligned", "ot_contrastive": 0.0}
+PAPER_EXACT = {"ot_centred": False, "ot_match_dim": 0, "ot_barycentric": False, "ot_time_prior": 0.0,
+               "ot_contrastive": 0.0}
 
 
-ALL_OPTIONS = {"ot_centred": True, "ot_straight_through_tau": 0.1, "ot_barycentric": True, "ot_match_dim": 3,
-               "ot_sinkhorn_loss": True, "ot_time_prior": 0.5, "mmd_on": "both", "ot_contrastive": 0.7,
-               "ot_contrastive_tau": 0.3, "ot_contrastive_sigma": 0.2}
+ALL_OPTIONS = {"ot_centred": True, "ot_barycentric": True, "ot_match_dim": 3, "ot_time_prior": 0.5,
+               "ot_contrastive": 0.7, "ot_contrastive_tau": 0.3, "ot_contrastive_sigma": 0.2}
 
 
 @pytest.mark.parametrize("options", [{}, ALL_OPTIONS], ids=["defaults_paper_exact", "all_options"])
@@ -110,7 +111,7 @@ def test_full_model_wiring_matches_pure_functions(options):
     model = create_model(cfg, MODS, "text", DIMS)
     params = fast_jit(model.init)(jax.random.PRNGKey(0), feats, masks)["params"]
     out = fast_jit(lambda p: model.apply({"params": p}, feats, masks))(params)
-    # The straight-through plan changes gradients only: training-mode values are the inference values.
+    # Training adds losses only: its predictions are the inference ones.
     out_train = fast_jit(lambda p: model.apply({"params": p}, feats, masks, train=True))(params)
     np.testing.assert_array_equal(out_train["prediction"], out["prediction"])
     proj = {m: feats[m] @ np.asarray(params["projections"][f"proj_{m}"]["kernel"])
@@ -118,7 +119,7 @@ def test_full_model_wiring_matches_pure_functions(options):
     keys = {m: None for m in MODS}
     if cfg.ot_match_dim:
         keys = {m: feats[m] @ np.asarray(params[f"match_{m}"]["kernel"]) + np.asarray(params[f"match_{m}"]["bias"])
-                for m in MODS}
+                for m in MODS}                  # LocalAlignment's keys keep their pre-split parameter paths
     expected_loss, expected_ot = 0.0, 0.0
     for m in ("audio", "vision"):
         aligned, plan = ot_align(proj[m], proj["text"], masks[m], masks["text"], centred=cfg.ot_centred,
@@ -127,21 +128,9 @@ def test_full_model_wiring_matches_pure_functions(options):
         assert out["ot_plans"][m].shape == (3, LENS[m], LENS["text"])
         np.testing.assert_allclose(out["ot_plans"][m], plan, atol=1e-6)
         present = masks[m].any(-1) & masks["text"].any(-1)
-        if cfg.mmd_on in ("aligned", "both"):
-            aligned_mask = masks["text"] & masks[m].any(-1, keepdims=True)
-            per_sample = np.asarray(mmd(aligned, proj["text"], cfg.mmd_sigma, aligned_mask, masks["text"]))
-            expected_loss += per_sample[present].mean()
-        if cfg.mmd_on in ("projected", "both"):
-            per_sample = np.asarray(mmd(proj[m], proj["text"], cfg.mmd_sigma, masks[m], masks["text"]))
-            expected_loss += per_sample[present].mean()
-        if cfg.ot_sinkhorn_loss:
-            # cfg.ot_centred is on here: numpy per-sequence centring of the matching keys
-            centred = [np.where(mk[..., None], k - (k * mk[..., None]).sum(1, keepdims=True)
-                                / np.maximum(mk.sum(1), 1)[:, None, None], 0.0)
-                       for k, mk in ((keys[m], masks[m]), (keys["text"], masks["text"]))]
-            _, dist = sinkhorn(cosine_cost(*centred), masks[m], masks["text"], epsilon=cfg.sinkhorn_epsilon,
-                               num_iters=cfg.sinkhorn_iters)
-            expected_ot += np.asarray(dist)[present].mean()
+        aligned_mask = masks["text"] & masks[m].any(-1, keepdims=True)
+        per_sample = np.asarray(mmd(aligned, proj["text"], cfg.mmd_sigma, aligned_mask, masks["text"]))
+        expected_loss += per_sample[present].mean()
         if cfg.ot_contrastive:
             nce = time_contrastive_loss(keys[m], keys["text"], masks[m], masks["text"], tau=cfg.ot_contrastive_tau,
                                         sigma=cfg.ot_contrastive_sigma, centred=cfg.ot_centred)
@@ -164,18 +153,6 @@ def test_interleave_is_time_major_and_pooling_respects_masks():
     np.testing.assert_allclose(masked_pool(x, m, "mean")[0, 0], np.mean([10, 30, 11, 21]))
     np.testing.assert_allclose(masked_pool(x, m, "last")[0, 0], 21)
     assert np.all(np.asarray(masked_pool(x, np.zeros_like(m), "mean")) == 0)
-
-
-@pytest.mark.parametrize("name", ["alignmamba", "alignmamba2"])
-def test_masked_tokens_and_missing_modalities_do_not_change_predictions(name):
-    feats, masks = make_batch(seed=2)
-    model = create_model(tiny_config(name=name), MODS, "text", DIMS)
-    params = fast_jit(model.init)(jax.random.PRNGKey(0), feats, masks)["params"]
-    apply = fast_jit(lambda f: model.apply({"params": params}, f, masks)["prediction"])
-    rng = np.random.default_rng(3)
-    noisy = {m: feats[m] + 100 * rng.normal(size=feats[m].shape).astype(np.float32) * ~masks[m][..., None]
-             for m in MODS}
-    np.testing.assert_allclose(apply(feats), apply(noisy), rtol=1e-5, atol=1e-5)
 
 
 def test_alignmamba2_does_no_alignment_at_inference_and_classification_head():
@@ -210,10 +187,6 @@ def test_bad_inputs_raise_clear_errors():
         create_model(tiny_config(), MODS, "text", {"text": 6})
     with pytest.raises(ValueError, match="cfg.fusion"):
         create_model(tiny_config(fusion="late"), MODS, "text", DIMS)
-    with pytest.raises(ValueError, match="mmd_on"):
-        create_model(tiny_config(mmd_on="tokens"), MODS, "text", DIMS)
-    with pytest.raises(ValueError, match="ot_straight_through_tau"):
-        create_model(tiny_config(ot_straight_through_tau=-1.0), MODS, "text", DIMS)
     with pytest.raises(ValueError, match="ot_contrastive"):
         create_model(tiny_config(ot_contrastive_tau=0.0), MODS, "text", DIMS)
 
@@ -272,3 +245,114 @@ def test_fused_attention_option_matches_flax_attention(monkeypatch):
     np.testing.assert_allclose(got, expected, rtol=2e-2, atol=2e-2 * float(np.abs(expected).max()))
     with pytest.raises(ValueError, match=r"cfg.attention_impl must be one of \('xla', 'cudnn'\), found 'flash'"):
         create_model(tiny_config(attention_impl="flash"), MODS, "text", DIMS)
+
+
+SHIPPED_LOCAL = {"ot_match_dim": 3, "ot_centred": True, "ot_time_prior": 0.5, "ot_contrastive": 1.0}   # synthetic.py
+MODEL_CASES = {"alignmamba": {}, "alignmamba_shipped_local": SHIPPED_LOCAL, "alignmamba_wo_local":
+               {"use_local_alignment": False}, "alignmamba2": {"name": "alignmamba2"},
+               "transformer_single": {"name": "transformer_single"}, "transformer_multi": {"name": "transformer_multi"}}
+
+
+def predict_and_grad(model, masks):
+    """(params, features) -> (inference predictions, gradient of a training loss with respect to params), jitted."""
+    def loss(p, f):
+        out = model.apply({"params": p}, f, masks, train=True, rngs={"dropout": jax.random.PRNGKey(1)})
+        return jnp.mean(out["prediction"] ** 2) + out["align_loss"]
+
+    return fast_jit(lambda p, f: (model.apply({"params": p}, f, masks)["prediction"], jax.grad(loss)(p, f)))
+
+
+@pytest.mark.parametrize("case", ["alignmamba_shipped_local", "alignmamba2", "transformer_single",
+                                  "transformer_multi"])
+def test_nan_and_inf_in_padded_frames_change_nothing(case):
+    """Padded values are replaced before any arithmetic: NaN / inf there give the predictions and the loss
+    gradient of zeros there, bit for bit (before the fix NaN in padded audio made every AlignMamba output NaN)."""
+    feats, masks = make_batch(seed=5)
+    modalities = ("text", "audio") if case == "transformer_multi" else MODS
+    model = create_model(tiny_config(dropout=0.0, **MODEL_CASES[case]), modalities, "text", DIMS)
+    params = fast_jit(model.init)(jax.random.PRNGKey(0), feats, masks)["params"]
+    rng = np.random.default_rng(0)
+    junk = np.array([np.nan, np.inf, -np.inf], np.float32)
+    dirty = {m: np.where(masks[m][..., None], feats[m], junk[rng.integers(0, 3, size=feats[m].shape)]) for m in MODS}
+    run = predict_and_grad(model, masks)
+    (clean_pred, clean_grad), (dirty_pred, dirty_grad) = run(params, feats), run(params, dirty)
+    assert np.all(np.isfinite(dirty_pred))
+    np.testing.assert_array_equal(dirty_pred, clean_pred)
+    for g, c in zip(jax.tree.leaves(dirty_grad), jax.tree.leaves(clean_grad)):
+        assert np.all(np.isfinite(g))
+        np.testing.assert_array_equal(g, c)
+
+
+@pytest.mark.parametrize("case", ["alignmamba", "alignmamba_wo_local", "alignmamba2"])
+def test_a_sample_without_its_anchor_still_uses_the_other_modalities(case):
+    """Sample 0 has no text: its prediction follows its audio and vision (the sources are resampled onto all
+    text positions); sample 1 has nothing: the 'no information' output, the head of a zero pool."""
+    feats, masks = make_batch(seed=6)
+    masks["text"][:2] = False
+    for m in ("audio", "vision"):
+        masks[m][0, :2] = True
+        masks[m][1] = False
+    model = create_model(tiny_config(dropout=0.0, return_plans=True, **MODEL_CASES[case]), MODS, "text", DIMS)
+    params = fast_jit(model.init)(jax.random.PRNGKey(0), feats, masks)["params"]
+    apply = fast_jit(lambda f: model.apply({"params": params}, f, masks))
+    out = apply(feats)
+    rng = np.random.default_rng(1)
+    for m in ("audio", "vision"):
+        changed = dict(feats, **{m: feats[m] + rng.normal(size=feats[m].shape).astype(np.float32)})
+        assert abs(float(apply(changed)["prediction"][0] - out["prediction"][0])) > 1e-4, m
+    everything = {m: feats[m] + rng.normal(size=feats[m].shape).astype(np.float32) for m in MODS}
+    head = params["head"]
+    no_information = np.asarray(jax.nn.gelu(head["hidden"]["bias"]) @ head["out"]["kernel"] + head["out"]["bias"])[0]
+    np.testing.assert_allclose(apply(everything)["prediction"][1], no_information, rtol=1e-6)
+    np.testing.assert_allclose(out["prediction"][1], no_information, rtol=1e-6)
+    if case != "alignmamba2":                                   # AlignMamba's plans: resampling onto all positions
+        proj = {m: feats[m] @ np.asarray(params["projections"][f"proj_{m}"]["kernel"]) for m in MODS}
+        every_position = np.ones((3, LENS["text"]), bool)
+        for m in ("audio", "vision"):
+            _, plan = segment_mean_resample(proj[m], LENS["text"], masks[m], every_position)
+            np.testing.assert_allclose(out["ot_plans"][m][0], plan[0], atol=1e-7)
+
+
+def untyped_config(**overrides):
+    """tiny_config without ConfigDict's type locking, to reach create_model's own checks (a config from a plain
+    dict, or a ConfigDict with type_safe=False, has none)."""
+    cfg = ml_collections.ConfigDict(tiny_config().to_dict(), type_safe=False)
+    cfg.update(overrides)
+    return cfg
+
+
+def test_model_spec_is_built_from_the_config_by_name_and_checked():
+    spec = create_model(untyped_config(mmd_sigma=[1, 2.5], dt_rank=2), MODS, "text", DIMS).spec
+    assert hash(spec) == hash(create_model(untyped_config(mmd_sigma=(1.0, 2.5), dt_rank=2), MODS, "text", DIMS).spec)
+    assert spec.mmd_sigma == (1.0, 2.5) and spec.d_model == 8 and spec.dt_rank == 2 and spec.sources == ("audio",
+                                                                                                       "vision")
+    for key, value, message in [("d_model", "8", "an int"), ("ot_centred", 1, "True or False"),
+                                ("ot_time_prior", "0.5", "a number"), ("mmd_sigma", (1.0, "x"), "a number"),
+                                ("dt_rank", 2.5, "an int"), ("pooling", "max", "one of"),
+                                ("mmd_sigma", (1.0, 0.0), "finite and > 0"), ("ot_match_dim", -1, ">= 0"),
+                                ("sinkhorn_epsilon", 0.0, "finite and > 0"), ("ot_contrastive_tau", 0.0, "> 0")]:
+        with pytest.raises(ValueError, match=rf"cfg\.{key} must be .*{message}"):
+            create_model(untyped_config(**{key: value}), MODS, "text", DIMS)
+    cfg = tiny_config()
+    cfg.mmd_on = "aligned"                                         # an option that was removed
+    with pytest.raises(ValueError, match=r"unknown \['mmd_on'\]"):
+        create_model(cfg, MODS, "text", DIMS)
+
+
+def test_remaining_model_options_reach_the_layers():
+    """pooling, dtype, dt_rank, the MoE and MLP widths: each one visible in the parameters or the output."""
+    feats, masks = make_batch()
+    shapes = lambda cfg, mods=MODS: jax.eval_shape(create_model(cfg, mods, "text", DIMS).init,
+                                                   jax.random.PRNGKey(0), feats, masks)["params"]
+    mixer = shapes(untyped_config(dt_rank=3))["mamba"]["block_0"]["mixer"]
+    assert mixer["x_proj"]["kernel"].shape == (16, 3 + 2 * 2) and mixer["in_proj"]["kernel"].dtype == jnp.float32
+    moe = shapes(tiny_config(name="alignmamba2", moe_num_shared_experts=2, moe_hidden_mult=3))["layer_0"]["moe"]
+    assert moe["shared_1_up"]["kernel"].shape == (8, 24) and moe["specific_up"]["kernel"].shape == (3, 8, 24)
+    block = shapes(tiny_config(name="transformer_single", mlp_mult=3))["block_0"]
+    assert block["mlp_up"]["kernel"].shape == (8, 24)
+    model = create_model(tiny_config(dtype="bfloat16", pooling="last", dropout=0.0), MODS, "text", DIMS)
+    params = fast_jit(model.init)(jax.random.PRNGKey(0), feats, masks)["params"]
+    last = fast_jit(lambda p: model.apply({"params": p}, feats, masks)["prediction"])(params)
+    mean_model = create_model(tiny_config(dtype="bfloat16", dropout=0.0), MODS, "text", DIMS)
+    mean = fast_jit(lambda p: mean_model.apply({"params": p}, feats, masks)["prediction"])(params)
+    assert last.dtype == jnp.float32 and np.all(np.isfinite(last)) and np.all(np.abs(last - mean) > 1e-6)
