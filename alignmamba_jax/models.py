@@ -32,6 +32,8 @@ import ml_collections
 import numpy as np
 
 from alignmamba_jax.align import cosine_cost, mmd, ot_align, segment_mean_resample, sinkhorn, time_contrastive_loss
+from alignmamba_jax.errors import UserError
+from alignmamba_jax.kernels.validation import BACKENDS as SCAN_BACKENDS
 from alignmamba_jax.modules import MambaStack, ModalityAwareMambaLayer
 
 MODEL_NAMES = ("alignmamba", "alignmamba2", "transformer_single", "transformer_multi")
@@ -144,27 +146,27 @@ class ModelSpec:
 
     def __post_init__(self):
         choices = {"task": TASKS, "fusion": FUSIONS, "pooling": POOLINGS, "dtype": tuple(DTYPES),
-                   "attention_impl": ATTENTION_IMPLS}
+                   "attention_impl": ATTENTION_IMPLS, "scan_backend": SCAN_BACKENDS}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
-                raise ValueError(f"{'task' if key == 'task' else 'cfg.' + key} must be one of {allowed}, "
+                raise UserError(f"{'task' if key == 'task' else 'cfg.' + key} must be one of {allowed}, "
                                  f"found {getattr(self, key)!r}")
         if self.task == "classification" and self.num_classes < 2:
-            raise ValueError(f"num_classes must be >= 2 for classification, found {self.num_classes}")
+            raise UserError(f"num_classes must be >= 2 for classification, found {self.num_classes}")
         at_least = {"d_model": 1, "n_layers": 1, "d_state": 1, "d_conv": 1, "expand": 1, "ot_match_dim": 0,
                     "ot_time_prior": 0, "ot_contrastive": 0, "sinkhorn_iters": 1, "n_heads": 1, "mlp_mult": 1,
                     "moe_num_shared_experts": 0, "moe_hidden_mult": 1}
         for key, low in at_least.items():
             if not getattr(self, key) >= low:
-                raise ValueError(f"cfg.{key} must be >= {low}, found {getattr(self, key)}")
+                raise UserError(f"cfg.{key} must be >= {low}, found {getattr(self, key)}")
         positive = {"ot_contrastive_tau": (self.ot_contrastive_tau,), "ot_contrastive_sigma":
                     (self.ot_contrastive_sigma,), "sinkhorn_epsilon": (self.sinkhorn_epsilon,),
                     "mmd_sigma": self.mmd_sigma}
         for key, values in positive.items():
             if not values or not all(np.isfinite(v) and v > 0 for v in values):
-                raise ValueError(f"cfg.{key} must be finite and > 0, found {getattr(self, key)}")
+                raise UserError(f"cfg.{key} must be finite and > 0, found {getattr(self, key)}")
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"cfg.dropout must be in [0, 1), found {self.dropout}")
+            raise UserError(f"cfg.dropout must be in [0, 1), found {self.dropout}")
 
     @property
     def sources(self) -> Tuple[str, ...]:
@@ -176,9 +178,9 @@ class ModelSpec:
 
 
 def _spec_value(key, value, kind):
-    """cfg value `value` of ModelSpec field `key` as the field's hashable type `kind`, or a ValueError."""
+    """cfg value `value` of ModelSpec field `key` as the field's hashable type `kind`, or a UserError."""
     def wrong(expected):
-        return ValueError(f"cfg.{key} must be {expected}, found {value!r}")
+        return UserError(f"cfg.{key} must be {expected}, found {value!r}")
     is_bool = isinstance(value, (bool, np.bool_))
     if kind is bool:
         if not is_bool:
@@ -209,21 +211,21 @@ def create_model(cfg, modalities: Sequence[str], anchor: str, input_dims: Dict[s
     """Build the model named by cfg.name for the given modalities (see the module docstring)."""
     modalities = tuple(modalities)
     if cfg.name not in MODEL_NAMES:
-        raise ValueError(f"cfg.name must be one of {MODEL_NAMES}, found {cfg.name!r}")
+        raise UserError(f"cfg.name must be one of {MODEL_NAMES}, found {cfg.name!r}")
     if not modalities or len(set(modalities)) != len(modalities):
-        raise ValueError(f"modalities must be a non-empty sequence of distinct names, found {modalities}")
+        raise UserError(f"modalities must be a non-empty sequence of distinct names, found {modalities}")
     if anchor not in modalities:
-        raise ValueError(f"anchor {anchor!r} is not one of modalities {modalities}")
+        raise UserError(f"anchor {anchor!r} is not one of modalities {modalities}")
     missing_dims = [m for m in modalities if m not in input_dims]
     if missing_dims:
-        raise ValueError(f"input_dims lacks modalities {missing_dims}; found keys {sorted(input_dims)}")
+        raise UserError(f"input_dims lacks modalities {missing_dims}; found keys {sorted(input_dims)}")
     drop = tuple(cfg.drop_modalities)
     unknown = [m for m in drop if m not in modalities]
     if unknown:
-        raise ValueError(f"cfg.drop_modalities {unknown} are not among modalities {modalities}")
+        raise UserError(f"cfg.drop_modalities {unknown} are not among modalities {modalities}")
     active = tuple(m for m in modalities if m not in drop)
     if not active:
-        raise ValueError(f"cfg.drop_modalities {drop} removes every modality of {modalities}")
+        raise UserError(f"cfg.drop_modalities {drop} removes every modality of {modalities}")
     resolved = dict(modalities=active, anchor=anchor if anchor in active else active[0],
                     input_dims=tuple((m, int(input_dims[m])) for m in active), task=task,
                     num_classes=int(num_classes) if task == "classification" else 1)
@@ -231,7 +233,7 @@ def create_model(cfg, modalities: Sequence[str], anchor: str, input_dims: Dict[s
     unknown_keys = sorted(set(cfg.keys()) - set(kinds) - set(_NOT_IN_SPEC))
     missing_keys = sorted(set(kinds) - set(cfg.keys()))
     if unknown_keys or missing_keys:
-        raise ValueError(f"cfg must have the keys of default_model_config(): unknown {unknown_keys}, "
+        raise UserError(f"cfg must have the keys of default_model_config(): unknown {unknown_keys}, "
                          f"missing {missing_keys}")
     spec = ModelSpec(**resolved, **{k: _spec_value(k, cfg[k], kind) for k, kind in kinds.items()})
     return {"alignmamba": AlignMamba, "alignmamba2": AlignMamba2, "transformer_single": TransformerSingle,
