@@ -13,7 +13,8 @@ Backends (all share the signature of `selective_scan_reference`):
   auto               cpu -> chunked, gpu -> pallas, tpu -> pallas
 On GPU `pallas` (and so `auto`) prefers the Triton kernel while JAX has it: until a GPU has measured both, it is
 the safer choice (simpler code with no asynchronous copies or barriers to get wrong, and it runs on any CUDA GPU,
-where the Mosaic GPU kernel needs sm_90+); where the Triton dialect is gone it falls back to Mosaic GPU.
+where the Mosaic GPU kernel needs sm_90+); where the Triton dialect is gone it falls back to Mosaic GPU, and on a
+GPU older than sm_90 without Triton `auto` falls back to `chunked` (`pallas` then says why it cannot run).
 Off their platform the Pallas kernels run in interpret mode (slow; for tests). The Pallas backends import their
 Pallas dialect only when asked for, so a JAX without one (e.g. without Triton) still serves every other backend.
 `tuned_backend(name, **tunables)` builds a Pallas backend with non-default tunables (block and chunk sizes) for
@@ -83,11 +84,11 @@ def tuned_backend(name, **settings):
 
 def _gpu_pallas_backend():
     """pallas_triton where this JAX still has Pallas's Triton dialect (the safer kernel until a GPU has measured
-    both, see the module docstring), else pallas_mosaic_gpu."""
+    both, see the module docstring), else pallas_mosaic_gpu where the GPU can run it (sm_90+), else None."""
     try:
         _pallas_module("pallas_triton")
     except RuntimeError:
-        return "pallas_mosaic_gpu"
+        return "pallas_mosaic_gpu" if _pallas_module("pallas_mosaic_gpu").device_supported(jax.devices()[0]) else None
     return "pallas_triton"
 
 
@@ -95,8 +96,10 @@ def _implementation(backend):
     platform = jax.default_backend()
     if backend == "auto":
         backend = _AUTO.get(platform, "chunked")
+        if backend == "pallas" and platform != "tpu":
+            backend = _gpu_pallas_backend() or "chunked"
     if backend == "pallas":
-        backend = "pallas_tpu" if platform == "tpu" else _gpu_pallas_backend()
+        backend = "pallas_tpu" if platform == "tpu" else _gpu_pallas_backend() or "pallas_mosaic_gpu"
     if backend in _PALLAS:
         return _tuned(backend, ())
     return {"reference": selective_scan_reference, "associative": selective_scan_associative,

@@ -53,6 +53,7 @@ SEMANTICS = {"lane": plgpu.LoweringSemantics.Lane, "warpgroup": plgpu.LoweringSe
 _TILE_ROWS, _TILE_COLS = 64, 8                                    # the WGMMA layout's (rows, cols) tile
 _SLOTS = 2                                                        # double-buffered output tiles
 _SHARED_MEMORY_BYTES = 227 * 1024                                 # per block on sm_90 / sm_100
+MIN_COMPUTE_CAPABILITY = (9, 0)                                   # TMA copies: Hopper, Blackwell
 _REDUCTION_SCRATCH_BYTES = plgpu.CompilerParams().reduction_scratch_bytes
 _KERNEL_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
 _STATE, _ROW, _COL = plgpu.Layout.WGMMA, plgpu.Layout.WGMMA.reduce(1), plgpu.Layout.WGMMA.reduce(0)
@@ -291,6 +292,25 @@ def _check_shared_memory(chunk, block_c, state, max_concurrent_steps, itemsizes)
             f"of a block; use a smaller chunk or block_c")
 
 
+def device_supported(device) -> bool:
+    """Whether `device` can run these kernels: a CUDA GPU of compute capability 9.0 or later (the TMA
+    pipeline; an Ampere path exists only in jax >= 0.11 under Lane semantics, and is not used here)."""
+    capability = getattr(device, "compute_capability", None)
+    if device.platform != "gpu" or not capability:
+        return False
+    return tuple(int(part) for part in str(capability).split(".")[:2]) >= MIN_COMPUTE_CAPABILITY
+
+
+def _check_device():
+    device = jax.devices()[0]
+    if not device_supported(device):
+        minimum = ".".join(map(str, MIN_COMPUTE_CAPABILITY))
+        raise RuntimeError(f"backend='pallas_mosaic_gpu' needs a GPU of compute capability {minimum} or later "
+                           f"(Hopper, Blackwell: its pipeline uses TMA copies); found {device.device_kind!r} of "
+                           f"compute capability {getattr(device, 'compute_capability', None)}. Use backend "
+                           f"'pallas_triton' (while JAX has Pallas's Triton dialect) or 'chunked'.")
+
+
 def pallas_mosaic_gpu_core(u, delta, A, B, C, h0, *, chunk=TUNABLES["chunk"], block_c=TUNABLES["block_c"],
                            max_concurrent_steps=TUNABLES["max_concurrent_steps"],
                            lowering_semantics=TUNABLES["lowering_semantics"], y_dtype=jnp.float32,
@@ -318,6 +338,7 @@ def pallas_mosaic_gpu_core(u, delta, A, B, C, h0, *, chunk=TUNABLES["chunk"], bl
     u, delta, B, C = (x if x.dtype in _KERNEL_DTYPES else x.astype(jnp.float32) for x in (u, delta, B, C))
     kernel_y_dtype = jnp.dtype(y_dtype) if jnp.dtype(y_dtype) in _KERNEL_DTYPES else jnp.dtype(jnp.float32)
     if not interpret:
+        _check_device()
         _check_shared_memory(chunk, block_c, _round_up(state, _TILE_COLS), max_concurrent_steps,
                              [x.dtype.itemsize for x in (u, delta, B, C)] + [kernel_y_dtype.itemsize])
     pad_t = _round_up(length, chunk) - length

@@ -18,7 +18,8 @@ from jax import export
 import alignmamba_jax.kernels as kernels
 from alignmamba_jax.kernels import selective_scan, selective_scan_reference, tuned_backend
 from alignmamba_jax.kernels.common import make_backend
-from alignmamba_jax.kernels.pallas_mosaic_gpu import SEMANTICS, pallas_mosaic_gpu_core
+from alignmamba_jax.kernels.chunked import selective_scan_chunked
+from alignmamba_jax.kernels.pallas_mosaic_gpu import SEMANTICS, device_supported, pallas_mosaic_gpu_core
 from alignmamba_jax.kernels.testing import OPTION_SETS, assert_close_tree, grads_of_all_inputs, make_inputs
 
 # chunk 8 on a length of 20: 3 chunks, the last padded; 70 channels: 2 blocks of 64, the second padded;
@@ -149,6 +150,45 @@ def test_mosaic_gpu_registry_and_tunables():
     assert "pallas_mosaic_gpu" in kernels.TUNABLE_BACKENDS and "pallas_mosaic_gpu" in kernels.BACKENDS
     with pytest.raises(ValueError, match="unknown tunables \\['num_warps'\\]"):
         tuned_backend("pallas_mosaic_gpu", num_warps=4)
+
+
+class _FakeGpu:
+    platform, device_kind = "gpu", "NVIDIA A100-SXM4-80GB"
+
+    def __init__(self, compute_capability):
+        self.compute_capability = compute_capability
+
+
+@pytest.mark.parametrize("capability,supported", [("7.5", False), ("8.0", False), ("8.9", False), ("9.0", True),
+                                                  ("10.0", True), ("12.0", True)])
+def test_mosaic_gpu_runs_on_sm90_and_later_only(capability, supported):
+    assert device_supported(_FakeGpu(capability)) is supported
+    assert not device_supported(jax.devices("cpu")[0])
+
+
+def test_pre_hopper_gpu_gets_a_clear_error_and_auto_falls_back_to_chunked(monkeypatch):
+    """On an sm_80 GPU the Mosaic kernel says why it cannot run before tracing; with no Triton dialect either,
+    `auto` takes `chunked` and `pallas` the Mosaic kernel (which then says why); on sm_90 both take Mosaic."""
+    args, _ = make_inputs(0, 1, 16, 64, 8, [])
+    unpatched = kernels._pallas_module
+
+    def without_triton(name):
+        if name == "pallas_triton":
+            raise RuntimeError("no Triton dialect in this test")
+        return unpatched(name)
+
+    monkeypatch.setattr(kernels, "_pallas_module", without_triton)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(jax, "devices", lambda *backend: [_FakeGpu("8.0")])
+    with pytest.raises(RuntimeError, match=r"needs a GPU of compute capability 9\.0 or later .* found "
+                                           r"'NVIDIA A100-SXM4-80GB' of compute capability 8\.0\. Use backend "
+                                           r"'pallas_triton' .* or 'chunked'"):
+        pallas_mosaic_gpu_core(*args[:5], jnp.zeros((1, 64, 8)), interpret=False)
+    mosaic = kernels._tuned("pallas_mosaic_gpu", ())
+    assert kernels._implementation("auto") is selective_scan_chunked
+    assert kernels._implementation("pallas") is mosaic
+    monkeypatch.setattr(jax, "devices", lambda *backend: [_FakeGpu("9.0")])
+    assert kernels._implementation("auto") is mosaic and kernels._implementation("pallas") is mosaic
 
 
 @pytest.mark.slow
