@@ -302,8 +302,10 @@ def device_supported(device) -> bool:
 
 
 def _check_device():
+    """On a GPU older than sm_90, say so before tracing (elsewhere, e.g. `jax.export` for cuda from a CPU host,
+    the lowering assumes sm_90)."""
     device = jax.devices()[0]
-    if not device_supported(device):
+    if device.platform == "gpu" and not device_supported(device):
         minimum = ".".join(map(str, MIN_COMPUTE_CAPABILITY))
         raise RuntimeError(f"backend='pallas_mosaic_gpu' needs a GPU of compute capability {minimum} or later "
                            f"(Hopper, Blackwell: its pipeline uses TMA copies); found {device.device_kind!r} of "
