@@ -150,7 +150,7 @@ class ModelSpec:
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise UserError(f"{'task' if key == 'task' else 'cfg.' + key} must be one of {allowed}, "
-                                 f"found {getattr(self, key)!r}")
+                                f"found {getattr(self, key)!r}")
         if self.task == "classification" and self.num_classes < 2:
             raise UserError(f"num_classes must be >= 2 for classification, found {self.num_classes}")
         at_least = {"d_model": 1, "n_layers": 1, "d_state": 1, "d_conv": 1, "expand": 1, "ot_match_dim": 0,
@@ -234,7 +234,7 @@ def create_model(cfg, modalities: Sequence[str], anchor: str, input_dims: Dict[s
     missing_keys = sorted(set(kinds) - set(cfg.keys()))
     if unknown_keys or missing_keys:
         raise UserError(f"cfg must have the keys of default_model_config(): unknown {unknown_keys}, "
-                         f"missing {missing_keys}")
+                        f"missing {missing_keys}")
     spec = ModelSpec(**resolved, **{k: _spec_value(k, cfg[k], kind) for k, kind in kinds.items()})
     return {"alignmamba": AlignMamba, "alignmamba2": AlignMamba2, "transformer_single": TransformerSingle,
             "transformer_multi": TransformerMulti}[cfg.name](spec)

@@ -314,9 +314,6 @@ def validate_run(config, splits) -> None:
         if value % n:
             raise UserError(f"{key}={value} must be divisible by the number of devices ({n})")
     input_pipeline.steps_per_epoch(input_pipeline.split_size(splits["train"]), config.train.batch_size)
-    for name in ("train", "valid", "test"):
-        if name not in splits:
-            raise UserError(f"data split {name!r} missing; load_splits returned {sorted(splits)}")
     if config.eval.missing_rates:
         unknown = set(config.eval.missing_protocols) - set(data_lib.missing.PROTOCOLS)
         if unknown:

@@ -45,9 +45,8 @@ from __future__ import annotations
 import ml_collections
 import numpy as np
 
+from alignmamba_jax.data.validate import SPLITS
 from alignmamba_jax.errors import UserError
-
-SPLITS = ("train", "valid", "test")
 
 
 def default_config() -> ml_collections.ConfigDict:

@@ -110,7 +110,7 @@ def class_labels(y, where, key, n=None, num_classes=None):
     y = y.astype(np.int32)
     if y.size and (y.min() < 0 or (num_classes is not None and y.max() >= num_classes)):
         raise UserError(f"{where}: key {key!r}: class labels must lie in [0, {num_classes}), found range "
-                         f"[{y.min()}, {y.max()}]")
+                        f"[{y.min()}, {y.max()}]")
     return y
 
 
