@@ -158,6 +158,13 @@ def _ot_cost_rows(time_prior, anchor_unit, anchor_time):
     return cost_rows
 
 
+def _segment_sum_per_example(values, segments, num_segments):
+    """values (n, T, ...) summed by segments (n, T) into (n, num_segments, ...), example by example: the scatter
+    keeps the batch as its own dimension, so a batch-sharded program sums on each device's rows (segment ids
+    over the flattened batch x anchor would make XLA gather the global batch onto every device)."""
+    return jax.vmap(lambda v, s: jax.ops.segment_sum(v, s, num_segments=num_segments))(values, segments)
+
+
 def ot_align(source, anchor, source_mask=None, anchor_mask=None, *, centred: bool = False,
              straight_through_tau: Optional[float] = None, barycentric: bool = False,
              source_key=None, anchor_key=None, time_prior: float = 0.0, return_plan: bool = True):
@@ -220,11 +227,8 @@ def ot_align(source, anchor, source_mask=None, anchor_mask=None, *, centred: boo
     n_src = jnp.sum(sm_flat, axis=-1, dtype=jnp.float32)[:, None]
     keep = sm_flat & jnp.any(am_flat, axis=-1, keepdims=True)
     mass = jnp.where(keep, 1.0 / jnp.maximum(n_src, 1.0), 0.0)                            # (n, T_s)
-    n = mass.shape[0]
-    segment = (nearest + t_a * jnp.arange(n)[:, None]).reshape(-1)
     source32 = _flat(_zero_masked(source, sm).astype(jnp.float32), nb)
-    weighted = (source32 * mass[..., None]).reshape(n * t_s, d)
-    aligned = jax.ops.segment_sum(weighted, segment, num_segments=n * t_a).reshape(n, t_a, d)
+    aligned = _segment_sum_per_example(source32 * mass[..., None], nearest, t_a)
     plan = (jax.nn.one_hot(nearest, t_a, dtype=jnp.float32) * mass[..., None]) if return_plan else None
     if straight_through_tau is not None:
         cost = _ot_cost_rows(time_prior, au, at)(su, st)
@@ -236,8 +240,7 @@ def ot_align(source, anchor, source_mask=None, anchor_mask=None, *, centred: boo
         soft_aligned = jnp.einsum("nij,nid->njd", soft, jax.lax.stop_gradient(source32))
         aligned = aligned + (soft_aligned - jax.lax.stop_gradient(soft_aligned))
     if barycentric:
-        column_mass = jax.ops.segment_sum(jax.lax.stop_gradient(mass).reshape(-1), segment,
-                                          num_segments=n * t_a).reshape(n, t_a)
+        column_mass = _segment_sum_per_example(jax.lax.stop_gradient(mass), nearest, t_a)
         aligned = jnp.where(column_mass[..., None] > 0, aligned / jnp.maximum(column_mass, _EPS)[..., None], 0.0)
     aligned = aligned.reshape(batch + (t_a, d)).astype(source.dtype)
     return aligned, (None if plan is None else plan.reshape(batch + (t_s, t_a)))

@@ -154,11 +154,25 @@ def multihost_requested(coordinator_address, num_processes, process_id) -> bool:
             or "," in env.get("TPU_WORKER_HOSTNAMES", ""))
 
 
-def create_mesh(fsdp: int) -> jax.sharding.Mesh:
-    n = jax.device_count()
+def create_mesh(fsdp: int, devices=None) -> jax.sharding.Mesh:
+    """The (data, fsdp) mesh over `devices` (default: all of this run's devices; `aot.py` passes compile-only
+    devices of a target it does not have)."""
+    devices = jax.devices() if devices is None else list(devices)
+    n = len(devices)
     if fsdp < 1 or n % fsdp:
         raise UserError(f"train.fsdp={fsdp} must divide the number of devices ({n})")
-    return jax.make_mesh((n // fsdp, fsdp), ("data", "fsdp"), axis_types=(AxisType.Auto, AxisType.Auto))
+    return jax.make_mesh((n // fsdp, fsdp), ("data", "fsdp"), axis_types=(AxisType.Auto, AxisType.Auto),
+                         devices=devices)
+
+
+def under_mesh(fn, mesh):
+    """`fn` traced with `mesh` as the abstract mesh: the scan kernels then run on each device's batch shard
+    (`alignmamba_jax.kernels.sharding`) instead of being gathered or refused by XLA's partitioner."""
+    @functools.wraps(fn)
+    def traced(*args, **kwargs):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return fn(*args, **kwargs)
+    return traced
 
 
 def batch_sharding(mesh) -> NamedSharding:
@@ -211,8 +225,8 @@ def example_inputs(config, splits):
     return features, masks
 
 
-def create_train_state(config, model, features, masks, mesh):
-    """Initialises parameters and optimiser state directly into their shardings; returns (state, shardings)."""
+def abstract_train_state(config, model, features, masks, mesh):
+    """(init, abstract state with shardings, shardings): what `create_train_state` makes, without allocating."""
     tx = create_optimizer(config.train)
 
     def init(rng):
@@ -220,13 +234,32 @@ def create_train_state(config, model, features, masks, mesh):
         variables = model.init({"params": params_rng, "dropout": dropout_rng}, features, masks, train=False)
         return train_state_lib.TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx)
 
-    rng = jax.random.key(config.seed)
-    abstract = jax.eval_shape(init, rng)
+    init = under_mesh(init, mesh)
+    abstract = jax.eval_shape(init, jax.random.key(config.seed))
     shardings = jax.tree.map(
         lambda x: NamedSharding(mesh, fsdp_spec(x.shape, config.train.fsdp, config.train.fsdp_min_size)),
         abstract)
-    state = jax.jit(init, out_shardings=shardings)(rng)
-    return state, shardings
+    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
+    return init, abstract, shardings
+
+
+def create_train_state(config, model, features, masks, mesh):
+    """Initialises parameters and optimiser state directly into their shardings; returns (state, shardings)."""
+    init, _, shardings = abstract_train_state(config, model, features, masks, mesh)
+    return jax.jit(init, out_shardings=shardings)(jax.random.key(config.seed)), shardings
+
+
+def jit_train_step(config, mesh, state_shardings):
+    """`train_step` jitted for the mesh: batch rows sharded over all devices, the state donated."""
+    return jax.jit(under_mesh(functools.partial(train_step, config=config), mesh),
+                   in_shardings=(state_shardings, batch_sharding(mesh)),
+                   out_shardings=(state_shardings, NamedSharding(mesh, P())), donate_argnums=0)
+
+
+def jit_eval_step(mesh, apply_fn, modalities):
+    """`eval_step` jitted for the mesh; predictions come back replicated."""
+    return jax.jit(under_mesh(functools.partial(eval_step, apply_fn=apply_fn, modalities=tuple(modalities)), mesh),
+                   out_shardings=NamedSharding(mesh, P()))
 
 
 def split_inputs(batch, modalities):
@@ -284,9 +317,7 @@ class Evaluator:
         self.sharding = batch_sharding(mesh)
         self.global_batch = config.eval.batch_size
         self.rows = input_pipeline.process_rows(self.sharding, self.global_batch)
-        self._step = jax.jit(
-            functools.partial(eval_step, apply_fn=apply_fn, modalities=self.modalities),
-            out_shardings=NamedSharding(mesh, P()))
+        self._step = jit_eval_step(mesh, apply_fn, self.modalities)
 
     def predict(self, params, split, protocol=None, rate=0.0):
         predictions = []
@@ -367,9 +398,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     start_step = int(state.step)
     writer.truncate_after(start_step)
 
-    step_fn = jax.jit(functools.partial(train_step, config=config),
-                      in_shardings=(state_shardings, data_sharding),
-                      out_shardings=(state_shardings, NamedSharding(mesh, P())), donate_argnums=0)
+    step_fn = jit_train_step(config, mesh, state_shardings)
     evaluator = Evaluator(config, mesh, model.apply)
     tc = config.train
     pending = []

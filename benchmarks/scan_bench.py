@@ -254,22 +254,12 @@ def save(report, path):
 
 
 def auto_backend():
-    """The backend name that `backend="auto"` runs on this platform (None if it cannot be told); reads the
-    registry's private dispatch, which has no public name."""
-    import jax
+    """The backend name that `backend="auto"` runs on this platform (None if it cannot be told)."""
     from alignmamba_jax import kernels
     try:
-        chosen = kernels._implementation("auto")
+        return kernels.resolve_backend("auto")
     except Exception:  # noqa: BLE001  (a kernel that does not import: auto cannot run either)
         return None
-    for name in pallas_kernels(jax.default_backend()):
-        try:
-            if kernels.tuned_backend(name) is chosen:
-                return name
-        except Exception:  # noqa: BLE001
-            continue
-    return {kernels.selective_scan_reference: "reference", kernels.selective_scan_associative: "associative",
-            kernels.selective_scan_chunked: "chunked"}.get(chosen)
 
 
 def header(args, platform_name, device):

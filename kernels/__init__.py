@@ -30,11 +30,9 @@ from alignmamba_jax.kernels.associative import selective_scan_associative
 from alignmamba_jax.kernels.chunked import selective_scan_chunked
 from alignmamba_jax.kernels.common import make_backend
 from alignmamba_jax.kernels.reference import selective_scan_reference
+from alignmamba_jax.kernels.sharding import per_device_shard
 from alignmamba_jax.kernels.validation import BACKENDS, validate_scan_inputs, validate_step_inputs
 
-_AUTO = {"cpu": "chunked", "gpu": "pallas", "cuda": "pallas", "rocm": "pallas", "tpu": "pallas"}
-# Pallas backend -> (module, core, whether the core reads and writes the inputs' own dtypes, see `make_backend`);
-# each module also defines TUNABLES, the defaults of its core's keywords.
 _PALLAS = {"pallas_triton": ("pallas_triton", "pallas_triton_core", False),
            "pallas_mosaic_gpu": ("pallas_mosaic_gpu", "pallas_mosaic_gpu_core", True),
            "pallas_tpu": ("pallas_tpu", "pallas_tpu_core", False)}
@@ -82,28 +80,117 @@ def tuned_backend(name, **settings):
     return _tuned(name, tuple(sorted(settings.items())))
 
 
-def _gpu_pallas_backend():
+# Where each Pallas kernel runs compiled; lowered for any other platform it runs in interpret mode.
+_KERNEL_PLATFORMS = {"pallas_triton": ("cuda", "rocm"), "pallas_mosaic_gpu": ("cuda",), "pallas_tpu": ("tpu",)}
+PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
+
+
+def _mosaic_gpu_can_run() -> bool:
+    """On a machine with a GPU its compute capability decides (sm_90+); compiling for cuda anywhere else (ahead of
+    time, from a CPU host) targets a GPU the kernel supports."""
+    try:
+        module = _pallas_module("pallas_mosaic_gpu")
+    except RuntimeError:
+        return False
+    device = jax.devices()[0]
+    return device.platform != "gpu" or module.device_supported(device)
+
+
+def _gpu_pallas_backend(platform):
     """pallas_triton where this JAX still has Pallas's Triton dialect (the safer kernel until a GPU has measured
-    both, see the module docstring), else pallas_mosaic_gpu where the GPU can run it (sm_90+), else None."""
+    both, see the module docstring), else pallas_mosaic_gpu where it can run (CUDA, sm_90+), else None."""
     try:
         _pallas_module("pallas_triton")
     except RuntimeError:
-        return "pallas_mosaic_gpu" if _pallas_module("pallas_mosaic_gpu").device_supported(jax.devices()[0]) else None
+        return "pallas_mosaic_gpu" if platform != "rocm" and _mosaic_gpu_can_run() else None
     return "pallas_triton"
 
 
-def _implementation(backend):
-    platform = jax.default_backend()
+def default_platform() -> str:
+    """The platform this process lowers for by default: cpu, cuda, rocm or tpu (`jax.default_backend()` says gpu
+    for both GPU kinds)."""
+    device = jax.devices()[0]
+    if device.platform != "gpu":
+        return device.platform
+    return "rocm" if "rocm" in device.client.platform_version.lower() else "cuda"
+
+
+def resolve_backend(backend="auto", platform=None) -> str:
+    """The backend that `selective_scan(..., backend=backend)` runs when lowered for `platform` (one of
+    `PLATFORMS`; default: `default_platform()`). `auto`: cpu -> chunked, cuda/rocm -> the GPU Pallas kernel (or
+    chunked where none can run), tpu -> pallas_tpu. `pallas`: the platform's Pallas kernel (on cpu the GPU
+    kernel in interpret mode). Other names are themselves."""
+    platform = platform or default_platform()
+    if platform not in PLATFORMS:
+        raise ValueError(f"platform: expected one of {PLATFORMS}, found {platform!r}")
     if backend == "auto":
-        backend = _AUTO.get(platform, "chunked")
-        if backend == "pallas" and platform != "tpu":
-            backend = _gpu_pallas_backend() or "chunked"
+        if platform == "cpu":
+            return "chunked"
+        return "pallas_tpu" if platform == "tpu" else _gpu_pallas_backend(platform) or "chunked"
     if backend == "pallas":
-        backend = "pallas_tpu" if platform == "tpu" else _gpu_pallas_backend() or "pallas_mosaic_gpu"
-    if backend in _PALLAS:
-        return _tuned(backend, ())
+        return "pallas_tpu" if platform == "tpu" else _gpu_pallas_backend(platform) or "pallas_mosaic_gpu"
+    return backend
+
+
+def _platform_implementation(name, platform):
+    """Backend `name` as lowered for `platform`: a Pallas kernel compiled on its own platform, else interpreted."""
+    if name in _PALLAS:
+        return _tuned(name, (("interpret", platform not in _KERNEL_PLATFORMS[name]),))
     return {"reference": selective_scan_reference, "associative": selective_scan_associative,
-            "chunked": selective_scan_chunked}[backend]
+            "chunked": selective_scan_chunked}[name]
+
+
+def _interpreted(name, platform) -> bool:
+    return name in _PALLAS and platform not in _KERNEL_PLATFORMS[name]
+
+
+def _mesh_platform():
+    """The platform of the devices of the abstract mesh being traced under (`jax.set_mesh` / `train.under_mesh`),
+    or None outside any mesh: a program traced for a mesh of TPUs (say, compiled ahead of time from a CPU host)
+    is lowered for that platform only."""
+    device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+    platform = getattr(device, "platform", None)
+    return "cuda" if platform == "gpu" else platform if platform in PLATFORMS else None
+
+
+def _lowered_backends(backend):
+    """{platform: backend name} for the platforms the program may be lowered for.
+
+    Under a mesh, its devices' platform alone. Otherwise every platform whose implementation is compiled (or
+    plain XLA), so that one jitted function compiles to the TPU kernel for a TPU, the GPU kernel for cuda and
+    `chunked` on CPU, and `jax.export` for several platforms keeps a branch each; but where the default
+    platform runs a kernel in interpret mode (tests, off every accelerator), that alone: an interpreter's
+    callbacks cannot share a `lax.platform_dependent` with compiled branches."""
+    names = {p: resolve_backend(backend, p) for p in PLATFORMS}
+    platform = _mesh_platform()
+    if platform is None and _interpreted(names[default_platform()], default_platform()):
+        platform = default_platform()
+    platforms = [platform] if platform else [p for p in PLATFORMS if not _interpreted(names[p], p)]
+    return {p: names[p] for p in platforms}
+
+
+@functools.lru_cache(maxsize=None)
+def _branch(implementation, static_items):
+    """`implementation` on the argument tuple, jitted so that its trace is cached: the branches of platforms other
+    than the one running are traced too, and a model's layers of one shape then trace each kernel once."""
+    static = dict(static_items)
+
+    def call(arrays):
+        u, delta, A, B, C, D, z, delta_bias, initial_state, mask = arrays
+        return implementation(u, delta, A, B, C, D, z, delta_bias, initial_state=initial_state, mask=mask,
+                              **static)
+
+    call.__name__ = implementation.__name__
+    return jax.jit(call)
+
+
+def _run_per_platform(implementations, arrays, static):
+    """Calls the implementation of the platform being lowered for (`lax.platform_dependent`; one implementation
+    for every platform is called directly)."""
+    branches = {p: _branch(impl, tuple(sorted(static.items()))) for p, impl in implementations.items()}
+    if len(set(branches.values())) == 1:
+        return next(iter(branches.values()))(arrays)
+    return jax.lax.platform_dependent(arrays, **branches)
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, *, delta_softplus=False,
@@ -118,9 +205,18 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, *, delta_
     h_last = the initial state. The state and all accumulation are float32 whatever the input dtype.
     """
     validate_scan_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state, mask, backend)
-    return _implementation(backend)(u, delta, A, B, C, D, z, delta_bias, delta_softplus=delta_softplus,
-                                    initial_state=initial_state, mask=mask,
-                                    return_final_state=return_final_state)
+    backends = _lowered_backends(backend)
+    implementations = {p: _platform_implementation(name, p) for p, name in backends.items()}
+    arrays = (u, delta, A, B, C, D, z, delta_bias, initial_state, mask)
+    static = {"delta_softplus": delta_softplus, "return_final_state": True}
+
+    def scan(arrays):
+        return _run_per_platform(implementations, arrays, static)
+
+    if any(name in _PALLAS for name in backends.values()):
+        scan = per_device_shard(scan, arrays)
+    y, h_last = scan(arrays)
+    return (y, h_last) if return_final_state else y
 
 
 def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):

@@ -18,7 +18,6 @@ from jax import export
 import alignmamba_jax.kernels as kernels
 from alignmamba_jax.kernels import selective_scan, selective_scan_reference, tuned_backend
 from alignmamba_jax.kernels.common import make_backend
-from alignmamba_jax.kernels.chunked import selective_scan_chunked
 from alignmamba_jax.kernels.pallas_mosaic_gpu import SEMANTICS, device_supported, pallas_mosaic_gpu_core
 from alignmamba_jax.kernels.testing import OPTION_SETS, assert_close_tree, grads_of_all_inputs, make_inputs
 
@@ -178,17 +177,15 @@ def test_pre_hopper_gpu_gets_a_clear_error_and_auto_falls_back_to_chunked(monkey
         return unpatched(name)
 
     monkeypatch.setattr(kernels, "_pallas_module", without_triton)
-    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     monkeypatch.setattr(jax, "devices", lambda *backend: [_FakeGpu("8.0")])
     with pytest.raises(RuntimeError, match=r"needs a GPU of compute capability 9\.0 or later .* found "
                                            r"'NVIDIA A100-SXM4-80GB' of compute capability 8\.0\. Use backend "
                                            r"'pallas_triton' .* or 'chunked'"):
         pallas_mosaic_gpu_core(*args[:5], jnp.zeros((1, 64, 8)), interpret=False)
-    mosaic = kernels._tuned("pallas_mosaic_gpu", ())
-    assert kernels._implementation("auto") is selective_scan_chunked
-    assert kernels._implementation("pallas") is mosaic
+    assert kernels.resolve_backend("auto", "cuda") == "chunked"
+    assert kernels.resolve_backend("pallas", "cuda") == "pallas_mosaic_gpu"
     monkeypatch.setattr(jax, "devices", lambda *backend: [_FakeGpu("9.0")])
-    assert kernels._implementation("auto") is mosaic and kernels._implementation("pallas") is mosaic
+    assert kernels.resolve_backend("auto", "cuda") == kernels.resolve_backend("pallas", "cuda") == "pallas_mosaic_gpu"
 
 
 @pytest.mark.slow

@@ -1,0 +1,382 @@
+"""Compile-only check before renting hardware: `python -m alignmamba_jax.aot --config CONFIG[:variant] --target T`.
+
+Compiles the real training step and eval step, with the real shardings, for a TPU slice or a GPU node this
+machine does not have (`targets.py`), from abstract inputs: nothing is allocated and no data is read (input
+shapes come from the data config; MMSA / MulT / TFDS data take the MOSI / MOSEI layouts of
+`data/layouts.py`). It reports per device: memory against HBM, FLOPs and the roofline time from XLA's cost
+analysis, every collective with its bytes, and every Pallas kernel call with its operand shapes (on GPU also the
+Mosaic GPU kernels' registers, spills and shared memory from ptxas). A step that does not fit exits with status
+1 and one line; `--max_batch` finds the largest batch per device that fits by bisection over compiles.
+
+    python -m alignmamba_jax.aot --config configs/mosei.py --target v5e-16 --json aot.json [--hlo_dir DIR]
+"""
+from alignmamba_jax import targets
+
+targets.prepare_compile_host()  # before jax is imported: CPU stays the default backend
+
+import contextlib  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import re  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from alignmamba_jax.cli import parse_flags  # noqa: E402
+from alignmamba_jax.errors import UserError  # noqa: E402
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Training configuration file.", lock_config=True)
+flags.DEFINE_string("target", None, f"Accelerator to compile for: {', '.join(targets.TARGETS)}.")
+flags.DEFINE_string("json", None, "Write the report here as JSON.")
+flags.DEFINE_string("hlo_dir", None, "Write the optimized HLO text of each compiled program here (*.txt).")
+flags.DEFINE_bool("max_batch", False, "Also find the largest batch per device that fits (bisection over compiles).")
+flags.mark_flags_as_required(["config", "target"])
+
+COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute",
+               "collective-broadcast", "ragged-all-to-all")
+KERNEL_TARGETS = ("tpu_custom_call", "mosaic_gpu", "mosaic_gpu_v2", "__gpu$xla.gpu.triton", "triton_kernel_call")
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2, "s32": 4, "u32": 4,
+                "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
+_SHAPE = re.compile(r"\b(pred|[suf]\d+|bf16|c64|c128)\[([\d,]*)\]")
+
+
+def input_shapes(data_config) -> dict:
+    """{modality: (T, d)} of the data the config trains on, without reading it."""
+    from alignmamba_jax.data import layouts, synthetic
+    name = data_config.name
+    if name == "synthetic":
+        tiny = data_config.synthetic.copy_and_resolve_references()
+        tiny.update(n_train=2, n_valid=2, n_test=2)
+        generate = synthetic.generate_image_text if data_config.task == "classification" else \
+            synthetic.generate_sentiment
+        split = generate(tiny)["train"]
+        return {m: tuple(split[m].shape[1:]) for m in data_config.modalities}
+    if name in ("mmsa", "mult", "tfds"):
+        text = (data_config.tfds_name if name == "tfds" else os.path.basename(data_config.path)).lower()
+        dataset = "mosei" if "mosei" in text else "mosi"
+        base = os.path.basename(data_config.path).lower()
+        if name == "mult":
+            aligned, table = "noalign" not in base, layouts.MULT_SHAPES
+        else:
+            aligned = (data_config.tfds_config if name == "tfds" else base).startswith("aligned")
+            table = layouts.MMSA_SHAPES
+        shapes = table[(dataset, aligned)]
+        return {m: shapes[m] for m in data_config.modalities}
+    raise UserError(f"data.name={name!r}: the aot check knows the shapes of synthetic, mmsa, mult and tfds data; "
+                    f"for {name!r} compile with the data at hand (python -m alignmamba_jax.main)")
+
+
+def abstract_batch(config, shapes, global_batch, sharding) -> dict:
+    import jax
+    import jax.numpy as jnp
+    batch = {}
+    for m, (t, d) in shapes.items():
+        batch[m] = jax.ShapeDtypeStruct((global_batch, t, d), jnp.float32, sharding=sharding)
+        batch[m + "_mask"] = jax.ShapeDtypeStruct((global_batch, t), jnp.bool_, sharding=sharding)
+    label_dtype = jnp.float32 if config.data.task == "regression" else jnp.int32
+    batch["labels"] = jax.ShapeDtypeStruct((global_batch,), label_dtype, sharding=sharding)
+    batch["weights"] = jax.ShapeDtypeStruct((global_batch,), jnp.float32, sharding=sharding)
+    return batch
+
+
+def lower_programs(config, devices, shapes, train_batch, eval_batch) -> dict:
+    """{"train_step": lowered, "eval_step": lowered} for the mesh over `devices`."""
+    import jax
+    import jax.numpy as jnp
+
+    from alignmamba_jax import models, train
+    mesh = train.create_mesh(config.train.fsdp, devices)
+    modalities = tuple(config.data.modalities)
+    model = models.create_model(config.model, modalities=modalities, anchor=config.data.anchor,
+                                input_dims={m: shapes[m][1] for m in modalities}, task=config.data.task,
+                                num_classes=config.data.num_classes)
+    features = {m: jnp.zeros((2,) + shapes[m], jnp.float32) for m in modalities}
+    masks = {m: jnp.ones((2, shapes[m][0]), bool) for m in modalities}
+    _, state, state_shardings = train.abstract_train_state(config, model, features, masks, mesh)
+    rows = train.batch_sharding(mesh)
+    train_step = train.jit_train_step(config, mesh, state_shardings)
+    eval_step = train.jit_eval_step(mesh, model.apply, modalities)
+    return {"train_step": train_step.lower(state, abstract_batch(config, shapes, train_batch, rows)),
+            "eval_step": eval_step.lower(state.params, abstract_batch(config, shapes, eval_batch, rows))}
+
+
+def _shape_bytes(dtype, dims) -> int:
+    n = 1
+    for d in filter(None, dims.split(",")):
+        n *= int(d)
+    return n * _DTYPE_BYTES.get(dtype, 4)
+
+
+def _shapes(text) -> list:
+    return [f"{dtype}[{dims}]" for dtype, dims in _SHAPE.findall(text)]
+
+
+def collectives(hlo: str) -> dict:
+    """{op: {"count", "bytes"}} of the collectives in optimized HLO text (bytes: the results', per device)."""
+    found = {}
+    for line in hlo.splitlines():
+        match = re.search(r"=\s*(.*?)\s+(" + "|".join(COLLECTIVES) + r")(-start)?\(", line)
+        if match is None:
+            continue
+        entry = found.setdefault(match.group(2), {"count": 0, "bytes": 0})
+        entry["count"] += 1
+        entry["bytes"] += sum(_shape_bytes(d, s) for d, s in _SHAPE.findall(match.group(1)))
+    return found
+
+
+def _definitions(hlo: str) -> dict:
+    """{instruction name: its result type text} of every instruction in optimized HLO text."""
+    return dict(re.findall(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.+?)\s+[\w\-]+\(", hlo, re.M))
+
+
+def kernel_calls(hlo: str) -> list:
+    """Each distinct Pallas / Mosaic kernel call in optimized HLO text: name, custom-call target, operand and
+    result shapes, how often it occurs."""
+    definitions = None
+    calls = {}
+    for line in hlo.splitlines():
+        target = re.search(r'custom_call_target="([^"]+)"', line)
+        if target is None or target.group(1) not in KERNEL_TARGETS:
+            continue
+        result, _, rest = line.partition("custom-call(")
+        operand_text = rest.split(")", 1)[0]
+        operands = _shapes(operand_text)
+        if not operands:  # scheduled HLO names its operands without their types
+            definitions = definitions if definitions is not None else _definitions(hlo)
+            operands = [shape for name in re.findall(r"%([\w.\-]+)", operand_text)
+                        for shape in _shapes(definitions.get(name, ""))[:1]]
+        name = re.search(r"(selective_scan\w*)", line)
+        op_name = re.search(r'op_name="([^"]+)"', line)
+        label = name.group(1) if name else (op_name.group(1).rsplit("/", 1)[-1] if op_name else target.group(1))
+        label = re.sub(r"\.\d+$", "", label)
+        key = (label, target.group(1), tuple(operands), tuple(_shapes(result.split("=", 1)[-1])))
+        calls[key] = calls.get(key, 0) + 1
+    return [{"name": k[0], "target": k[1], "operands": list(k[2]), "results": list(k[3]), "count": n}
+            for k, n in calls.items()]
+
+
+def ptxas_reports(dump_dir) -> list:
+    """Registers, spills and shared memory per Mosaic GPU kernel from the ptxas reports Mosaic GPU dumped."""
+    kernels = []
+    for name in sorted(os.listdir(dump_dir)) if os.path.isdir(dump_dir) else []:
+        path = os.path.join(dump_dir, name)
+        if not name.endswith(".ptxas"):
+            continue
+        with open(path, errors="replace") as f:
+            text = f.read()
+        for function, body in re.findall(r"Compiling entry function '([^']+)'.*?\n(.*?)(?=Compiling entry|\Z)",
+                                         text, re.S):
+            registers = re.search(r"Used (\d+) registers", body)
+            spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", body)
+            smem = re.search(r"(\d+) bytes smem", body)
+            kernels.append({"kernel": function, "file": name,
+                            "registers": int(registers.group(1)) if registers else None,
+                            "spill_stores": int(spill.group(1)) if spill else None,
+                            "spill_loads": int(spill.group(2)) if spill else None,
+                            "smem_bytes": int(smem.group(1)) if smem else None})
+    return kernels
+
+
+@contextlib.contextmanager
+def mosaic_gpu_dumps():
+    """A directory that Mosaic GPU fills with its kernels' PTX and ptxas reports while compiling."""
+    with tempfile.TemporaryDirectory(prefix="mosaic_gpu_dump_") as directory:
+        saved = {k: os.environ.get(k) for k in ("MOSAIC_GPU_DUMP_PTX", "MOSAIC_GPU_DUMP_PTXAS",
+                                                 "MOSAIC_GPU_DUMP_TO")}
+        os.environ.update(MOSAIC_GPU_DUMP_PTX="1", MOSAIC_GPU_DUMP_PTXAS="1", MOSAIC_GPU_DUMP_TO=directory)
+        try:
+            yield directory
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+
+def available_bytes(target) -> int:
+    """HBM a program may use per device: all of it on TPU (XLA:TPU rejects more at compile time); on GPU the
+    share JAX's allocator preallocates (XLA_PYTHON_CLIENT_MEM_FRACTION, default 0.75)."""
+    if target.platform == "tpu":
+        return target.hbm_bytes
+    return int(target.hbm_bytes * float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.75")))
+
+
+_TPU_OOM = re.compile(r"Used ([\d.]+)([KMGT]?) of ([\d.]+)([KMGT]?) hbm")
+
+
+def _scaled(value, unit) -> int:
+    return int(float(value) * {"": 1, "K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}[unit])
+
+
+def memory(compiled, target) -> dict:
+    stats = compiled.memory_analysis()
+    arguments, outputs = stats.argument_size_in_bytes, stats.output_size_in_bytes
+    temp, code, alias = stats.temp_size_in_bytes, stats.generated_code_size_in_bytes, stats.alias_size_in_bytes
+    peak = getattr(stats, "peak_memory_in_bytes", 0) or (arguments + outputs - alias + temp)
+    peak = max(peak, arguments + outputs - alias + temp) + code
+    return {"argument_bytes": arguments, "output_bytes": outputs, "temp_bytes": temp, "code_bytes": code,
+            "alias_bytes": alias, "peak_bytes": peak, "hbm_bytes": available_bytes(target),
+            "fits": peak <= available_bytes(target)}
+
+
+def cost(compiled) -> dict:
+    analysis = compiled.cost_analysis()
+    if isinstance(analysis, (list, tuple)):
+        analysis = analysis[0] if analysis else {}
+    analysis = analysis or {}
+    return {"flops": float(analysis.get("flops", 0.0)), "bytes_accessed": float(analysis.get("bytes accessed", 0.0)),
+            "transcendentals": float(analysis.get("transcendentals", 0.0))}
+
+
+class DoesNotFit(Exception):
+    def __init__(self, required, available):
+        super().__init__(f"needs {required} bytes of {available}")
+        self.required, self.available = required, available
+
+
+def compile_program(lowered, target):
+    """(compiled, memory); raises DoesNotFit when the program needs more than the device's HBM."""
+    try:
+        compiled = lowered.compile()
+    except Exception as error:  # noqa: BLE001  (XLA:TPU reports HBM overflow as a compile error)
+        match = _TPU_OOM.search(str(error))
+        if match is None:
+            raise
+        raise DoesNotFit(_scaled(*match.groups()[:2]), _scaled(*match.groups()[2:])) from None
+    mem = memory(compiled, target)
+    if not mem["fits"]:
+        raise DoesNotFit(mem["peak_bytes"], mem["hbm_bytes"])
+    return compiled, mem
+
+
+def compile_report(config, target, devices, shapes, train_batch, hlo_dir=None) -> dict:
+    """Compiles both programs at a global training batch of `train_batch`; raises DoesNotFit."""
+    eval_batch = config.eval.batch_size
+    start = time.perf_counter()
+    with (mosaic_gpu_dumps() if target.platform == "cuda" else contextlib.nullcontext()) as dump_dir:
+        lowered = lower_programs(config, devices, shapes, train_batch, eval_batch)
+        programs = {}
+        for name, program in lowered.items():
+            compiled, mem = compile_program(program, target)
+            hlo = compiled.as_text()
+            if hlo_dir:
+                os.makedirs(hlo_dir, exist_ok=True)
+                with open(os.path.join(hlo_dir, f"{name}.txt"), "w") as f:
+                    f.write(hlo)
+            flops = cost(compiled)
+            programs[name] = {"per_device": mem, **flops, "collectives": collectives(hlo),
+                              "kernels": kernel_calls(hlo),
+                              "roofline_s": max(flops["flops"] / target.peak_flops,
+                                                flops["bytes_accessed"] / target.hbm_bytes_per_s)}
+        gpu_kernels = ptxas_reports(dump_dir) if dump_dir else []
+    step = programs["train_step"]
+    report = {"target": target.name, "platform": target.platform, "devices": len(devices),
+              "hosts": target.hosts, "mesh": {"data": len(devices) // config.train.fsdp, "fsdp": config.train.fsdp},
+              "global_batch": train_batch, "batch_per_device": train_batch // len(devices),
+              "eval_batch": eval_batch, "scan_backend": config.model.scan_backend,
+              "compile_s": round(time.perf_counter() - start, 1), "flops_per_device": step["flops"],
+              "roofline_s": step["roofline_s"], "collectives": step["collectives"], "kernels": step["kernels"],
+              "per_device": {**step["per_device"],
+                             "fits": all(p["per_device"]["fits"] for p in programs.values())},
+              "programs": programs}
+    if target.platform == "cuda":
+        report["gpu_kernels"] = gpu_kernels
+    return report
+
+
+def largest_batch_per_device(config, target, devices, shapes, start: int, limit: int = 2 ** 20) -> int:
+    """The largest training batch per device that fits (0 if not even 1 does): doubling or halving from
+    `start`, then bisection, one compile of the training step per probe."""
+    def fits(per_device):
+        lowered = lower_programs(config, devices, shapes, per_device * len(devices), config.eval.batch_size)
+        try:
+            compile_program(lowered["train_step"], target)
+            return True
+        except DoesNotFit:
+            return False
+
+    low = high = max(1, start)
+    if fits(low):
+        while high < limit and fits(high * 2):
+            high *= 2
+        low, high = high, high * 2
+    else:
+        while low > 1 and not fits(low // 2):
+            low //= 2
+        low, high = low // 2, low
+        if low == 0:
+            return 0
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle)
+    return low
+
+
+def _gib(n) -> str:
+    return f"{n / 2 ** 30:.2f} GiB"
+
+
+def run(config, target_name, json_path=None, hlo_dir=None, max_batch=False) -> dict:
+    target = targets.get_target(target_name)
+    devices = targets.target_devices(target)
+    shapes = input_shapes(config.data)
+    batch = config.train.batch_size
+    if batch % len(devices) or config.eval.batch_size % len(devices):
+        raise UserError(f"train.batch_size={batch} and eval.batch_size={config.eval.batch_size} must divide by "
+                        f"the {len(devices)} devices of {target.name}")
+    try:
+        report = compile_report(config, target, devices, shapes, batch, hlo_dir)
+    except DoesNotFit as error:
+        largest = (f"the largest batch per device that fits is "
+                   f"{largest_batch_per_device(config, target, devices, shapes, batch // len(devices) // 2)}"
+                   if max_batch else "rerun with --max_batch for the largest batch per device that fits")
+        raise UserError(f"does not fit: global batch {batch} ({batch // len(devices)} per device) needs "
+                        f"{_gib(error.required)} per device, {target.name} has {_gib(error.available)}; "
+                        f"{largest}") from None
+    if max_batch:
+        report["max_batch_per_device"] = largest_batch_per_device(config, target, devices, shapes,
+                                                                  report["batch_per_device"])
+    if json_path:
+        os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
+        with open(json_path, "w") as f:
+            json.dump(report, f, indent=1)
+    return report
+
+
+def summary(report) -> str:
+    mem = report["per_device"]
+    lines = [f"{report['target']} ({report['devices']} {report['platform']} devices, mesh {report['mesh']}): "
+             f"global batch {report['global_batch']}, compiled in {report['compile_s']} s",
+             f"  per device: peak {_gib(mem['peak_bytes'])} of {_gib(mem['hbm_bytes'])} "
+             f"({'fits' if mem['fits'] else 'DOES NOT FIT'}), {report['flops_per_device'] / 1e9:.2f} GFLOP, "
+             f"roofline {report['roofline_s'] * 1e3:.3f} ms"]
+    for op, c in sorted(report["collectives"].items()):
+        lines.append(f"  {op}: {c['count']} ops, {c['bytes'] / 2 ** 20:.2f} MiB")
+    for k in report["kernels"]:
+        lines.append(f"  kernel {k['name']} x{k['count']}: {', '.join(k['operands'])}")
+    for k in report.get("gpu_kernels", []):
+        lines.append(f"  ptxas {k['kernel']}: {k['registers']} registers, {k['spill_stores']} B spill stores, "
+                     f"{k['smem_bytes']} B smem")
+    if "max_batch_per_device" in report:
+        lines.append(f"  largest batch per device that fits: {report['max_batch_per_device']}")
+    return "\n".join(lines)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    try:
+        report = run(FLAGS.config, FLAGS.target, FLAGS.json, FLAGS.hlo_dir, FLAGS.max_batch)
+    except UserError as error:
+        sys.stdout.flush()
+        raise SystemExit(f"error: {error}")
+    print(summary(report))
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=parse_flags)
