@@ -36,5 +36,8 @@ setup(
         "cuda": ["jax[cuda13]"],      # CUDA 13 wheels (driver >= 580); jax 0.10.x and 0.11.x both have the extra
         "cuda12": ["jax[cuda12]"],    # for older drivers
         "tpu": ["jax[tpu]"],
+        # Compiling for TPU slices and GPU nodes from a CPU machine (python -m alignmamba_jax.aot): libtpu and the
+        # CUDA 13 plugin at the installed jax's version, without CUDA's runtime libraries, and ptxas.
+        "aot": ["jax[tpu,cuda13-local]", "nvidia-cuda-nvcc>=13.0.48"],
     },
 )

@@ -1,10 +1,14 @@
 """Shared pytest setup: float64 available for finite-difference checks, CPU only unless JAX_PLATFORMS says
-otherwise; tests marked `gpu` skip, with the reason, where jax sees no GPU."""
+otherwise (compiling for TPU and GPU targets needs no such device: test_aot.py); tests marked `gpu` skip, with the reason, where jax sees no GPU."""
 import os
 
 import pytest
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The aot extra (libtpu, the CUDA plugin) is installed for the compile-only tests: keep libtpu from probing a
+# metadata server and the CUDA plugin from looking for cuDNN, which this CPU machine has no use for.
+os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
 
 
 @pytest.hookimpl(trylast=True)  # after `-m` has deselected: the default run never initialises a GPU backend
