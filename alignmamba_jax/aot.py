@@ -29,12 +29,17 @@ from alignmamba_jax.cli import parse_flags  # noqa: E402
 from alignmamba_jax.errors import UserError  # noqa: E402
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Training configuration file.", lock_config=True)
-flags.DEFINE_string("target", None, f"Accelerator to compile for: {', '.join(targets.TARGETS)}.")
-flags.DEFINE_string("json", None, "Write the report here as JSON.")
-flags.DEFINE_string("hlo_dir", None, "Write the optimized HLO text of each compiled program here (*.txt).")
-flags.DEFINE_bool("max_batch", False, "Also find the largest batch per device that fits (bisection over compiles).")
-flags.mark_flags_as_required(["config", "target"])
+
+
+def define_flags():
+    """The command line's flags (defined when run as a program, so that importing this module defines none)."""
+    config_flags.DEFINE_config_file("config", None, "Training configuration file.", lock_config=True)
+    flags.DEFINE_string("target", None, f"Accelerator to compile for: {', '.join(targets.TARGETS)}.")
+    flags.DEFINE_string("json", None, "Write the report here as JSON.")
+    flags.DEFINE_string("hlo_dir", None, "Write the optimized HLO text of each compiled program here (*.txt).")
+    flags.DEFINE_bool("max_batch", False, "Also find the largest batch per device that fits (bisection over "
+                                          "compiles).")
+    flags.mark_flags_as_required(["config", "target"])
 
 COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute",
                "collective-broadcast", "ragged-all-to-all")
@@ -149,9 +154,9 @@ def kernel_calls(hlo: str) -> list:
             definitions = definitions if definitions is not None else _definitions(hlo)
             operands = [shape for name in re.findall(r"%([\w.\-]+)", operand_text)
                         for shape in _shapes(definitions.get(name, ""))[:1]]
-        name = re.search(r"(selective_scan\w*)", line)
+        names = re.findall(r"(selective_scan\w*)", line)   # the kernel's own name comes last in its op_name
         op_name = re.search(r'op_name="([^"]+)"', line)
-        label = name.group(1) if name else (op_name.group(1).rsplit("/", 1)[-1] if op_name else target.group(1))
+        label = names[-1] if names else (op_name.group(1).rsplit("/", 1)[-1] if op_name else target.group(1))
         label = re.sub(r"\.\d+$", "", label)
         key = (label, target.group(1), tuple(operands), tuple(_shapes(result.split("=", 1)[-1])))
         calls[key] = calls.get(key, 0) + 1
@@ -206,7 +211,9 @@ def available_bytes(target) -> int:
     return int(target.hbm_bytes * float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.75")))
 
 
-_TPU_OOM = re.compile(r"Used ([\d.]+)([KMGT]?) of ([\d.]+)([KMGT]?) hbm")
+# XLA:TPU's ways of saying a program does not fit: (required, unit, available, unit)
+_TPU_OOM = (re.compile(r"required for .*?\(([\d.]+)([KMGT]?)\) exceeds available HBM \(([\d.]+)([KMGT]?)\)"),
+            re.compile(r"Used ([\d.]+)([KMGT]?) of ([\d.]+)([KMGT]?) hbm"))
 
 
 def _scaled(value, unit) -> int:
@@ -224,11 +231,20 @@ def memory(compiled, target) -> dict:
             "fits": peak <= available_bytes(target)}
 
 
-def cost(compiled) -> dict:
-    analysis = compiled.cost_analysis()
+def _analysis(stage) -> dict:
+    analysis = stage.cost_analysis()
     if isinstance(analysis, (list, tuple)):
         analysis = analysis[0] if analysis else {}
-    analysis = analysis or {}
+    return analysis or {}
+
+
+def cost(compiled, lowered, devices: int) -> dict:
+    """FLOPs, bytes and transcendentals per device from XLA's cost analysis of the compiled program. XLA:GPU
+    compiled without a device reports none; then the analysis of the lowered, global program divided by the
+    devices stands in (data parallelism splits the work evenly)."""
+    analysis = _analysis(compiled)
+    if not analysis.get("flops"):
+        analysis = {k: v / devices for k, v in _analysis(lowered).items() if isinstance(v, (int, float))}
     return {"flops": float(analysis.get("flops", 0.0)), "bytes_accessed": float(analysis.get("bytes accessed", 0.0)),
             "transcendentals": float(analysis.get("transcendentals", 0.0))}
 
@@ -239,12 +255,18 @@ class DoesNotFit(Exception):
         self.required, self.available = required, available
 
 
+# Compiling without a device, XLA:GPU cannot autotune, and its default tiling of a Triton GEMM fusion fails on
+# small contracting dimensions (the mixer's dt_proj, K = dt_rank = 4): dots go to cuBLAS instead, as they would
+# after autotuning chose it; the program's memory and collectives do not change.
+_COMPILER_OPTIONS = {"tpu": {}, "cuda": {"xla_gpu_enable_triton_gemm": False}}
+
+
 def compile_program(lowered, target):
     """(compiled, memory); raises DoesNotFit when the program needs more than the device's HBM."""
     try:
-        compiled = lowered.compile()
+        compiled = lowered.compile(compiler_options=_COMPILER_OPTIONS[target.platform] or None)
     except Exception as error:  # noqa: BLE001  (XLA:TPU reports HBM overflow as a compile error)
-        match = _TPU_OOM.search(str(error))
+        match = next(filter(None, (pattern.search(str(error)) for pattern in _TPU_OOM)), None)
         if match is None:
             raise
         raise DoesNotFit(_scaled(*match.groups()[:2]), _scaled(*match.groups()[2:])) from None
@@ -268,7 +290,7 @@ def compile_report(config, target, devices, shapes, train_batch, hlo_dir=None) -
                 os.makedirs(hlo_dir, exist_ok=True)
                 with open(os.path.join(hlo_dir, f"{name}.txt"), "w") as f:
                     f.write(hlo)
-            flops = cost(compiled)
+            flops = cost(compiled, program, len(devices))
             programs[name] = {"per_device": mem, **flops, "collectives": collectives(hlo),
                               "kernels": kernel_calls(hlo),
                               "roofline_s": max(flops["flops"] / target.peak_flops,
@@ -379,4 +401,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main, flags_parser=parse_flags)

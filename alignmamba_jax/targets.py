@@ -12,7 +12,9 @@ for the megacore v4 / v5p, i.e. 2 per chip, as Cloud TPU names them), GPU `<mode
 figures (HBM, bandwidth, peak bf16 FLOP/s, SMs) are the vendors' published ones.
 """
 import dataclasses
+import math
 import os
+import re
 from typing import Optional
 
 GIB = 2 ** 30
@@ -72,33 +74,61 @@ def gpu_target_config(gpu: str) -> str:
     return _GPU_SPEC.format(name=name, sms=sms, memory=memory, bandwidth=int(bandwidth))
 
 
-def _tpu(name, chips, topology, hbm_gib, bandwidth, flops, chip_config="default"):
-    return Target(name, "tpu", chips, hbm_gib * GIB, bandwidth, flops, topology, chip_config)
+# TPU generation -> (HBM GiB, HBM bytes/s, dense bf16 FLOP/s per chip, megacore: the name counts 2 cores a chip,
+# topology dimensions)
+TPU_SPECS = {
+    "v4": (32, 1.2e12, 275e12, True, 3),
+    "v5e": (16, 8.19e11, 197e12, False, 2),
+    "v5p": (95, 2.765e12, 459e12, True, 3),
+    "v6e": (32, 1.64e12, 918e12, False, 2),
+}
 
 
-def _gpu(name, gpu, hosts):
+def _tpu_topology(chips: int, dims: int) -> str:
+    """A slice shape for `chips` chips as Cloud TPU lays them out: a host's 2x2 (x1) block first, then doubling
+    the smallest axis, the last one on ties (v5e: 2x2, 2x4, 4x4, ...; v4 / v5p: 2x2x1, 2x2x2, 2x2x4, 2x4x4)."""
+    shape = [1] * dims
+    while math.prod(shape) < chips:
+        if shape[0] * shape[1] < 4:
+            shape[0 if shape[0] == shape[1] else 1] *= 2
+        else:
+            shape[min(range(dims), key=lambda a: (shape[a], -a))] *= 2
+    return "x".join(map(str, shape))
+
+
+def _tpu(generation, count):
+    hbm_gib, bandwidth, flops, megacore, dims = TPU_SPECS[generation]
+    chips = count // 2 if megacore else count
+    return Target(f"{generation}-{count}", "tpu", chips, hbm_gib * GIB, bandwidth, flops,
+                  f"{generation}:{_tpu_topology(chips, dims)}", "megacore" if megacore else "default")
+
+
+def _gpu(gpu, count):
     _, _, memory, bandwidth, flops = GPU_SPECS[gpu]
-    return Target(name, "cuda", 8 * hosts, memory, bandwidth, flops, f"1x{hosts}x8", gpu=gpu)
+    hosts, per_host = (count // 8, 8) if count >= 8 else (1, count)
+    return Target(f"{gpu}x{count}", "cuda", count, memory, bandwidth, flops, f"1x{hosts}x{per_host}", gpu=gpu)
 
 
+# The targets the README's table and the tests use; `get_target` takes any other slice or node of these kinds.
 TARGETS = {t.name: t for t in (
-    _tpu("v4-8", 4, "v4:2x2x1", 32, 1.2e12, 275e12, "megacore"),
-    _tpu("v5e-4", 4, "v5e:2x2", 16, 8.19e11, 197e12),
-    _tpu("v5e-16", 16, "v5e:4x4", 16, 8.19e11, 197e12),
-    _tpu("v5e-256", 256, "v5e:16x16", 16, 8.19e11, 197e12),
-    _tpu("v5p-32", 16, "v5p:2x2x4", 95, 2.765e12, 459e12, "megacore"),
-    _tpu("v6e-16", 16, "v6e:4x4", 32, 1.64e12, 918e12),
-    _gpu("h100x8", "h100", 1),
-    _gpu("h200x8", "h200", 1),
-    _gpu("h100x16", "h100", 2),
+    _tpu("v4", 8), _tpu("v5e", 4), _tpu("v5e", 16), _tpu("v5e", 256), _tpu("v5p", 32), _tpu("v6e", 16),
+    _gpu("h100", 8), _gpu("h200", 8), _gpu("h100", 16),
 )}
 
 
 def get_target(name: str) -> Target:
-    if name not in TARGETS:
-        from alignmamba_jax.errors import UserError
-        raise UserError(f"--target={name!r}: expected one of {', '.join(TARGETS)}")
-    return TARGETS[name]
+    """`v5e-16`, `v4-32`, `h100x8`, ...: a TPU slice by its Cloud TPU name (a power of two: chips for v5e / v6e,
+    TensorCores for v4 / v5p), or a GPU node of 1, 2, 4 or 8 GPUs, or several hosts of 8."""
+    tpu = re.fullmatch(r"(v4|v5e|v5p|v6e)-(\d+)", name)
+    gpu = re.fullmatch(r"(h100|h200)x(\d+)", name)
+    count = int((tpu or gpu).group(2)) if (tpu or gpu) else 0
+    if tpu and count & (count - 1) == 0 and count >= (2 if TPU_SPECS[tpu.group(1)][3] else 1):
+        return _tpu(tpu.group(1), count)
+    if gpu and (count in (1, 2, 4) or (count >= 8 and count % 8 == 0)):
+        return _gpu(gpu.group(1), count)
+    from alignmamba_jax.errors import UserError
+    raise UserError(f"--target={name!r}: expected a TPU slice (v4-N, v5e-N, v5p-N, v6e-N with N a power of two) or "
+                    f"a GPU node (h100xN, h200xN with N 1, 2, 4 or a multiple of 8), e.g. {', '.join(TARGETS)}")
 
 
 def prepare_compile_host() -> None:
@@ -108,6 +138,7 @@ def prepare_compile_host() -> None:
     if not has_accelerator:
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
         os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+        os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")   # no TPU here for libtpu's lockfile to guard
     os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
 
 

@@ -13,8 +13,11 @@ masked step is an exact identity step of the recurrence (exp(0 A) = 1, 0 B u = 0
 exactly 0 (the VJP of `where` selects 0), so nothing there can reach valid outputs or their gradients. Cores
 therefore only ever see finite masked steps, and `reference.py` applies the same rule.
 """
+import math
+
 import jax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
 
 
 def zero_masked_steps(mask, *xs):
@@ -65,3 +68,19 @@ def make_backend(core, name, native_dtypes=False):
     selective_scan_backend.__name__ = f"selective_scan_{name}"
     selective_scan_backend.__doc__ = f"The selective scan with the `{name}` recurrence (see `common.py`)."
     return selective_scan_backend
+
+
+# Work per (batch, step, channel, state) element of the recurrence: forward exp(delta A), the state update and the
+# output's dot with C; the backward recomputes the forward's states and adds the adjoint's update and the four
+# input gradients. What XLA's cost analysis counts for a kernel call, which is otherwise opaque to it.
+_FLOPS_PER_ELEMENT = {"fwd": 6, "bwd": 18}
+_EXPS_PER_ELEMENT = {"fwd": 1, "bwd": 2}
+
+
+def scan_cost_estimate(pass_, batch, length, channels, state, operands, outputs) -> pl.CostEstimate:
+    """The cost of one kernel call of `pass_` ("fwd" / "bwd") for XLA's cost analysis; `operands` and `outputs`
+    are the arrays (or ShapeDtypeStructs) it reads and writes once each."""
+    elements = batch * length * channels * state
+    moved = sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in (*operands, *outputs))
+    return pl.CostEstimate(flops=_FLOPS_PER_ELEMENT[pass_] * elements,
+                           transcendentals=_EXPS_PER_ELEMENT[pass_] * elements, bytes_accessed=int(moved))

@@ -20,6 +20,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from alignmamba_jax.kernels.common import scan_cost_estimate
+
 
 # Defaults of the core's keyword arguments, so that a device run can sweep them (`kernels.tuned_backend`).
 TUNABLES = {"chunk": 128}
@@ -119,12 +121,14 @@ def _forward(u, delta, At, Bt, Ct, h0t, chunk, block_c, interpret):
     out_shape = (jax.ShapeDtypeStruct((batch, length, channels), f32),
                  jax.ShapeDtypeStruct((batch, n_chunks, state, channels), f32),
                  jax.ShapeDtypeStruct((batch, state, channels), f32))
+    operands = (u, delta, At, Bt, Ct, h0t)
     return pl.pallas_call(
         functools.partial(_forward_kernel, chunk=chunk), out_shape=out_shape,
         grid=(batch, channels // block_c, n_chunks), in_specs=[seq_c, seq_c, mat, seq_n, seq_n, st],
         out_specs=(seq_c, starts, st), scratch_shapes=[pltpu.VMEM((state, block_c), f32)],
         compiler_params=_compiler_params(), interpret=_params(interpret), name="selective_scan_fwd_tpu",
-    )(u, delta, At, Bt, Ct, h0t)
+        cost_estimate=scan_cost_estimate("fwd", batch, length, channels, state, operands, out_shape),
+    )(*operands)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
@@ -152,6 +156,7 @@ def _pallas_tpu_scan_bwd(chunk, block_c, interpret, res, cotangents):
                  jax.ShapeDtypeStruct((batch, n_blocks, state, length), f32),
                  jax.ShapeDtypeStruct((batch, n_blocks, state, length), f32),
                  jax.ShapeDtypeStruct((batch, state, channels), f32))
+    operands = (u, delta, At, Bt, Ct, h_starts, dy, dh_last)
     du, ddelta, dAt, dBt, dCt, dh0t = pl.pallas_call(
         functools.partial(_backward_kernel, chunk=chunk), out_shape=out_shape,
         grid=(batch, n_blocks, n_chunks), in_specs=[seq_c, seq_c, mat, seq_n, seq_n, starts, seq_c, st],
@@ -159,7 +164,8 @@ def _pallas_tpu_scan_bwd(chunk, block_c, interpret, res, cotangents):
         scratch_shapes=[pltpu.VMEM((state, block_c), f32), pltpu.VMEM((state, block_c), f32),
                         pltpu.VMEM((chunk, state, block_c), f32)],
         compiler_params=_compiler_params(), interpret=_params(interpret), name="selective_scan_bwd_tpu",
-    )(u, delta, At, Bt, Ct, h_starts, dy, dh_last)
+        cost_estimate=scan_cost_estimate("bwd", batch, length, channels, state, operands, out_shape),
+    )(*operands)
     return du, ddelta, dAt.sum(0), dBt.sum(1), dCt.sum(1), dh0t
 
 

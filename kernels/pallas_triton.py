@@ -25,6 +25,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from alignmamba_jax.kernels.common import scan_cost_estimate
+
 
 # Defaults of the core's keyword arguments, so that a device run can sweep them (`kernels.tuned_backend`).
 TUNABLES = {"chunk": 64, "block_c": 64, "num_warps": 4, "unroll": 1}
@@ -126,10 +128,14 @@ class _Config(NamedTuple):
     interpret: bool
 
 
-def _call(kernel, out_shape, in_specs, out_specs, grid, cfg, name):
+def _call(kernel, out_shape, in_specs, out_specs, grid, cfg, name, operands):
+    """The kernel applied to `operands`, with its cost for XLA's cost analysis."""
+    batch, length, channels = operands[0].shape
+    pass_ = "bwd" if "bwd" in name else "fwd"
+    cost = scan_cost_estimate(pass_, batch, length, channels, operands[2].shape[1], operands, out_shape)
     return pl.pallas_call(kernel, out_shape=out_shape, grid=grid, in_specs=in_specs, out_specs=out_specs,
-                          interpret=cfg.interpret, name=name,
-                          compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=1))
+                          interpret=cfg.interpret, name=name, cost_estimate=cost,
+                          compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=1))(*operands)
 
 
 def _forward(u, delta, A, B, C, h0, cfg):
@@ -143,7 +149,7 @@ def _forward(u, delta, A, B, C, h0, cfg):
                  jax.ShapeDtypeStruct((batch, channels, state), f32))
     kernel = functools.partial(_forward_kernel, chunk=cfg.chunk, n_chunks=n_chunks, unroll=cfg.unroll)
     return _call(kernel, out_shape, [seq_c, seq_c, mat, seq_n, seq_n, st], (seq_c, starts, st),
-                 (batch, channels // cfg.block_c), cfg, "selective_scan_fwd")(u, delta, A, B, C, h0)
+                 (batch, channels // cfg.block_c), cfg, "selective_scan_fwd", (u, delta, A, B, C, h0))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
@@ -178,7 +184,7 @@ def _pallas_scan_bwd(cfg, res, cotangents):
     du, ddelta, dA, dB, dC, dh0, _ = _call(
         kernel, out_shape, [seq_c, seq_c, mat, seq_n, seq_n, starts, seq_c, st],
         (seq_c, seq_c, st, per_block_n, per_block_n, st, work), (batch, n_blocks), cfg,
-        "selective_scan_bwd")(u, delta, A, B, C, h_starts, dy, dh_last)
+        "selective_scan_bwd", (u, delta, A, B, C, h_starts, dy, dh_last))
     return du, ddelta, dA.sum(0), dB.sum(1), dC.sum(1), dh0
 
 

@@ -9,6 +9,8 @@
 # --config.data.path=DIR builds it from DIR/downloads/manual/unaligned_50.pkl) and copy DIR to
 # $BUCKET/tensorflow_datasets; every worker syncs it to local disk before training.
 # The workdir ($BUCKET/runs/$RUN) is shared by all hosts: Orbax writes checkpoints there, process 0 the logs.
+# AOT_CHECK=1 first compiles the step for $ACCELERATOR on this machine (python -m alignmamba_jax.aot; needs
+# `pip install -e ".[aot]"` here, $PYTHON) and stops before creating anything if it does not compile or fit.
 # Steps can be skipped with SKIP_CREATE=1 / SKIP_INSTALL=1. Delete the TPU afterwards:
 #   gcloud compute tpus tpu-vm delete "$TPU_NAME" --zone "$ZONE"
 set -euo pipefail
@@ -20,6 +22,10 @@ RUN=${RUN:-$(date -u +%Y%m%d-%H%M%S)}
 TFDS_DIR=${TFDS_DIR:-$BUCKET/tensorflow_datasets}
 WORKDIR=${WORKDIR:-$BUCKET/runs/$RUN}
 tpu=(gcloud compute tpus tpu-vm --zone "$ZONE")
+
+if [[ -n ${AOT_CHECK:-} ]]; then
+  "${PYTHON:-python3}" -m alignmamba_jax.aot "$@" --target "$ACCELERATOR"
+fi
 
 if [[ -z ${SKIP_CREATE:-} ]]; then
   "${tpu[@]}" create "$TPU_NAME" --accelerator-type "$ACCELERATOR" --version "$VERSION"

@@ -9,6 +9,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # metadata server and the CUDA plugin from looking for cuDNN, which this CPU machine has no use for.
 os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
 os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")   # compile-only: no TPU for libtpu's lockfile to guard
 
 
 @pytest.hookimpl(trylast=True)  # after `-m` has deselected: the default run never initialises a GPU backend

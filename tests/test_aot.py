@@ -1,0 +1,122 @@
+"""Compiling the real training step for hardware this machine does not have (alignmamba_jax/aot.py, targets.py):
+a 4-chip TPU v5e slice with `pallas_tpu` and an 8-GPU H100 node with `pallas_mosaic_gpu`, at small shapes.
+
+Each compiles; every kernel operand holds the per-device batch, never the global one; the step holds no
+all-gather (pure data parallelism moves only gradients, by all-reduce); the Mosaic GPU kernels compile through
+ptxas without spills; a batch larger than the device's memory is refused in one line. Skipped, with the reason,
+where the `aot` extra (libtpu, the CUDA plugin, ptxas) is not installed; `make test` installs it.
+"""
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from alignmamba_jax import aot, targets
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# the synthetic default at a size that compiles in seconds: 12 text tokens, 24 audio and video frames, 1 layer
+TINY = {"data.synthetic.text_len": 12, "data.synthetic.max_words": 8, "data.synthetic.min_words": 2,
+        "data.synthetic.audio_len": 24, "data.synthetic.vision_len": 24, "data.synthetic.text_dim": 64,
+        "model.d_model": 32, "model.n_layers": 1}
+
+
+def _config(**overrides):
+    spec = importlib.util.spec_from_file_location("synthetic_config", os.path.join(ROOT, "configs", "synthetic.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    for key, value in {**TINY, **overrides}.items():
+        *path, leaf = key.split(".")
+        node = config
+        for part in path:
+            node = node[part]
+        node[leaf] = value
+    return config
+
+
+def _needs(platform):
+    reason = targets.missing_toolchain(platform)
+    return pytest.mark.skipif(reason is not None, reason=f"compiling for {platform}: {reason}")
+
+
+def _check_per_device(report, per_device_batch):
+    """Every kernel operand and result with a batch axis holds `per_device_batch` rows; none holds the global
+    batch; no all-gather anywhere."""
+    assert report["kernels"], "no Pallas kernel in the compiled step"
+    for kernel in report["kernels"]:
+        batched = [s for s in kernel["operands"] + kernel["results"] if s.count(",") >= 2]
+        assert batched, kernel
+        leading = {int(re.search(r"\[(\d+),", s).group(1)) for s in batched}
+        assert leading == {per_device_batch}, kernel
+    for program in report["programs"].values():
+        assert "all-gather" not in program["collectives"], program["collectives"]
+        assert set(program["collectives"]) <= {"all-reduce"}, program["collectives"]
+    assert report["per_device"]["fits"]
+
+
+@_needs("tpu")
+def test_training_step_compiles_for_a_4_chip_tpu_slice_with_per_device_pallas_tpu_kernels(tmp_path):
+    report = aot.run(_config(**{"model.scan_backend": "pallas", "train.batch_size": 8, "eval.batch_size": 8}),
+                     "v5e-4", json_path=str(tmp_path / "aot.json"), hlo_dir=str(tmp_path / "hlo"))
+    assert report["platform"] == "tpu" and report["devices"] == 4 and report["global_batch"] == 8
+    names = {k["name"] for k in report["kernels"]}
+    assert {"selective_scan_fwd_tpu", "selective_scan_bwd_tpu"} <= names
+    _check_per_device(report, 2)
+    assert report["flops_per_device"] > 0 and report["per_device"]["peak_bytes"] > 0
+    hlo = {p.name: p.read_text() for p in (tmp_path / "hlo").iterdir()}
+    assert set(hlo) == {"train_step.txt", "eval_step.txt"} and not any("all-gather" in t for t in hlo.values())
+    assert (tmp_path / "aot.json").exists()
+
+
+@_needs("cuda")
+def test_training_step_compiles_for_8_h100s_with_per_device_mosaic_gpu_kernels_without_spills():
+    report = aot.run(_config(**{"model.scan_backend": "pallas_mosaic_gpu", "train.batch_size": 16,
+                                "eval.batch_size": 16}), "h100x8")
+    assert report["platform"] == "cuda" and report["devices"] == 8
+    assert all(k["target"].startswith("mosaic_gpu") for k in report["kernels"])
+    _check_per_device(report, 2)
+    compiled = report["gpu_kernels"]
+    assert compiled and all(k["registers"] and k["registers"] > 0 for k in compiled), compiled
+    assert all(k["spill_stores"] == 0 and k["spill_loads"] == 0 for k in compiled), compiled
+
+
+@_needs("cuda")
+def test_a_gpu_step_larger_than_the_memory_jax_may_use_is_refused_in_one_line():
+    """XLA:GPU compiles any size: the check compares the program's peak with the share of HBM that JAX's
+    allocator takes (XLA_PYTHON_CLIENT_MEM_FRACTION), here made tiny."""
+    env = {**os.environ, "XLA_PYTHON_CLIENT_MEM_FRACTION": "0.0000001"}
+    args = [f"--config.{k}={v}" for k, v in TINY.items()]
+    out = subprocess.run([sys.executable, "-m", "alignmamba_jax.aot", "--config", "configs/synthetic.py",
+                          "--target", "h100x8", "--config.model.scan_backend=chunked", "--config.train.batch_size=8",
+                          "--config.eval.batch_size=8", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=900)
+    assert out.returncode == 1, out.stderr[-2000:]
+    line = out.stderr.strip().splitlines()[-1]
+    assert re.match(r"error: does not fit: global batch 8 \(1 per device\) needs [\d.]+ GiB per device, h100x8 "
+                    r"has [\d.]+ GiB; rerun with --max_batch", line), line
+
+
+@_needs("tpu")
+def test_a_tpu_batch_larger_than_hbm_is_refused_in_one_line_with_the_largest_batch_that_fits():
+    config = _config(**{"model.scan_backend": "chunked", "train.batch_size": 4 * 2 ** 19, "eval.batch_size": 8})
+    with pytest.raises(aot.UserError, match=r"does not fit: global batch 2097152 \(524288 per device\) needs "
+                                            r"[\d.]+ GiB per device, v5e-4 has 16.00 GiB") as error:
+        aot.run(config, "v5e-4")
+    assert "\n" not in str(error.value)
+
+
+def test_collectives_and_kernel_calls_are_read_from_optimized_hlo():
+    hlo = """
+  %p = f32[2,64,32]{2,1,0} parameter(0)
+  %ar = f32[16,8]{1,0} all-reduce(f32[16,8]{1,0} %x), replica_groups={}
+  %ag = bf16[8,128]{1,0} all-gather-start(bf16[2,128]{1,0} %y), dimensions={0}
+  %k = (f32[2,64,32]{2,1,0}, f32[2,32,16]{2,1,0}) custom-call(%p, %p), custom_call_target="tpu_custom_call", metadata={op_name="jit(f)/selective_scan_fwd_tpu/pallas_call"}
+"""
+    assert aot.collectives(hlo) == {"all-reduce": {"count": 1, "bytes": 16 * 8 * 4},
+                                    "all-gather": {"count": 1, "bytes": 8 * 128 * 2}}
+    assert aot.kernel_calls(hlo) == [{"name": "selective_scan_fwd_tpu", "target": "tpu_custom_call",
+                                      "operands": ["f32[2,64,32]", "f32[2,64,32]"],
+                                      "results": ["f32[2,64,32]", "f32[2,32,16]"], "count": 1}]
