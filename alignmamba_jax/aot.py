@@ -61,8 +61,8 @@ def input_shapes(data_config) -> dict:
         split = generate(tiny)["train"]
         return {m: tuple(split[m].shape[1:]) for m in data_config.modalities}
     if name in ("mmsa", "mult", "tfds"):
-        text = (data_config.tfds_name if name == "tfds" else os.path.basename(data_config.path)).lower()
-        dataset = "mosei" if "mosei" in text else "mosi"
+        text = (data_config.tfds_name if name == "tfds" else data_config.path).lower()
+        dataset = "mosei" if "mosei" in text else "mosi"   # MMSA's own folders: MOSI/..., MOSEI/...
         base = os.path.basename(data_config.path).lower()
         if name == "mult":
             aligned, table = "noalign" not in base, layouts.MULT_SHAPES
