@@ -311,17 +311,9 @@ def compile_report(config, target, devices, shapes, train_batch, hlo_dir=None) -
     return report
 
 
-def largest_batch_per_device(config, target, devices, shapes, start: int, limit: int = 2 ** 20) -> int:
-    """The largest training batch per device that fits (0 if not even 1 does): doubling or halving from
-    `start`, then bisection, one compile of the training step per probe."""
-    def fits(per_device):
-        lowered = lower_programs(config, devices, shapes, per_device * len(devices), config.eval.batch_size)
-        try:
-            compile_program(lowered["train_step"], target)
-            return True
-        except DoesNotFit:
-            return False
-
+def largest_fitting(fits, start: int, limit: int = 2 ** 20) -> int:
+    """The largest n >= 1 with fits(n), for a monotone `fits` (0 if not even 1 fits): doubling or halving from
+    `start`, then bisection."""
     low = high = max(1, start)
     if fits(low):
         while high < limit and fits(high * 2):
@@ -337,6 +329,19 @@ def largest_batch_per_device(config, target, devices, shapes, start: int, limit:
         middle = (low + high) // 2
         low, high = (middle, high) if fits(middle) else (low, middle)
     return low
+
+
+def largest_batch_per_device(config, target, devices, shapes, start: int) -> int:
+    """The largest training batch per device that fits, one compile of the training step per probe."""
+    def fits(per_device):
+        lowered = lower_programs(config, devices, shapes, per_device * len(devices), config.eval.batch_size)
+        try:
+            compile_program(lowered["train_step"], target)
+            return True
+        except DoesNotFit:
+            return False
+
+    return largest_fitting(fits, start)
 
 
 def _gib(n) -> str:

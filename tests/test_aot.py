@@ -135,3 +135,16 @@ def test_input_shapes_come_from_the_data_config_without_reading_data(name, path,
     shapes = aot.input_shapes(config.data)
     assert {m: shapes[m] for m in expected} == expected and shapes["text"][0] == 50
     assert aot.input_shapes(_config().data) == {"text": (12, 64), "audio": (24, 5), "vision": (24, 20)}
+
+
+@pytest.mark.parametrize("start", [1, 5, 37, 38, 1000])
+@pytest.mark.parametrize("largest", [0, 1, 37, 64])
+def test_the_largest_batch_that_fits_is_found_by_bisection_from_any_start(largest, start):
+    probes = []
+
+    def fits(n):
+        probes.append(n)
+        return n <= largest
+
+    assert aot.largest_fitting(fits, start) == largest
+    assert len(probes) <= 2 * 11 + 2   # logarithmic in the distance from the start
