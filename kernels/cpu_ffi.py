@@ -1,6 +1,6 @@
 """The `cpu_ffi` backend: the selective scan's recurrence as a C++ kernel on XLA's CPU backend, through XLA's FFI.
 
-`csrc/selective_scan_cpu.cc` holds the forward and backward kernels (vectorized over 16 channels x state, time
+`csrc/selective_scan_cpu.cc` holds the forward and backward kernels (vectorized over 8 channels x state, time
 sequential, tasks over batch x channel blocks on XLA's intra-op thread pool). This module builds it, registers
 it with `jax.ffi.register_ffi_target` and wraps it as a core for `common.make_backend` under a custom VJP that
 keeps only the state at the start of each chunk of `CHUNK` steps: nothing of size (batch, length, channels,
@@ -39,9 +39,9 @@ from alignmamba_jax.kernels.common import make_backend
 
 SOURCE = pathlib.Path(__file__).parent / "csrc" / "selective_scan_cpu.cc"
 FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-pthread", "-ffp-contract=fast",
-         "-Wno-psabi", "-Wno-attributes")
+         "-Wno-psabi")
 CHUNK = 64                      # steps between saved states: their memory is length / CHUNK states
-LANES = 16                      # channels per kernel task (one vector), as in the C++ source
+LANES = 8                       # channels per kernel task (one vector), as in the C++ source
 TARGETS = {"forward": "AlignmambaSelectiveScanForward", "backward": "AlignmambaSelectiveScanBackward"}
 _FFI_NAMES = {k: f"alignmamba_selective_scan_{k}" for k in TARGETS}
 

@@ -5,7 +5,7 @@
 // state); states: (batch, channels, state)). Everything else of the selective scan (mask, bias, softplus, D,
 // silu(z)) is done around it in Python (common.make_backend).
 //
-// Layout of the work: one task is (batch row, block of 16 channels). Inside a task the 16 channels sit in the
+// Layout of the work: one task is (batch row, block of 8 channels). Inside a task the 8 channels sit in the
 // lanes of one vector, time runs sequentially and the state is `state` vectors (kept in registers when
 // state == 16). A fast vector exp replaces expf. Tasks run on XLA's intra-op thread pool (the FFI ThreadPool;
 // where XLA gives none the calling thread runs them all), the calling thread taking tasks too.
@@ -20,15 +20,15 @@
 //
 // Portability: no -march flag; on x86-64 the two task functions are compiled for AVX-512, AVX2+FMA and the
 // baseline and the loader picks one at run time (GCC/Clang target_clones). The vectors are GCC vector
-// extensions of 16 floats, which the compiler splits into the target's registers.
+// extensions of 8 floats (one AVX register; GCC scalarizes compares of wider ones on AVX2).
 #include <algorithm>
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <mutex>
-#include <vector>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -36,13 +36,14 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int kLanes = 16;
-typedef float vf __attribute__((vector_size(kLanes * sizeof(float))));
-typedef int32_t vi __attribute__((vector_size(kLanes * sizeof(int32_t))));
+constexpr int kLanes = 8;
+// Aligned explicitly: the baseline target would give these types only 16-byte alignment, the AVX ones 32.
+typedef float vf __attribute__((vector_size(kLanes * sizeof(float)), aligned(kLanes * sizeof(float))));
+typedef int32_t vi __attribute__((vector_size(kLanes * sizeof(int32_t)), aligned(kLanes * sizeof(int32_t))));
 
 #define ALWAYS_INLINE inline __attribute__((always_inline))
 #if defined(__x86_64__)
-#define MULTI_TARGET __attribute__((target_clones("arch=skylake-avx512", "arch=haswell", "default")))
+#define MULTI_TARGET __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define MULTI_TARGET
 #endif
@@ -51,7 +52,7 @@ ALWAYS_INLINE vf splat(float x) { return vf{} + x; }
 
 // exp(x) for float32 lanes: 2^k * p(r), x = k ln2 + r, |r| <= ln2 / 2, p of degree 6 (Cephes expf), within
 // 2 ulp for x in [-87, 88]. Below -87 it returns exp(-87) ~ 1.6e-38 instead of a denormal or 0 (the state then
-// decays to ~0 all the same); NaN passes through.
+// decays to ~0 all the same); NaN propagates (the clamps keep it, so r and p are NaN).
 ALWAYS_INLINE vf vexp(vf x) {
   const vf lo = splat(-87.0f), hi = splat(88.0f);
   vf xc = x < lo ? lo : x;
@@ -68,11 +69,10 @@ ALWAYS_INLINE vf vexp(vf x) {
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
   vi bits = (__builtin_convertvector(k, vi) + 127) << 23;
-  vf result = p * (vf)bits;  // reinterprets the bits
-  return x != x ? x : result;
+  return p * (vf)bits;  // (vf) reinterprets the bits
 }
 
-// Loads and stores of `width` <= 16 consecutive floats; missing lanes read as 0.
+// Loads and stores of `width` <= kLanes consecutive floats; missing lanes read as 0.
 ALWAYS_INLINE vf load(const float* p, int width) {
   vf v = {};
   if (width == kLanes) {
@@ -117,11 +117,10 @@ ALWAYS_INLINE vf fold(vf x, vf y) {
   return __builtin_shuffle(x, y, take_low) + __builtin_shuffle(x, y, take_high);
 }
 
-// dst[n] += sum over lanes of v[n] for n < count (<= 16): 15 folds instead of 16 separate lane sums.
+// dst[n] += sum over lanes of v[n] for n < count (<= 8): 7 folds instead of 8 separate lane sums.
 ALWAYS_INLINE void add_lane_sums(float* dst, const vf* v, int count) {
-  vf w[16];
-  for (int i = 0; i < 16; ++i) w[i] = i < count ? v[i] : vf{};
-  for (int i = 0; i < 8; ++i) w[i] = fold<8>(w[i], w[i + 8]);
+  vf w[kLanes];
+  for (int i = 0; i < kLanes; ++i) w[i] = i < count ? v[i] : vf{};
   for (int i = 0; i < 4; ++i) w[i] = fold<4>(w[i], w[i + 4]);
   for (int i = 0; i < 2; ++i) w[i] = fold<2>(w[i], w[i + 2]);
   w[0] = fold<1>(w[0], w[1]);
@@ -136,11 +135,13 @@ struct Vectors {
   vf data[kState];
 };
 
+// (Not std::vector<vf>: a template argument drops vf's alignment attribute.)
 template <>
 struct Vectors<0> {
-  explicit Vectors(int64_t n) : data(n) {}
-  vf* get() { return data.data(); }
-  std::vector<vf> data;
+  explicit Vectors(int64_t n)
+      : data(static_cast<vf*>(std::aligned_alloc(alignof(vf), std::max<int64_t>(n, 1) * sizeof(vf))), &std::free) {}
+  vf* get() { return data.get(); }
+  std::unique_ptr<vf, decltype(&std::free)> data;
 };
 
 struct Shape {
@@ -273,12 +274,12 @@ MULTI_TARGET void backward_task(const BackwardArgs& p, int64_t task) {
   float* dC = p.dC_part + slice;
   std::fill(dB, dB + s.length * s.state, 0.0f);
   std::fill(dC, dC + s.length * s.state, 0.0f);
-  std::vector<vf> states((s.chunk + 1) * s.state), decays(s.chunk * s.state);
+  Vectors<0> states((s.chunk + 1) * s.state), decays(s.chunk * s.state);
   for (int64_t block = first; block < last; ++block) {
     if (s.state == 16) {
-      backward_block<16>(p, b, block, dB, dC, states.data(), decays.data());
+      backward_block<16>(p, b, block, dB, dC, states.get(), decays.get());
     } else {
-      backward_block<0>(p, b, block, dB, dC, states.data(), decays.data());
+      backward_block<0>(p, b, block, dB, dC, states.get(), decays.get());
     }
   }
 }
