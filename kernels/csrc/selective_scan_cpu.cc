@@ -50,26 +50,26 @@ typedef int32_t vi __attribute__((vector_size(kLanes * sizeof(int32_t)), aligned
 
 ALWAYS_INLINE vf splat(float x) { return vf{} + x; }
 
-// exp(x) for float32 lanes: 2^k * p(r), x = k ln2 + r, |r| <= ln2 / 2, p of degree 6 (Cephes expf), within
-// 2 ulp for x in [-87, 88]. Below -87 it returns exp(-87) ~ 1.6e-38 instead of a denormal or 0 (the state then
-// decays to ~0 all the same); NaN propagates (the clamps keep it, so r and p are NaN).
-ALWAYS_INLINE vf vexp(vf x) {
-  const vf lo = splat(-87.0f), hi = splat(88.0f);
-  vf xc = x < lo ? lo : x;
-  xc = xc > hi ? hi : xc;
+constexpr float kLog2e = 1.44269504088896341f;
+
+// 2^x for float32 lanes (so exp(x) = exp2(x * log2(e)), the factor folded into A once per task):
+// 2^k * 2^f with k = round(x), |f| <= 1/2, 2^f = 1 + f P(f) (Cephes exp2f, degree 5), within 2 ulp. The
+// exponent field saturates instead of wrapping: below 2^-126 the result is 0, above 2^127 inf, NaN stays NaN.
+ALWAYS_INLINE vf vexp2(vf x) {
   const vf magic = splat(12582912.0f);  // 1.5 * 2^23: adding and subtracting it rounds to an integer
-  vf k = (xc * 1.44269504088896341f + magic) - magic;
-  vf r = xc - k * 0.693359375f;
-  r = r + k * 2.12194440e-4f;
-  vf p = splat(1.9875691500e-4f);
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  vi bits = (__builtin_convertvector(k, vi) + 127) << 23;
-  return p * (vf)bits;  // (vf) reinterprets the bits
+  const vf k = (x + magic) - magic;
+  const vf f = x - k;
+  vf p = splat(1.535336188319500e-4f);
+  p = p * f + 1.339887440266574e-3f;
+  p = p * f + 9.618437357674640e-3f;
+  p = p * f + 5.550332471162809e-2f;
+  p = p * f + 2.402264791363012e-1f;
+  p = p * f + 6.931472028550421e-1f;
+  p = p * f + 1.0f;
+  vi e = __builtin_convertvector(k, vi) + 127;  // out-of-range and NaN k convert to INT_MIN
+  e = e < 0 ? 0 : e;
+  e = e > 255 ? 255 : e;
+  return p * (vf)(e << 23);  // (vf) reinterprets the bits
 }
 
 // Loads and stores of `width` <= kLanes consecutive floats; missing lanes read as 0.
@@ -139,9 +139,9 @@ struct Vectors {
 template <>
 struct Vectors<0> {
   explicit Vectors(int64_t n)
-      : data(static_cast<vf*>(std::aligned_alloc(alignof(vf), std::max<int64_t>(n, 1) * sizeof(vf))), &std::free) {}
-  vf* get() { return data.get(); }
-  std::unique_ptr<vf, decltype(&std::free)> data;
+      : data(std::aligned_alloc(alignof(vf), std::max<int64_t>(n, 1) * sizeof(vf)), &std::free) {}
+  vf* get() { return static_cast<vf*>(data.get()); }
+  std::unique_ptr<void, decltype(&std::free)> data;
 };
 
 struct Shape {
@@ -174,6 +174,7 @@ ALWAYS_INLINE void forward_block(const ForwardArgs& p, int64_t b, int64_t block)
   vf* A = A_storage.get();
   vf* h = h_storage.get();
   load_transposed(A, p.A + c0 * N, N, width);
+  for (int64_t n = 0; n < N; ++n) A[n] *= kLog2e;
   load_transposed(h, p.h0 + (b * s.channels + c0) * N, N, width);
   for (int64_t t = 0; t < s.length; ++t) {
     if (t % s.chunk == 0)
@@ -185,7 +186,7 @@ ALWAYS_INLINE void forward_block(const ForwardArgs& p, int64_t b, int64_t block)
     const float* C = p.C + (b * s.length + t) * N;
     vf y = {};
     for (int64_t n = 0; n < N; ++n) {
-      h[n] = vexp(d * A[n]) * h[n] + du * B[n];
+      h[n] = vexp2(d * A[n]) * h[n] + du * B[n];
       y += h[n] * C[n];
     }
     store(p.y + at, y, width);
@@ -200,10 +201,11 @@ ALWAYS_INLINE void backward_block(const BackwardArgs& p, int64_t b, int64_t bloc
   const int64_t N = kState ? kState : s.state;
   const int64_t c0 = block * kLanes;
   const int width = s.width(block);
-  Vectors<kState> A_storage(N), g_storage(N), dA_storage(N), dB_storage(N), dC_storage(N);
-  vf *A = A_storage.get(), *g = g_storage.get(), *dA = dA_storage.get();
+  Vectors<kState> A_storage(N), A2_storage(N), g_storage(N), dA_storage(N), dB_storage(N), dC_storage(N);
+  vf *A = A_storage.get(), *A2 = A2_storage.get(), *g = g_storage.get(), *dA = dA_storage.get();
   vf *dB_lanes = dB_storage.get(), *dC_lanes = dC_storage.get();
   load_transposed(A, p.A + c0 * N, N, width);
+  for (int64_t n = 0; n < N; ++n) A2[n] = A[n] * kLog2e;
   load_transposed(g, p.dh_last + (b * s.channels + c0) * N, N, width);
   for (int64_t n = 0; n < N; ++n) dA[n] = vf{};
   for (int64_t chunk = s.chunks() - 1; chunk >= 0; --chunk) {
@@ -216,7 +218,7 @@ ALWAYS_INLINE void backward_block(const BackwardArgs& p, int64_t b, int64_t bloc
       const vf du = d * load(p.u + at, width);
       const float* B = p.B + (b * s.length + t0 + i) * N;
       for (int64_t n = 0; n < N; ++n) {
-        const vf a = vexp(d * A[n]);
+        const vf a = vexp2(d * A2[n]);
         decays[i * N + n] = a;
         states[(i + 1) * N + n] = a * states[i * N + n] + du * B[n];
       }
