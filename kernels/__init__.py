@@ -10,7 +10,9 @@ Backends (all share the signature of `selective_scan_reference`):
   pallas_tpu         Pallas TPU kernel (Mosaic)                                              (pallas_tpu.py)
   pallas             the platform's Pallas kernel: pallas_tpu on TPU; elsewhere pallas_triton where this JAX
                      has Pallas's Triton dialect, else pallas_mosaic_gpu
-  auto               cpu -> chunked, gpu -> pallas, tpu -> pallas
+  cpu_ffi            C++ kernel on XLA's CPU backend through XLA's FFI, built on first use     (cpu_ffi.py)
+  auto               cpu -> cpu_ffi (chunked where it cannot be built), gpu -> pallas, tpu -> pallas
+`backends()` says which backends can run here, why the others cannot, and what `auto` picks.
 On GPU `pallas` (and so `auto`) prefers the Triton kernel while JAX has it: until a GPU has measured both, it is
 the safer choice (simpler code with no asynchronous copies or barriers to get wrong, and it runs on any CUDA GPU,
 where the Mosaic GPU kernel needs sm_90+); where the Triton dialect is gone it falls back to Mosaic GPU, and on a
@@ -26,13 +28,14 @@ import importlib
 import jax
 import jax.numpy as jnp
 
+from alignmamba_jax.kernels import cpu_ffi
 from alignmamba_jax.kernels.associative import selective_scan_associative
 from alignmamba_jax.kernels.chunked import selective_scan_chunked
 from alignmamba_jax.kernels.common import make_backend
 from alignmamba_jax.kernels.reference import selective_scan_reference
 from alignmamba_jax.kernels.validation import BACKENDS, validate_scan_inputs, validate_step_inputs
 
-_AUTO = {"cpu": "chunked", "gpu": "pallas", "cuda": "pallas", "rocm": "pallas", "tpu": "pallas"}
+_AUTO = {"cpu": "cpu_ffi", "gpu": "pallas", "cuda": "pallas", "rocm": "pallas", "tpu": "pallas"}
 # Pallas backend -> (module, core, whether the core reads and writes the inputs' own dtypes, see `make_backend`);
 # each module also defines TUNABLES, the defaults of its core's keywords.
 _PALLAS = {"pallas_triton": ("pallas_triton", "pallas_triton_core", False),
@@ -96,6 +99,8 @@ def _implementation(backend):
     platform = jax.default_backend()
     if backend == "auto":
         backend = _AUTO.get(platform, "chunked")
+        if backend == "cpu_ffi" and not cpu_ffi.available()[0]:
+            backend = "chunked"
         if backend == "pallas" and platform != "tpu":
             backend = _gpu_pallas_backend() or "chunked"
     if backend == "pallas":
@@ -103,7 +108,24 @@ def _implementation(backend):
     if backend in _PALLAS:
         return _tuned(backend, ())
     return {"reference": selective_scan_reference, "associative": selective_scan_associative,
-            "chunked": selective_scan_chunked}[backend]
+            "chunked": selective_scan_chunked, "cpu_ffi": cpu_ffi.selective_scan_cpu_ffi}[backend]
+
+
+def backends():
+    """{backend: (True, what it is) or (False, why it cannot run here)} for every concrete backend, plus
+    "auto": (True, the backend it picks on this platform). Builds cpu_ffi if it is not built yet."""
+    report = {name: (True, "XLA") for name in ("reference", "associative", "chunked")}
+    report["cpu_ffi"] = cpu_ffi.available()
+    for name in _PALLAS:
+        try:
+            _pallas_module(name)
+            report[name] = (True, "Pallas kernel (interpret mode off its platform)")
+        except RuntimeError as error:
+            report[name] = (False, str(error))
+    chosen = _implementation("auto")
+    report["auto"] = (True, next(name for name in ("reference", "associative", "chunked", "cpu_ffi", *_PALLAS)
+                                 if report[name][0] and chosen is _implementation(name)))
+    return report
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, *, delta_softplus=False,
@@ -142,5 +164,5 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
     return y.astype(x.dtype), new_state
 
 
-__all__ = ["BACKENDS", "TUNABLE_BACKENDS", "selective_scan", "selective_scan_reference", "selective_state_update",
+__all__ = ["BACKENDS", "TUNABLE_BACKENDS", "backends", "selective_scan", "selective_scan_reference", "selective_state_update",
            "tunables", "tuned_backend"]

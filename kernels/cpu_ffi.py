@@ -10,8 +10,8 @@ How it is built, and why this way: lazily, at the first use in a process, with t
 `$CXX` or `c++` / `g++` / `clang++`, against the FFI headers of the jax running it (`jax.ffi.include_dir()`),
 into a cache directory (`$ALIGNMAMBA_CACHE_DIR`, else `$XDG_CACHE_HOME/alignmamba_jax`, else
 `~/.cache/alignmamba_jax`), under a file name that hashes the source, the headers and the flags; a later
-process loads it with `ctypes` (about 20 s once, then nothing). `make test`'s install step runs
-`python -m alignmamba_jax.kernels.cpu_ffi` to build it there. Building it in setup.py instead would compile
+process loads it with `ctypes` (about 20 s once, then nothing). `make test`'s install step builds it there
+(`build_report()`). Building it in setup.py instead would compile
 against whatever jax pip's isolated build environment resolved, not the one installed beside it (pip builds
 the package before it installs the dependencies), so the headers could be newer than the XLA that loads the
 library; a pyproject `build-system` on jaxlib would also download jaxlib into every build. Compiling against
@@ -29,7 +29,6 @@ import os
 import pathlib
 import shutil
 import subprocess
-import sys
 import tempfile
 
 import jax
@@ -113,6 +112,12 @@ def available():
     return _load()
 
 
+def build_report():
+    """One line for an install log: builds the kernels now (make test's install step) and says how it went."""
+    ok, detail = available()
+    return f"cpu_ffi: {'built ' if ok else 'unavailable, auto uses chunked: '}{detail}"
+
+
 def _require_library():
     ok, detail = _load()
     if not ok:
@@ -178,8 +183,3 @@ def cpu_ffi_core(u, delta, A, B, C, h0):
 
 selective_scan_cpu_ffi = make_backend(cpu_ffi_core, "cpu_ffi")
 
-
-if __name__ == "__main__":  # `python -m alignmamba_jax.kernels.cpu_ffi`: build now (make test's install step)
-    ok, detail = available()
-    print(f"cpu_ffi: {'built: ' if ok else 'unavailable (auto uses chunked): '}{detail}")
-    sys.exit(0)
