@@ -42,6 +42,7 @@ _PALLAS = {"pallas_triton": ("pallas_triton", "pallas_triton_core", False),
            "pallas_mosaic_gpu": ("pallas_mosaic_gpu", "pallas_mosaic_gpu_core", True),
            "pallas_tpu": ("pallas_tpu", "pallas_tpu_core", False)}
 TUNABLE_BACKENDS = tuple(_PALLAS)
+CPU_KERNELS = ("cpu_ffi",)      # compiled kernels for XLA's CPU backend (benchmarks time every one of them)
 _MISSING_DIALECT = {
     "pallas_triton": "JAX 0.11 deprecated Pallas's Triton backend and later versions remove it; on GPUs use "
                      "backend='pallas' (the platform's Pallas kernel), or 'chunked' / 'associative' anywhere",
@@ -164,5 +165,5 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
     return y.astype(x.dtype), new_state
 
 
-__all__ = ["BACKENDS", "TUNABLE_BACKENDS", "backends", "selective_scan", "selective_scan_reference", "selective_state_update",
+__all__ = ["BACKENDS", "CPU_KERNELS", "TUNABLE_BACKENDS", "backends", "selective_scan", "selective_scan_reference", "selective_state_update",
            "tunables", "tuned_backend"]
