@@ -27,9 +27,8 @@ from alignmamba_jax.kernels.testing import (OPTION_SETS, assert_close_tree, grad
 BUILT, DETAIL = cpu_ffi.available()
 requires_library = pytest.mark.skipif(not BUILT, reason=f"cpu_ffi could not be built here: {DETAIL}")
 FFI = functools.partial(selective_scan, backend="cpu_ffi")
-CASES = [((1, 1, 1, 1), "all"), ((2, 7, 3, 4), "plain"), ((2, 9, 3, 2), "bias_softplus_h0"), ((1, 33, 5, 2), "all"),
-         ((2, 70, 20, 16), "all"), ((3, 128, 17, 16), "D_z"), ((1, 129, 8, 5), "mask"), ((2, 200, 9, 33), "all"),
-         ((2, 65, 16, 16), "bias_softplus_h0")]
+CASES = [((1, 1, 1, 1), "all"), ((2, 7, 3, 4), "plain"), ((1, 33, 5, 2), "bias_softplus_h0"), ((2, 70, 20, 16), "all"),
+         ((3, 128, 17, 16), "D_z"), ((1, 129, 8, 5), "mask"), ((2, 200, 9, 33), "all")]
 OPTION_NAMES = ("D", "z", "delta_bias", "delta_softplus", "initial_state", "mask")
 
 
