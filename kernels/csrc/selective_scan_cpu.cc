@@ -6,8 +6,8 @@
 // silu(z)) is done around it in Python (common.make_backend).
 //
 // Layout of the work: one task is (batch row, block of 8 channels). Inside a task the 8 channels sit in the
-// lanes of one vector, time runs sequentially and the state is `state` vectors (kept in registers when
-// state == 16). A fast vector exp replaces expf. Tasks run on XLA's intra-op thread pool (the FFI ThreadPool;
+// lanes of one vector, time runs sequentially and the state is `state` vectors (on the stack, so mostly in
+// registers, when state == 16; on the heap otherwise). A fast vector exp replaces expf. Tasks run on XLA's intra-op thread pool (the FFI ThreadPool;
 // where XLA gives none the calling thread runs them all), the calling thread taking tasks too.
 //
 // Forward: writes y, h_last and the state at the start of every chunk of `chunk` steps (h_starts, the only
@@ -18,8 +18,9 @@
 // task of group `g` (a contiguous range of channel blocks) accumulates into its own slice of dB_part / dC_part
 // (groups, batch, length, state) and dA into dA_part (batch, channels, state); the caller sums those.
 //
-// Portability: no -march flag; on x86-64 the two task functions are compiled for AVX-512, AVX2+FMA and the
-// baseline and the loader picks one at run time (GCC/Clang target_clones). The vectors are GCC vector
+// Portability: no -march flag; on x86-64 the two task functions are compiled for x86-64-v4 (AVX-512), -v3
+// (AVX2+FMA) and the baseline, and the loader picks one by the CPU's features (GCC/Clang target_clones; the
+// arch=<cpu model> form would dispatch on the model name and give an AMD EPYC the baseline). The vectors are GCC vector
 // extensions of 8 floats (one AVX register; GCC scalarizes compares of wider ones on AVX2).
 #include <algorithm>
 #include <atomic>
