@@ -6,18 +6,17 @@ it with `jax.ffi.register_ffi_target` and wraps it as a core for `common.make_ba
 keeps only the state at the start of each chunk of `CHUNK` steps: nothing of size (batch, length, channels,
 state) is ever written, the backward kernel recomputes a chunk's states from its boundary.
 
-How it is built, and why this way: lazily, at the first use in a process, with the C++17 compiler found as
-`$CXX` or `c++` / `g++` / `clang++`, against the FFI headers of the jax running it (`jax.ffi.include_dir()`),
-into a cache directory (`$ALIGNMAMBA_CACHE_DIR`, else `$XDG_CACHE_HOME/alignmamba_jax`, else
-`~/.cache/alignmamba_jax`), under a file name that hashes the source, the headers and the flags; a later
-process loads it with `ctypes` (about 20 s once, then nothing). `make test`'s install step builds it there
-(`build_report()`). Building it in setup.py instead would compile
-against whatever jax pip's isolated build environment resolved, not the one installed beside it (pip builds
-the package before it installs the dependencies), so the headers could be newer than the XLA that loads the
-library; a pyproject `build-system` on jaxlib would also download jaxlib into every build. Compiling against
-the running jax needs no build dependency, works the same for an editable install and a wheel (the source
-ships as package data) and never fails an install: where no compiler or no `jax.ffi` exists, `available()`
-says why and `auto` uses `chunked`.
+How it is built, and why this way: at first use (by any process that finds no built copy), with the C++17
+compiler found as `$CXX` or `c++` / `g++` / `clang++`, against the FFI headers of the jax running it
+(`jax.ffi.include_dir()`), into a cache directory (`$ALIGNMAMBA_CACHE_DIR`, else `$XDG_CACHE_HOME/alignmamba_jax`,
+else `~/.cache/alignmamba_jax`), under a file name that hashes the source, the headers and the flags; later
+processes load it with `ctypes` (about 20 s once, then nothing). `make test`'s install step builds it there
+(`build_report()`). Building it in setup.py instead would compile against whatever jax pip's isolated build
+environment resolved, not the one installed beside it (pip builds the package before it installs the
+dependencies), so the headers could be newer than the XLA that loads the library; a pyproject `build-system` on
+jaxlib would also download jaxlib into every build. Compiling against the running jax needs no build
+dependency, works the same for an editable install and a wheel (the source ships as package data) and never
+fails an install: where no compiler or no `jax.ffi` exists, `available()` says why and `auto` uses `chunked`.
 
 Portability: no `-march` flag; the kernels carry AVX-512, AVX2+FMA and baseline x86-64 versions chosen at load
 time (`target_clones`), so a cache directory shared between machines holds a library that runs on each.
