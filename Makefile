@@ -6,10 +6,11 @@ STAMP := $(VENV)/.installed
 
 .PHONY: test test-slow demo clean wheels device-suite device-suite-dry
 
-$(STAMP): setup.py
+$(STAMP): setup.py kernels/csrc/selective_scan_cpu.cc
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e ".[test,aot]"
+	JAX_PLATFORMS=cpu TPU_SKIP_MDS_QUERY=1 $(PY) -c "from alignmamba_jax.kernels import cpu_ffi; print(cpu_ffi.build_report())"
 	touch $(STAMP)
 
 test: $(STAMP)

@@ -14,6 +14,9 @@ setup(
     python_requires=">=3.10",
     packages=["alignmamba_jax", "alignmamba_jax.data", "alignmamba_jax.kernels"],
     package_dir={"alignmamba_jax.kernels": "kernels"},
+    # Build step of the cpu_ffi kernel: only its C++ source ships; it is compiled on first use (or by `make test`'s
+    # install) against the installed jax's FFI headers, never at build time (why: kernels/cpu_ffi.py).
+    package_data={"alignmamba_jax.kernels": ["csrc/*.cc"]},
     install_requires=[
         "jax>=0.4.35",
         "flax>=0.10",

@@ -3,7 +3,8 @@
 For each language length L the three models (same d_model and n_layers) are built from `create_model`, given
 random inputs (batch `--batch`, all tokens valid) and measured side by side in one process:
   time_ms       median wall time of `--repeats` jitted forward passes after `--warmup` calls; the models are
-                timed round-robin within each repeat so that background load hits all of them alike
+                timed round-robin within each repeat so that background load hits all of them alike (every
+                repeat's time is kept as time_ms_repeats; the summary gives the spread of the per-repeat ratios)
   memory_bytes  the compiled program's memory analysis: argument + output + temp bytes (minus aliased)
   flops         a scan-aware count over the jaxpr (see `count_flops`): XLA's `cost_analysis()` counts the body
                 of a `while` loop once, whatever its trip count, so it undercounts a recurrent scan by ~L times;
@@ -202,7 +203,7 @@ def measure(pairs, args):
             i["flops"] = xla_flops.get((name.partition("+")[0], text_len), 0)
         tokens = sum(modality_lengths(text_len, args.av_lengths).values())
         row = dict(model=name, text_len=text_len, tokens=tokens, time_ms=float(np.median(times[name, text_len])),
-                   memory_bytes=i["memory_bytes"], flops=i["flops"])
+                   memory_bytes=i["memory_bytes"], flops=i["flops"], time_ms_repeats=times[name, text_len])
         rows.append(row)
         xla = i["xla_flops"]
         print(f"  {name:19s} L={text_len:5d} tokens={tokens:6d} time={row['time_ms']:10.2f} ms "
@@ -227,6 +228,17 @@ def doubling_lines(rows, models):
     return lines
 
 
+def time_ratio_spread(a, b):
+    """', time ratio per repeat min / median / max' of row a over row b (timed round-robin: repeat i of both ran
+    back to back), or '' where the rows carry no per-repeat times."""
+    ra, rb = a.get("time_ms_repeats"), b.get("time_ms_repeats")
+    if not ra or not rb or len(ra) != len(rb):
+        return ""
+    ratios = np.asarray(ra) / np.asarray(rb)
+    return (f", time ratio per repeat {ratios.min():.3f} / {np.median(ratios):.3f} / {ratios.max():.3f} "
+            f"(min / median / max of {len(ratios)})")
+
+
 def summarize(rows, min_tokens=6400):
     """Reductions of AlignMamba vs each Transformer at the longest length >= min_tokens, and doubling ratios."""
     by = {(r["model"], r["text_len"]): r for r in rows}
@@ -246,7 +258,7 @@ def summarize(rows, min_tokens=6400):
             d_flops = 1 - a["flops"] / b["flops"] if b["flops"] else float("nan")
             lines.append(f"vs {other} at L={L} ({a['tokens']} tokens): memory -{100 * d_mem:.1f}% "
                          f"(paper -{100 * p_mem:.1f}%), time -{100 * d_time:.1f}% (paper -{100 * p_time:.1f}%), "
-                         f"flops -{100 * d_flops:.1f}%")
+                         f"flops -{100 * d_flops:.1f}%{time_ratio_spread(a, b)}")
     lines += [l + " (lengths timed in separate loops)" for l in doubling_lines(rows, MODELS)]
     return lines
 

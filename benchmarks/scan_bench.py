@@ -3,13 +3,16 @@
 For each length it reports the median wall time of several runs after warm-up, the compiled temporary
 memory (XLA's `memory_analysis().temp_size_in_bytes`), and speed/memory ratios against `associative`,
 measured side by side in one run. The default backends are reference, associative, chunked and every Pallas
-kernel of the device (from `alignmamba_jax.kernels.TUNABLE_BACKENDS`, so a new kernel joins by registering);
+kernel of the device (from `alignmamba_jax.kernels.TUNABLE_BACKENDS`), on CPU every built CPU kernel (from
+`alignmamba_jax.kernels.CPU_KERNELS` and `backends()`), so a new kernel joins by registering;
 a backend that fails to import or compile gets a row with its error and the others go on; the JSON is
 rewritten after every row. On an H100/H200 each row also has its roofline: the floor time from the least HBM
 traffic at the device's bandwidth and from the exp count at 16 exp/clock/SM at the SM clock read after the
 timing (`scan_traffic`, `roofline`), and the achieved fraction; at batch 8, length 2048, channels 2048,
 state 16, bf16 the Pallas kernels are checked against the goals (forward <= 250 us, forward+backward >= 10x
-`associative`). `--sweep` times each kernel's tunables instead (`sweep_candidates`) within a time budget
+`associative`); at batch 4, length 1024, channels 256, state 16, float32 the CPU kernels are checked against
+theirs (forward >= 15x mamba-ssm's `selective_scan_ref` with --torch-ref, forward+backward >= 10x
+`associative` with no more temporary memory than `chunked`). `--sweep` times each kernel's tunables instead (`sweep_candidates`) within a time budget
 and records the best setting. `--torch-ref` also times mamba-ssm's pure-PyTorch `selective_scan_ref` on
 the same shapes (channels-first, as it expects) in a separate interpreter that has torch installed; point
 `--mamba-src` at an unpacked mamba-ssm sdist (its `ops/selective_scan_interface.py` is loaded with the CUDA
@@ -147,7 +150,11 @@ def run_torch_reference(args):
 HBM_BYTES_PER_S = {"H200": 4.8e12, "H100": 3.35e12}
 EXP_PER_CLOCK_PER_SM = 16
 FORWARD_GOAL_S = 250e-6                 # the Pallas GPU kernel's forward at GOAL_SHAPE (bf16)
-FWD_BWD_GOAL_SPEEDUP = 10.0             # its forward+backward against `associative`
+FWD_BWD_GOAL_SPEEDUP = 10.0             # its forward+backward against `associative` (the CPU kernel's too)
+CPU_GOAL_SHAPE = {"batch": 4, "channels": 256, "state": 16, "dtype": "float32"}
+CPU_GOAL_LENGTH = 1024
+CPU_FORWARD_GOAL_VS_TORCH = 15.0        # the CPU kernel's forward against mamba-ssm's selective_scan_ref
+CPU_KERNELS_FOR_GOALS = ("cpu_ffi",)
 GOAL_SHAPE = {"batch": 8, "channels": 2048, "state": 16, "dtype": "bfloat16"}
 GOAL_LENGTH = 2048
 
@@ -254,12 +261,47 @@ def save(report, path):
 
 
 def auto_backend():
-    """The backend name that `backend="auto"` runs on this platform (None if it cannot be told)."""
+    """The backend name that `backend="auto"` runs on this platform, from `kernels.backends()` (None if a kernel
+    that auto needs does not import)."""
     from alignmamba_jax import kernels
     try:
-        return kernels.resolve_backend("auto")
+        return kernels.backends()["auto"][1]
     except Exception:  # noqa: BLE001  (a kernel that does not import: auto cannot run either)
         return None
+
+
+def cpu_kernels():
+    """The compiled CPU kernels of the registry (`kernels.CPU_KERNELS`) that can run here (built)."""
+    from alignmamba_jax.kernels import CPU_KERNELS, backends
+    report = backends()
+    return [name for name in CPU_KERNELS if report[name][0]]
+
+
+def cpu_goals(rows, torch_rows, shape):
+    """The CPU kernels against the CPU goals, where the run has CPU_GOAL_SHAPE and CPU_GOAL_LENGTH: forward >=
+    15x mamba-ssm's selective_scan_ref, forward+backward >= 10x associative with no more temporaries than
+    chunked."""
+    if shape != CPU_GOAL_SHAPE:
+        return {}
+    at = {r["backend"]: r for r in rows + torch_rows if r["length"] == CPU_GOAL_LENGTH and "error" not in r}
+    torch, assoc, chunked = (at.get(n) for n in ("torch_selective_scan_ref", "associative", "chunked"))
+    out = {}
+    for name in CPU_KERNELS_FOR_GOALS:
+        r = at.get(name)
+        if r is None:
+            continue
+        g = {}
+        if torch:
+            g["forward_speedup_vs_torch_ref"] = torch["forward_s"] / r["forward_s"]
+            g["forward_goal_met"] = g["forward_speedup_vs_torch_ref"] >= CPU_FORWARD_GOAL_VS_TORCH
+        if assoc and "forward_backward_s" in r:
+            g["forward_backward_speedup_vs_associative"] = assoc["forward_backward_s"] / r["forward_backward_s"]
+            g["forward_backward_goal_met"] = g["forward_backward_speedup_vs_associative"] >= FWD_BWD_GOAL_SPEEDUP
+        if chunked and "forward_backward_temp_bytes" in r:
+            g["temp_bytes_vs_chunked"] = r["forward_backward_temp_bytes"] / chunked["forward_backward_temp_bytes"]
+            g["memory_goal_met"] = g["temp_bytes_vs_chunked"] <= 1.0
+        out[name] = g
+    return out
 
 
 def header(args, platform_name, device):
@@ -276,8 +318,9 @@ def run_jax(args):
 
     platform_name = jax.default_backend()
     device = jax.devices()[0]
-    backends = (args.backends.split(",") if args.backends else
-                ["reference", "associative", "chunked"] + pallas_kernels(args.kernels_for or platform_name))
+    kernels_for = args.kernels_for or platform_name
+    backends = (args.backends.split(",") if args.backends else ["reference", "associative", "chunked"]
+                + (cpu_kernels() if kernels_for == "cpu" else pallas_kernels(kernels_for)))
     report = dict(header(args, platform_name, device), backends=backends, auto=auto_backend(), results=[])
     dtype = jnp.dtype(args.dtype)
     for length in map(int, args.lengths.split(",")):
@@ -475,6 +518,9 @@ def main(argv=None):
         add_ratios(report["results"])
         report["goals"] = goals(report["results"], report["shape"]) if report["platform"] == "gpu" else {}
         torch_report = run_torch_reference(args) if args.torch_ref else None
+        if report["platform"] == "cpu":
+            report["goals"] = cpu_goals(report["results"], torch_report["results"] if torch_report else [],
+                                        report["shape"])
     report.update({
         "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
         "date_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -492,6 +538,10 @@ def main(argv=None):
             print(f"backend='auto' runs {report['auto']} here")
         print_table(report["results"], torch_report["results"] if torch_report else [])
         for name, g in report["goals"].items():
+            if report["platform"] == "cpu":
+                print(f"goal {name}: " + ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}"
+                                                   for k, v in g.items()))
+                continue
             print(f"goal {name}: forward {g['forward_us']:.0f} us (<= {1e6 * FORWARD_GOAL_S:.0f}: "
                   f"{'met' if g['forward_goal_met'] else 'missed'})"
                   + (f", fwd+bwd {g['forward_backward_speedup_vs_associative']:.1f}x associative (>= "

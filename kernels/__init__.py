@@ -10,7 +10,9 @@ Backends (all share the signature of `selective_scan_reference`):
   pallas_tpu         Pallas TPU kernel (Mosaic)                                              (pallas_tpu.py)
   pallas             the platform's Pallas kernel: pallas_tpu on TPU; elsewhere pallas_triton where this JAX
                      has Pallas's Triton dialect, else pallas_mosaic_gpu
-  auto               cpu -> chunked, gpu -> pallas, tpu -> pallas
+  cpu_ffi            C++ kernel on XLA's CPU backend through XLA's FFI, built on first use     (cpu_ffi.py)
+  auto               cpu -> cpu_ffi (chunked where it cannot be built), gpu -> pallas, tpu -> pallas
+`backends()` says which backends can run here, why the others cannot, and what `auto` picks.
 On GPU `pallas` (and so `auto`) prefers the Triton kernel while JAX has it: until a GPU has measured both, it is
 the safer choice (simpler code with no asynchronous copies or barriers to get wrong, and it runs on any CUDA GPU,
 where the Mosaic GPU kernel needs sm_90+); where the Triton dialect is gone it falls back to Mosaic GPU, and on a
@@ -19,6 +21,11 @@ Off their platform the Pallas kernels run in interpret mode (slow; for tests). T
 Pallas dialect only when asked for, so a JAX without one (e.g. without Triton) still serves every other backend.
 `tuned_backend(name, **tunables)` builds a Pallas backend with non-default tunables (block and chunk sizes) for
 sweeps; `TUNABLE_BACKENDS` lists them.
+
+Which backend runs follows the platform being lowered for, never `jax.default_backend()` (`resolve_backend`):
+under a mesh its devices' platform, elsewhere one `lax.platform_dependent` branch per platform, so a program
+compiled ahead of time for a TPU or GPU from a CPU host gets that platform's kernel. Under a mesh the kernels
+(Pallas and cpu_ffi) run on each device's batch shard (`sharding.py`).
 """
 import functools
 import importlib
@@ -26,6 +33,7 @@ import importlib
 import jax
 import jax.numpy as jnp
 
+from alignmamba_jax.kernels import cpu_ffi
 from alignmamba_jax.kernels.associative import selective_scan_associative
 from alignmamba_jax.kernels.chunked import selective_scan_chunked
 from alignmamba_jax.kernels.common import make_backend
@@ -33,10 +41,13 @@ from alignmamba_jax.kernels.reference import selective_scan_reference
 from alignmamba_jax.kernels.sharding import per_device_shard
 from alignmamba_jax.kernels.validation import BACKENDS, validate_scan_inputs, validate_step_inputs
 
+# Pallas backend -> (module, core, whether the core reads and writes the inputs' own dtypes, see `make_backend`);
+# each module also defines TUNABLES, the defaults of its core's keywords.
 _PALLAS = {"pallas_triton": ("pallas_triton", "pallas_triton_core", False),
            "pallas_mosaic_gpu": ("pallas_mosaic_gpu", "pallas_mosaic_gpu_core", True),
            "pallas_tpu": ("pallas_tpu", "pallas_tpu_core", False)}
 TUNABLE_BACKENDS = tuple(_PALLAS)
+CPU_KERNELS = ("cpu_ffi",)      # compiled kernels for XLA's CPU backend (benchmarks time every one of them)
 _MISSING_DIALECT = {
     "pallas_triton": "JAX 0.11 deprecated Pallas's Triton backend and later versions remove it; on GPUs use "
                      "backend='pallas' (the platform's Pallas kernel), or 'chunked' / 'associative' anywhere",
@@ -117,7 +128,7 @@ def default_platform() -> str:
 
 def resolve_backend(backend="auto", platform=None) -> str:
     """The backend that `selective_scan(..., backend=backend)` runs when lowered for `platform` (one of
-    `PLATFORMS`; default: `default_platform()`). `auto`: cpu -> chunked, cuda/rocm -> the GPU Pallas kernel (or
+    `PLATFORMS`; default: `default_platform()`). `auto`: cpu -> cpu_ffi (chunked where it cannot be built), cuda/rocm -> the GPU Pallas kernel (or
     chunked where none can run), tpu -> pallas_tpu. `pallas`: the platform's Pallas kernel (on cpu the GPU
     kernel in interpret mode). Other names are themselves."""
     platform = platform or default_platform()
@@ -125,7 +136,7 @@ def resolve_backend(backend="auto", platform=None) -> str:
         raise ValueError(f"platform: expected one of {PLATFORMS}, found {platform!r}")
     if backend == "auto":
         if platform == "cpu":
-            return "chunked"
+            return "cpu_ffi" if cpu_ffi.available()[0] else "chunked"
         return "pallas_tpu" if platform == "tpu" else _gpu_pallas_backend(platform) or "chunked"
     if backend == "pallas":
         return "pallas_tpu" if platform == "tpu" else _gpu_pallas_backend(platform) or "pallas_mosaic_gpu"
@@ -137,7 +148,7 @@ def _platform_implementation(name, platform):
     if name in _PALLAS:
         return _tuned(name, (("interpret", platform not in _KERNEL_PLATFORMS[name]),))
     return {"reference": selective_scan_reference, "associative": selective_scan_associative,
-            "chunked": selective_scan_chunked}[name]
+            "chunked": selective_scan_chunked, "cpu_ffi": cpu_ffi.selective_scan_cpu_ffi}[name]
 
 
 def _interpreted(name, platform) -> bool:
@@ -193,6 +204,21 @@ def _run_per_platform(implementations, arrays, static):
     return jax.lax.platform_dependent(arrays, **branches)
 
 
+def backends():
+    """{backend: (True, what it is) or (False, why it cannot run here)} for every concrete backend, plus
+    "auto": (True, the backend it picks on this platform). Builds cpu_ffi if it is not built yet."""
+    report = {name: (True, "XLA") for name in ("reference", "associative", "chunked")}
+    report["cpu_ffi"] = cpu_ffi.available()
+    for name in _PALLAS:
+        try:
+            _pallas_module(name)
+            report[name] = (True, "Pallas kernel (interpret mode off its platform)")
+        except RuntimeError as error:
+            report[name] = (False, str(error))
+    report["auto"] = (True, resolve_backend("auto"))
+    return report
+
+
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, *, delta_softplus=False,
                    return_final_state=False, backend="auto", initial_state=None, mask=None):
     """Mamba's selective scan (mamba-ssm `selective_scan_ref` semantics), channels-last.
@@ -213,7 +239,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, *, delta_
     def scan(arrays):
         return _run_per_platform(implementations, arrays, static)
 
-    if any(name in _PALLAS for name in backends.values()):
+    if any(name in _PALLAS or name in CPU_KERNELS for name in backends.values()):
         scan = per_device_shard(scan, arrays)
     y, h_last = scan(arrays)
     return (y, h_last) if return_final_state else y
@@ -238,5 +264,6 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
     return y.astype(x.dtype), new_state
 
 
-__all__ = ["BACKENDS", "TUNABLE_BACKENDS", "selective_scan", "selective_scan_reference", "selective_state_update",
-           "tunables", "tuned_backend"]
+__all__ = ["BACKENDS", "CPU_KERNELS", "PLATFORMS", "TUNABLE_BACKENDS", "backends", "default_platform",
+           "resolve_backend", "selective_scan", "selective_scan_reference", "selective_state_update", "tunables",
+           "tuned_backend"]

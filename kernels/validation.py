@@ -7,8 +7,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-BACKENDS = ("reference", "associative", "chunked", "pallas", "pallas_triton", "pallas_mosaic_gpu", "pallas_tpu",
-            "auto")
+BACKENDS = ("reference", "associative", "chunked", "cpu_ffi", "pallas", "pallas_triton", "pallas_mosaic_gpu",
+            "pallas_tpu", "auto")
 
 
 def _shape(x):

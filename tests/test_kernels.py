@@ -161,7 +161,7 @@ def test_selective_state_update_steps_equal_the_scan():
     np.testing.assert_allclose(state, h_scan, rtol=1e-5, atol=1e-5)
 
 
-def test_auto_backend_is_chunked_on_cpu_and_matches_reference():
+def test_auto_backend_on_cpu_matches_reference():
     args, _ = make_inputs(8, 2, 35, 3, 2)
     assert jax.default_backend() == "cpu"
     np.testing.assert_allclose(selective_scan(*args[:5]), selective_scan_reference(*args[:5]), rtol=1e-5,

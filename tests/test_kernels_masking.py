@@ -14,7 +14,7 @@ import pytest
 from alignmamba_jax.kernels import selective_scan, selective_scan_reference
 from alignmamba_jax.kernels.testing import OPTION_SETS, assert_close_tree, grads_of_all_inputs, make_inputs
 
-BACKENDS = ("reference", "associative", "chunked", "pallas", "pallas_tpu")
+BACKENDS = ("reference", "associative", "chunked", "cpu_ffi", "pallas", "pallas_tpu")
 SEQUENCE_ARGS = {"u": 0, "delta": 1, "B": 3, "C": 4, "z": 6}
 POISON = {"u": np.inf, "delta": np.nan, "B": -np.inf, "C": np.nan, "z": np.inf}
 
