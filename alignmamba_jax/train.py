@@ -12,6 +12,7 @@ Resuming: a workdir with checkpoints is resumed only by a run with the same conf
 RESUMABLE_KEYS` (train.steps, cadences, data paths, ...); see `alignmamba_jax.checkpoints`. Everything the user
 can get wrong (config, data, workdir) is checked before compilation and raised as a `UserError`.
 """
+import contextlib
 import copy
 import functools
 import importlib.util
@@ -487,13 +488,14 @@ def _train_and_evaluate(config, workdir):
             stop_non_finite(f"the parameters after step {done} give non-finite outputs (not saved)")
         checkpoints.save(manager, done, state, meta)
 
-    progress = None
-    if is_chief:
-        from tqdm import tqdm
-        progress = tqdm(total=tc.steps, initial=min(start_step, tc.steps), desc="train", unit="step",
-                        dynamic_ncols=True, mininterval=1.0)
     window_start, window_steps = time.perf_counter(), 0
-    with preemption.StopSignals() as signals:
+    with contextlib.ExitStack() as stack:  # the progress bar ends before any error line
+        signals = stack.enter_context(preemption.StopSignals())
+        progress = None
+        if is_chief:
+            from tqdm import tqdm
+            progress = stack.enter_context(tqdm(total=tc.steps, initial=min(start_step, tc.steps), desc="train",
+                                                unit="step", dynamic_ncols=True, mininterval=1.0))
         for step in range(start_step, tc.steps):
             local = input_pipeline.local_train_batch(splits["train"], config.data.modalities, config.seed, step,
                                                      tc.batch_size, rows)
@@ -532,13 +534,9 @@ def _train_and_evaluate(config, workdir):
                 latest.wait_until_finished()
                 best.wait_until_finished()
                 writer.close()
-                if progress is not None:
-                    progress.close()
                 raise preemption.Preempted(signals.signum, f"{latest.directory}/{done}")
             if done % tc.eval_every == 0 or done % tc.checkpoint_every == 0:
                 window_start = time.perf_counter()  # throughput counts training steps only
-    if progress is not None:
-        progress.close()
     latest.wait_until_finished()
     best.wait_until_finished()
 
