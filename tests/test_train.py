@@ -498,8 +498,9 @@ def start_and_signal(config_file, workdir, signum, *overrides):
     process = run_main(config_file, workdir, "--config.train.steps=100000", "--config.train.log_every=1",
                        "--config.train.eval_every=100000", "--config.train.checkpoint_every=100000", *overrides,
                        wait=False)
-    deadline = time.time() + 300
-    while not (workdir / "metrics.jsonl").exists() and process.poll() is None and time.time() < deadline:
+    metrics, deadline = workdir / "metrics.jsonl", time.time() + 300
+    while process.poll() is None and time.time() < deadline and not (
+            metrics.exists() and "train/loss" in metrics.read_text()):
         time.sleep(0.02)
     process.send_signal(signum)
     output, _ = process.communicate(timeout=300)
