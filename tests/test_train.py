@@ -528,3 +528,26 @@ def test_sigint_saves_a_checkpoint_and_the_rerun_resumes_from_it(config_file, tm
     assert rc == 0, output
     assert f"resumed from {tmp_path}/checkpoints/{saved[0]}" in output
     assert json.loads((tmp_path / "results.json").read_text())["final_step"] == saved[0] + 3
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_of_two_processes_stops_both_after_the_same_step_with_one_checkpoint(config_file, tmp_path):
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS=f"{FAST_COMPILE} --xla_force_host_platform_device_count=1")
+    processes = [subprocess.Popen(
+        [sys.executable, "-m", "alignmamba_jax.main", f"--config={config_file}", f"--workdir={tmp_path}",
+         "--config.train.steps=100000", "--config.train.log_every=1", "--config.train.eval_every=100000",
+         "--config.train.checkpoint_every=100000", "--coordinator_address=localhost:23457", "--num_processes=2",
+         f"--process_id={i}"], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for i in range(2)]
+    metrics, deadline = tmp_path / "metrics.jsonl", time.time() + 300
+    while all(p.poll() is None for p in processes) and time.time() < deadline and not (
+            metrics.exists() and "train/loss" in metrics.read_text()):
+        time.sleep(0.05)
+    processes[1].send_signal(signal.SIGTERM)
+    outputs = [p.communicate(timeout=300)[0] for p in processes]
+    assert [p.returncode for p in processes] == [128 + signal.SIGTERM] * 2, outputs
+    saved = finished_steps(tmp_path / "checkpoints")
+    assert len(saved) == 1, outputs
+    for output in outputs:
+        assert f"stopped by SIGTERM; saved checkpoint {tmp_path}/checkpoints/{saved[0]}" in output, output
