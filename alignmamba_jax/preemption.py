@@ -28,11 +28,6 @@ class Preempted(Exception):
         self.signum = signum
 
 
-def _multiprocess() -> bool:
-    from jax._src import distributed  # the client exists iff jax.distributed.initialize ran
-    return jax.process_count() > 1 and distributed.global_state.client is not None
-
-
 class StopSignals:
     """Context manager: installs the handlers on entry (main thread only), restores the previous ones on exit."""
 
@@ -52,7 +47,7 @@ class StopSignals:
             signal.raise_signal(signal.SIGTERM)  # JAX's handler: the processes agree on the step
 
     def __enter__(self):
-        self._multi = _multiprocess()
+        self._multi = jax.process_count() > 1  # only after jax.distributed.initialize
         handled = (signal.SIGINT,) if self._multi else SIGNALS
         try:
             for signum in handled:

@@ -61,14 +61,18 @@ CASES = {
 }
 
 
+def assert_one_error_line(rc, output, expected):
+    assert rc == 1, output
+    assert "Traceback" not in output, output
+    errors = [line for line in output.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith(expected), output
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_user_error_prints_one_message_without_traceback(tmp_path, case):
     make_args, expected = CASES[case]
     rc, output = run_main(*make_args(tmp_path), f"--workdir={tmp_path / 'run'}")
-    assert rc == 1, output
-    assert "Traceback" not in output, output
-    errors = [line for line in output.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and errors[0].startswith(expected.format(tmp=tmp_path)), output
+    assert_one_error_line(rc, output, expected.format(tmp=tmp_path))
     assert not (tmp_path / "run").exists()
 
 
@@ -98,8 +102,5 @@ def test_a_workdir_or_multihost_flag_mistake_is_one_line_before_anything_is_writ
     make_args, expected = WORKDIR_CASES[case]
     before = sorted(p.name for p in tmp_path.iterdir())
     rc, output = run_main(f"--config={SYNTHETIC}", *make_args(tmp_path))
-    assert rc == 1, output
-    assert "Traceback" not in output, output
-    errors = [line for line in output.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and errors[0].startswith(expected.format(tmp=tmp_path)), output
+    assert_one_error_line(rc, output, expected.format(tmp=tmp_path))
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(before + ["notes.txt"] * (case == "file_as_workdir"))
