@@ -445,15 +445,13 @@ def _train_and_evaluate(config, workdir):
 
     latest = checkpoints.open_manager(os.path.join(workdir, "checkpoints"), config.train.keep_checkpoints)
     best = checkpoints.open_manager(os.path.join(workdir, "best"))
-    best_value = None
-    found = restore_or_skip(best, abstract_state, workdir, problem, config_changes, is_chief)
-    if found is not None:
-        best_value = found[1]["value"]
     found = restore_or_skip(latest, abstract_state, workdir, problem, config_changes, is_chief)
     if found is not None:
         state = found[0]
         if is_chief:
             print(f"resumed from {latest.directory}/{found[2]}")
+    found_best = restore_or_skip(best, abstract_state, workdir, problem, config_changes, is_chief)
+    best_value = None if found_best is None else found_best[1]["value"]
     start_step = int(state.step)
     writer = reporting.MetricWriter(workdir, active=is_chief)
     writer.truncate_after(start_step)

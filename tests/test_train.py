@@ -261,14 +261,14 @@ def test_a_model_of_another_shape_says_so_in_one_paragraph_even_when_config_chan
 
 def test_allow_config_change_returns_the_changes_instead_of_stopping(reference_run, tmp_path):
     workdir = copy_of(reference_run, tmp_path)
-    current = checkpoints.run_fingerprint(tiny_config("wo_global"))
+    current = checkpoints.run_fingerprint(train.resolve_selection(tiny_config("wo_global")))
     defaults = checkpoints.run_fingerprint(train.default_config())
     assert checkpoints.check_fingerprint(str(workdir), current, defaults, allow_change=True) == {
         "model.use_global_alignment": (True, False)}
     with pytest.raises(UserError, match=r"model.use_global_alignment: true -> false"):
         checkpoints.check_fingerprint(str(workdir), current, defaults, allow_change=False)
-    assert checkpoints.check_fingerprint(str(workdir), checkpoints.run_fingerprint(tiny_config()), defaults,
-                                         allow_change=False) == {}
+    assert checkpoints.check_fingerprint(str(workdir), checkpoints.run_fingerprint(
+        train.resolve_selection(tiny_config())), defaults, allow_change=False) == {}
 
 
 @pytest.mark.slow
