@@ -11,11 +11,17 @@ checkpoints and stops with a `UserError` naming the workdir, the differing keys 
 two ways on: a new --workdir, or `train.allow_config_change=True` (resume anyway; the differences are
 logged). Before any restore, `check_shapes` compares the shapes stored in the checkpoint with the run's state
 and says in one paragraph what does not fit, instead of orbax's tracebacks.
+
+A checkpoint that does not restore (truncated arrays, a broken `meta`, a state whose outputs are not finite) is
+skipped: `restore_newest` goes back to the newest one that does, and `move_aside` puts the skipped ones in
+WORKDIR/corrupt/, where they no longer block saving that step again but stay for inspection.
 """
 import json
+import os
 
 import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 from absl import logging
 from etils import epath
 
@@ -83,6 +89,61 @@ def restore_meta(manager, step) -> dict:
     return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
 
+def readable_meta(manager):
+    """(step, meta) of the newest checkpoint whose meta reads, or (None, None); unreadable ones are left to
+    `restore_newest` to report."""
+    for step in sorted(manager.all_steps(), reverse=True):
+        try:
+            return step, restore_meta(manager, step)
+        except Exception:  # noqa: BLE001 - any failure to read means: not this checkpoint
+            continue
+    return None, None
+
+
+def _reason(error) -> str:
+    lines = str(error).strip().splitlines() or [""]
+    return f"{type(error).__name__}: {lines[0][:200]}"
+
+
+def restore_newest(manager, abstract_state, workdir, problem, changes=None):
+    """Restores the newest checkpoint that restores and for which `problem(state)` is None.
+
+    Returns ((state, meta, step) or None, [(skipped step, reason), ...] newest first). A checkpoint of another
+    model is not skipped: `check_shapes` raises its UserError.
+    """
+    skipped = []
+    for step in sorted(manager.all_steps(), reverse=True):
+        try:
+            check_shapes(manager, step, abstract_state, workdir, changes)
+            state, meta = restore(manager, step, abstract_state)
+        except UserError:
+            raise
+        except Exception as error:  # noqa: BLE001 - truncated arrays and broken JSON fail in many ways
+            skipped.append((step, _reason(error)))
+            continue
+        reason = problem(state)
+        if reason is None:
+            return (state, meta, step), skipped
+        skipped.append((step, reason))
+    return None, skipped
+
+
+def move_aside(manager, step, workdir, is_chief) -> str:
+    """Moves checkpoint `step` to WORKDIR/corrupt/<kind>-<step> (process 0 moves, every process waits)."""
+    target = epath.Path(workdir) / "corrupt" / f"{manager.directory.name}-{step}"
+    if is_chief:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        n = 1
+        while target.exists():
+            n += 1
+            target = target.with_name(f"{manager.directory.name}-{step}.{n}")
+        (epath.Path(manager.directory) / str(step)).rename(target)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(f"moved aside {manager.directory.name}/{step}")
+    manager.reload()
+    return os.fspath(target)
+
+
 def _format(value):
     return value if value == _ABSENT else json.dumps(value)
 
@@ -97,11 +158,10 @@ def check_fingerprint(workdir: str, fingerprint: dict, defaults: dict, allow_cha
         directory = epath.Path(workdir) / sub
         if not directory.exists():
             continue
-        manager = open_manager(directory)
-        step = manager.latest_step()
+        step, meta = readable_meta(open_manager(directory))
         if step is None:
             continue
-        stored = restore_meta(manager, step).get("fingerprint")
+        stored = meta.get("fingerprint")
         if stored is None:
             logging.warning("%s/%d was written before run fingerprints: its config cannot be compared with this "
                             "run's", directory, step)

@@ -4,8 +4,9 @@ Multi-host: pass --coordinator_address/--num_processes/--process_id, or run unde
 Cloud TPU pod where `jax.distributed` detects them (any one flag given turns detection on for the rest).
 
 Expected user errors (a missing config file, an unknown config key or variant, bad data, a workdir that holds
-another run, a non-finite loss) print one message, `error: ...`, and exit with status 1; any other exception is
-a bug and keeps its traceback.
+another run or is in use, a non-finite loss, a full disk) print one message, `error: ...`, and exit with status
+1; any other exception is a bug and keeps its traceback. SIGTERM or SIGINT saves a checkpoint after the current
+step and exits with status 128 + the signal number (`alignmamba_jax.preemption`).
 """
 import sys
 
@@ -31,17 +32,31 @@ def main(argv):
         logging.set_verbosity(logging.WARNING)  # orbax logs every save/restore at INFO
     import jax
 
-    from alignmamba_jax import train
+    from alignmamba_jax import preemption, train
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    if train.multihost_requested(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id):
-        jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-    logging.info("process %d/%d, %d local / %d global devices (%s)", jax.process_index(), jax.process_count(),
-                 jax.local_device_count(), jax.device_count(), jax.devices()[0].platform)
     try:
+        if train.multihost_requested(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id):
+            check_multihost_flags(train)
+            jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+        logging.info("process %d/%d, %d local / %d global devices (%s)", jax.process_index(),
+                     jax.process_count(), jax.local_device_count(), jax.device_count(), jax.devices()[0].platform)
         train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     except (UserError, train.NonFiniteLossError) as error:
         sys.stdout.flush()
         raise SystemExit(f"error: {error}")
+    except preemption.Preempted as stopped:
+        sys.stdout.flush()
+        print(str(stopped), file=sys.stderr)
+        raise SystemExit(128 + stopped.signum)
+
+
+def check_multihost_flags(train):
+    """--num_processes / --process_id name a process of a cluster that only --coordinator_address locates;
+    given without it, outside a cluster jax.distributed could detect, jax.distributed fails deep inside."""
+    given = [name for name in ("num_processes", "process_id") if FLAGS[name].value is not None]
+    if given and FLAGS.coordinator_address is None and not train.multihost_requested(None, None, None):
+        raise UserError(f"--{given[0]} is given without --coordinator_address: give all three of "
+                        f"--coordinator_address, --num_processes, --process_id, or none")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import numpy as np
 
 REGRESSION_KEYS = ("Has0_acc_2", "Has0_F1_score", "Non0_acc_2", "Non0_F1_score", "Mult_acc_5", "Mult_acc_7",
                    "MAE", "Corr")
+CLASSIFICATION_KEYS = ("accuracy", "macro_F1", "weighted_F1")
 
 
 def _f1_per_class(y_true, y_pred, labels):

@@ -4,13 +4,18 @@ Paths go through `etils.epath`, so a workdir may be a bucket (gs://...) on a pod
 several workdirs (one per seed) into mean/std tables; run it as
 `python -m alignmamba_jax.reporting OUT_DIR WORKDIR [WORKDIR ...]`.
 """
+import io
 import json
 import math
 import sys
 from typing import Mapping, Optional, Sequence
 
 import numpy as np
+from absl import logging
 from etils import epath
+
+from alignmamba_jax.errors import UserError
+from alignmamba_jax.workdir import write_atomic
 
 MISSING_RATES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
 
@@ -18,7 +23,8 @@ MISSING_RATES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
 class MetricWriter:
     """Keeps metrics.jsonl (one JSON object per logged step) and mirrors scalars to TensorBoard.
 
-    The file is rewritten rather than appended to, because object stores cannot append.
+    The file is rewritten rather than appended to, because object stores cannot append; each rewrite replaces
+    the whole file at once (`write_atomic`), so a kill or a full disk never leaves half a line.
     """
 
     def __init__(self, workdir: str, active: bool):
@@ -46,8 +52,7 @@ class MetricWriter:
         self._tb.flush()
 
     def _flush(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+        write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in self.records))
 
     def close(self) -> None:
         if self._tb is not None:
@@ -55,10 +60,22 @@ class MetricWriter:
 
 
 def read_metrics(workdir: str) -> list:
+    """The records of metrics.jsonl; a torn last line (written in place by an older version, then killed) is
+    dropped with a warning, since the resumed run logs that step again."""
     path = epath.Path(workdir) / "metrics.jsonl"
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for i, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as error:
+            if i < len(lines) - 1:
+                raise UserError(f"{path}:{i + 1}: not a JSON record ({error}); the file was edited or damaged: "
+                                f"remove that line or the file to resume") from None
+            logging.warning("%s: dropped its torn last line %r", path, line[:80])
+    return records
 
 
 def plot_curves(workdir: str, filename: str = "curves.png") -> Optional[str]:
@@ -88,9 +105,10 @@ def plot_curves(workdir: str, filename: str = "curves.png") -> Optional[str]:
             ax.legend(fontsize=7)
     fig.tight_layout()
     out = epath.Path(workdir) / filename
-    with out.open("wb") as f:
-        fig.savefig(f, dpi=110, format="png")
+    png = io.BytesIO()
+    fig.savefig(png, dpi=110, format="png")
     plt.close(fig)
+    write_atomic(out, png.getvalue())
     return str(out)
 
 
@@ -135,9 +153,7 @@ def missing_table(sweep: Mapping[str, Mapping[str, Mapping[str, float]]], metric
 
 
 def write_text(workdir: str, name: str, text: str) -> None:
-    path = epath.Path(workdir) / name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    write_atomic(epath.Path(workdir) / name, text)
 
 
 def write_results(workdir: str, results: Mapping[str, object]) -> None:

@@ -12,6 +12,8 @@ Resuming: a workdir with checkpoints is resumed only by a run with the same conf
 RESUMABLE_KEYS` (train.steps, cadences, data paths, ...); see `alignmamba_jax.checkpoints`. Everything the user
 can get wrong (config, data, workdir) is checked before compilation and raised as a `UserError`.
 """
+import contextlib
+import copy
 import functools
 import importlib.util
 import json
@@ -31,14 +33,21 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 from alignmamba_jax import checkpoints
 from alignmamba_jax import data as data_lib
 from alignmamba_jax.data import synthetic as synthetic_data
-from alignmamba_jax import input_pipeline, metrics as metrics_lib, models, reporting
+from alignmamba_jax import input_pipeline, metrics as metrics_lib, models, preemption, reporting
+from alignmamba_jax import workdir as workdir_lib
 from alignmamba_jax.errors import UserError
 
 NO_DECAY_LEAVES = ("A_log", "D", "bias", "scale")
 
 
+# the validation metric and mode that pick the best checkpoint when eval.select_metric / select_mode are ""
+TASK_SELECTION = {"regression": ("MAE", "min"), "classification": ("accuracy", "max")}
+TASK_METRICS = {"regression": metrics_lib.REGRESSION_KEYS, "classification": metrics_lib.CLASSIFICATION_KEYS}
+MINIMISED_METRICS = ("MAE",)
+
+
 class NonFiniteLossError(FloatingPointError):
-    """The training loss became NaN or Inf; the last good checkpoint is kept."""
+    """The training loss (or the model's output) became NaN or Inf; the last good checkpoint is kept."""
 
 
 def default_train_config() -> ml_collections.ConfigDict:
@@ -65,8 +74,8 @@ def default_train_config() -> ml_collections.ConfigDict:
 def default_eval_config() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(
         batch_size=64,
-        select_metric="MAE",      # validation metric that picks the best checkpoint (MMSA: the loss)
-        select_mode="min",
+        select_metric="",         # validation metric that picks the best checkpoint; "": the task's
+        select_mode="",           # (MAE, min for regression as MMSA; accuracy, max for classification)
         missing_rates=(),         # e.g. (0.1, ..., 0.7): sweep missing-modality protocols on test
         missing_protocols=("random_tokens", "imder", "per_sample"),
         missing_metrics=("Non0_acc_2", "Non0_F1_score"),
@@ -143,6 +152,42 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                     given[key], ml_collections.ConfigDict):
                 walk(given[key], reference[key], name + ".")
     walk(config, default_config(), "")
+
+
+def resolve_selection(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A copy of `config` with eval.select_metric / select_mode set (the task's defaults where ""); a UserError
+    for a metric the task does not produce or a mode other than min / max, before anything is compiled."""
+    config = copy.deepcopy(config)
+    task = config.data.task
+    if task not in TASK_SELECTION:
+        raise UserError(f"data.task={task!r}: expected one of {sorted(TASK_SELECTION)}")
+    metric = config.eval.select_metric or TASK_SELECTION[task][0]
+    if metric not in TASK_METRICS[task]:
+        raise UserError(f"eval.select_metric={metric!r} is not a metric of data.task={task!r}; expected one of "
+                        f"{list(TASK_METRICS[task])}")
+    mode = config.eval.select_mode or ("min" if metric in MINIMISED_METRICS else "max")
+    if mode not in ("min", "max"):
+        raise UserError(f"eval.select_mode={mode!r}: expected 'min' or 'max' (or '' for the metric's own)")
+    config.eval.select_metric, config.eval.select_mode = metric, mode
+    return config
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+    """Config values that cannot define a run, refused before the workdir or the data is touched."""
+    positive = ("train.batch_size", "train.log_every", "train.eval_every", "train.checkpoint_every",
+                "train.keep_checkpoints", "eval.batch_size")
+    for key in positive:
+        section, name = key.split(".")
+        value = config[section][name]
+        if not isinstance(value, int) or value < 1:
+            raise UserError(f"{key}={value!r}: expected an integer of at least 1")
+    for key, value in (("train.steps", config.train.steps), ("seed", config.seed)):
+        if not isinstance(value, int) or value < 0:
+            raise UserError(f"{key}={value!r}: expected an integer of at least 0")
+    outside = [r for r in config.eval.missing_rates if not 0.0 <= float(r) <= 1.0]
+    if outside:
+        raise UserError(f"eval.missing_rates={tuple(config.eval.missing_rates)}: rates must lie in [0, 1], found "
+                        f"{outside}")
 
 
 def multihost_requested(coordinator_address, num_processes, process_id) -> bool:
@@ -333,6 +378,14 @@ class Evaluator:
         n = input_pipeline.split_size(split)
         return np.concatenate(predictions)[:n]
 
+    def outputs_finite(self, params, split) -> bool:
+        """Whether the model's outputs on the first batch of `split` are finite: the check that a checkpoint
+        is good. A diverged run's parameters can be finite (1e29) and still give NaN at the next step."""
+        batch = next(input_pipeline.local_eval_batches(split, self.modalities, self.global_batch, self.rows))
+        global_batch = input_pipeline.to_global(batch, self.sharding, self.global_batch)
+        n = min(input_pipeline.split_size(split), self.global_batch)
+        return bool(np.all(np.isfinite(np.asarray(self._step(params, global_batch))[:n])))
+
     def evaluate(self, params, split, protocol=None, rate=0.0) -> dict:
         predictions = self.predict(params, split, protocol, rate)
         return split_metrics(self.config.data, predictions, np.asarray(split["labels"]))
@@ -359,9 +412,45 @@ def is_better(value, best, mode) -> bool:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Trains, selects the best checkpoint on validation, evaluates it on valid/test; returns results.json."""
+    """Trains, selects the best checkpoint on validation, evaluates it on valid/test; returns results.json.
+
+    The workdir is checked and locked before anything else (see `alignmamba_jax.workdir`); a full disk is
+    reported as a UserError (every checkpoint written before it is intact).
+    """
     check_config(config)
-    workdir = workdir if "://" in workdir else os.path.abspath(workdir)
+    config = resolve_selection(config)
+    validate_config(config)
+    workdir = workdir_lib.check_workdir(workdir)
+    created = workdir_lib.is_local(workdir) and not os.path.exists(workdir)
+    try:
+        with workdir_lib.WorkdirLock(workdir):
+            return _train_and_evaluate(config, workdir)
+    except Exception as error:
+        if workdir_lib.disk_full_in(error):
+            raise UserError(f"disk full while writing to workdir {workdir}; every checkpoint written before is "
+                            f"intact: free some space and rerun the same command to resume") from None
+        raise
+    finally:
+        if created:
+            workdir_lib.remove_if_unused(workdir)
+
+
+def restore_or_skip(manager, abstract_state, workdir, problem, changes, is_chief):
+    """(state, meta, step) of the newest checkpoint of `manager` that restores and has no `problem`, or None if
+    there are none; newer ones are moved aside, one line each. A UserError if there are some and none restores."""
+    found, skipped = checkpoints.restore_newest(manager, abstract_state, workdir, problem, changes)
+    if skipped and found is None:
+        raise UserError(f"workdir {workdir}: no checkpoint in {manager.directory} restores: "
+                        + "; ".join(f"{manager.directory.name}/{step} ({why})" for step, why in skipped)
+                        + ". Move them away to start afresh, or give this run another --workdir")
+    for step, why in skipped:
+        moved = checkpoints.move_aside(manager, step, workdir, is_chief)
+        if is_chief:
+            print(f"skipped checkpoint {manager.directory.name}/{step}: {why}; moved to {moved}")
+    return found
+
+
+def _train_and_evaluate(config, workdir):
     is_chief = jax.process_index() == 0
     fingerprint = checkpoints.run_fingerprint(config)
     config_changes = checkpoints.check_fingerprint(workdir, fingerprint,
@@ -380,90 +469,108 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_shardings)
     logging.info("parameters: %d on mesh %s",
                  sum(x.size for x in jax.tree.leaves(state.params)), dict(mesh.shape))
+    evaluator = Evaluator(config, mesh, model.apply)
+
+    def problem(restored_state):
+        return None if evaluator.outputs_finite(restored_state.params, splits["valid"]) else "outputs not finite"
 
     latest = checkpoints.open_manager(os.path.join(workdir, "checkpoints"), config.train.keep_checkpoints)
     best = checkpoints.open_manager(os.path.join(workdir, "best"))
-    for manager in (latest, best):
-        if manager.latest_step() is not None:
-            checkpoints.check_shapes(manager, manager.latest_step(), abstract_state, workdir, config_changes)
-    writer = reporting.MetricWriter(workdir, active=is_chief)
-
-    best_value = None
-    if best.latest_step() is not None:
-        best_value = checkpoints.restore_meta(best, best.latest_step())["value"]
-    if latest.latest_step() is not None:
-        state, _ = checkpoints.restore(latest, latest.latest_step(), abstract_state)
+    found = restore_or_skip(latest, abstract_state, workdir, problem, config_changes, is_chief)
+    if found is not None:
+        state = found[0]
         if is_chief:
-            print(f"resumed from {latest.directory}/{latest.latest_step()}")
+            print(f"resumed from {latest.directory}/{found[2]}")
+    found_best = restore_or_skip(best, abstract_state, workdir, problem, config_changes, is_chief)
+    best_value = None if found_best is None else found_best[1]["value"]
     start_step = int(state.step)
+    writer = reporting.MetricWriter(workdir, active=is_chief)
     writer.truncate_after(start_step)
+    tc = config.train
+    if start_step > tc.steps and is_chief:
+        print(f"workdir {workdir} is already at step {start_step}, past train.steps={tc.steps}: nothing to train; "
+              f"evaluating its best checkpoint")
 
     step_fn = jit_train_step(config, mesh, state_shardings)
-    evaluator = Evaluator(config, mesh, model.apply)
-    tc = config.train
     pending = []
     last_good = latest.latest_step()
+
+    def stop_non_finite(what):
+        raise NonFiniteLossError(
+            f"{what}; stopping. Last good checkpoint: "
+            f"{'none' if last_good is None else f'step {last_good}'} in {latest.directory}")
 
     def drain():
         """Fetches the metrics of the steps since the last drain; stops the run on a non-finite loss."""
         fetched = jax.device_get([m for _, m in pending])
         for (s, _), m in zip(pending, fetched):
             if not np.isfinite(m["loss"]):
-                raise NonFiniteLossError(
-                    f"loss is {float(m['loss'])} at step {s}; stopping. Last good checkpoint: "
-                    f"{'none' if last_good is None else f'step {last_good}'} in {latest.directory}")
+                stop_non_finite(f"loss is {float(m['loss'])} at step {s}")
         pending.clear()
         return fetched
 
-    progress = None
-    if is_chief:
-        from tqdm import tqdm
-        progress = tqdm(total=tc.steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
-                        mininterval=1.0)
+    def save_checked(manager, done, meta):
+        """Saves only a state whose outputs are finite: the next run resumes from a finite state."""
+        if not evaluator.outputs_finite(state.params, splits["valid"]):
+            stop_non_finite(f"the parameters after step {done} give non-finite outputs (not saved)")
+        checkpoints.save(manager, done, state, meta)
+
     window_start, window_steps = time.perf_counter(), 0
-    for step in range(start_step, tc.steps):
-        local = input_pipeline.local_train_batch(splits["train"], config.data.modalities, config.seed, step,
-                                                 tc.batch_size, rows)
-        state, step_metrics = step_fn(state, input_pipeline.to_global(local, data_sharding, tc.batch_size))
-        pending.append((step, step_metrics))
-        window_steps += 1
-        done = step + 1
-        if progress is not None:
-            progress.update(1)
-        if done % tc.log_every == 0 or done == tc.steps:
-            fetched = drain()
-            elapsed = time.perf_counter() - window_start
-            scalars = {f"train/{k}": float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
-            scalars["train/samples_per_second"] = window_steps * tc.batch_size / elapsed
-            writer.write(done, scalars)
+    with contextlib.ExitStack() as stack:  # the progress bar ends before any error line
+        signals = stack.enter_context(preemption.StopSignals())
+        progress = None
+        if is_chief:
+            from tqdm import tqdm
+            progress = stack.enter_context(tqdm(total=tc.steps, initial=min(start_step, tc.steps), desc="train",
+                                                unit="step", dynamic_ncols=True, mininterval=1.0))
+        for step in range(start_step, tc.steps):
+            local = input_pipeline.local_train_batch(splits["train"], config.data.modalities, config.seed, step,
+                                                     tc.batch_size, rows)
+            state, step_metrics = step_fn(state, input_pipeline.to_global(local, data_sharding, tc.batch_size))
+            pending.append((step, step_metrics))
+            window_steps += 1
+            done = step + 1
+            stopping = signals.stop_requested(done)
             if progress is not None:
-                progress.set_postfix(loss=f"{scalars['train/loss']:.4f}",
-                                     samples_s=f"{scalars['train/samples_per_second']:.0f}")
-            window_start, window_steps = time.perf_counter(), 0
-        if done % tc.eval_every == 0 or done == tc.steps:
-            drain()
-            valid = evaluator.evaluate(state.params, splits["valid"])
-            writer.write(done, {f"valid/{k}": v for k, v in valid.items()})
-            value = float(valid[config.eval.select_metric])
-            if is_better(value, best_value, config.eval.select_mode) and (
-                    best.latest_step() is None or best.latest_step() < done):
-                best_value = value
-                checkpoints.save(best, done, state, {"value": value, "step": done, "valid": valid,
-                                                     "fingerprint": fingerprint})
-        if done % tc.checkpoint_every == 0 or done == tc.steps:
-            drain()
-            checkpoints.save(latest, done, state, {"step": done, "fingerprint": fingerprint})
-            last_good = done
-        if done % tc.eval_every == 0 or done % tc.checkpoint_every == 0:
-            window_start = time.perf_counter()  # throughput counts training steps only
-    if progress is not None:
-        progress.close()
+                progress.update(1)
+            if done % tc.log_every == 0 or done == tc.steps or stopping:
+                fetched = drain()
+                elapsed = time.perf_counter() - window_start
+                scalars = {f"train/{k}": float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+                scalars["train/samples_per_second"] = window_steps * tc.batch_size / elapsed
+                writer.write(done, scalars)
+                if progress is not None:
+                    progress.set_postfix(loss=f"{scalars['train/loss']:.4f}",
+                                         samples_s=f"{scalars['train/samples_per_second']:.0f}")
+                window_start, window_steps = time.perf_counter(), 0
+            if done % tc.eval_every == 0 or done == tc.steps:
+                drain()
+                valid = evaluator.evaluate(state.params, splits["valid"])
+                writer.write(done, {f"valid/{k}": v for k, v in valid.items()})
+                value = float(valid[config.eval.select_metric])
+                if is_better(value, best_value, config.eval.select_mode) and (
+                        best.latest_step() is None or best.latest_step() < done):
+                    best_value = value
+                    save_checked(best, done, {"value": value, "step": done, "valid": valid,
+                                              "fingerprint": fingerprint})
+            if done % tc.checkpoint_every == 0 or done == tc.steps or stopping:
+                drain()
+                save_checked(latest, done, {"step": done, "fingerprint": fingerprint})
+                last_good = done
+            if stopping:
+                latest.wait_until_finished()
+                best.wait_until_finished()
+                writer.close()
+                raise preemption.Preempted(signals.signum, f"{latest.directory}/{done}")
+            if done % tc.eval_every == 0 or done % tc.checkpoint_every == 0:
+                window_start = time.perf_counter()  # throughput counts training steps only
     latest.wait_until_finished()
     best.wait_until_finished()
 
+    final_step = int(state.step)
     if best.latest_step() is not None:
         state, _ = checkpoints.restore(best, best.latest_step(), abstract_state)
-    results = {"best_step": int(state.step), "final_step": tc.steps}
+    results = {"best_step": int(state.step), "final_step": final_step}
     for name in ("valid", "test"):
         results[name] = evaluator.evaluate(state.params, splits[name])
     if config.eval.missing_rates:

@@ -49,17 +49,30 @@ CASES = {
                          "error: cfg.scan_backend must be one of ('reference', 'associative', 'chunked', 'pallas',"),
     "bad_model_value": (lambda tmp: [f"--config={SYNTHETIC}", "--config.model.dropout=1.5"],
                         "error: cfg.dropout must be in [0, 1), found 1.5"),
+    "unknown_select_mode": (lambda tmp: [f"--config={SYNTHETIC}", "--config.eval.select_mode=minimum"],
+                            "error: eval.select_mode='minimum': expected 'min' or 'max'"),
+    "select_metric_of_no_task": (lambda tmp: [f"--config={SYNTHETIC}", "--config.eval.select_metric=mae"],
+                                 "error: eval.select_metric='mae' is not a metric of data.task='regression'; "
+                                 "expected one of ['Has0_acc_2',"),
+    "zero_cadence": (lambda tmp: [f"--config={SYNTHETIC}", "--config.train.log_every=0"],
+                     "error: train.log_every=0: expected an integer of at least 1"),
+    "negative_seed": (lambda tmp: [f"--config={SYNTHETIC}", "--config.seed=-1"],
+                      "error: seed=-1: expected an integer of at least 0"),
 }
+
+
+def assert_one_error_line(rc, output, expected):
+    assert rc == 1, output
+    assert "Traceback" not in output, output
+    errors = [line for line in output.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith(expected), output
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_user_error_prints_one_message_without_traceback(tmp_path, case):
     make_args, expected = CASES[case]
     rc, output = run_main(*make_args(tmp_path), f"--workdir={tmp_path / 'run'}")
-    assert rc == 1, output
-    assert "Traceback" not in output, output
-    errors = [line for line in output.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and errors[0].startswith(expected.format(tmp=tmp_path)), output
+    assert_one_error_line(rc, output, expected.format(tmp=tmp_path))
     assert not (tmp_path / "run").exists()
 
 
@@ -69,3 +82,25 @@ def test_unexpected_error_keeps_its_traceback(tmp_path):
     rc, output = run_main(f"--config={config}", f"--workdir={tmp_path / 'run'}")
     assert rc != 0
     assert "Traceback" in output and "RuntimeError: a bug in the config file" in output, output
+
+
+def a_file(tmp):
+    (tmp / "notes.txt").write_text("x")
+    return tmp / "notes.txt"
+
+
+WORKDIR_CASES = {
+    "empty_workdir": (lambda tmp: ["--workdir="], "error: --workdir is empty (an unset variable?)"),
+    "file_as_workdir": (lambda tmp: [f"--workdir={a_file(tmp)}"], "error: --workdir={tmp}/notes.txt is a file"),
+    "process_id_alone": (lambda tmp: [f"--workdir={tmp / 'run'}", "--process_id=1"],
+                         "error: --process_id is given without --coordinator_address"),
+}
+
+
+@pytest.mark.parametrize("case", list(WORKDIR_CASES))
+def test_a_workdir_or_multihost_flag_mistake_is_one_line_before_anything_is_written(tmp_path, case):
+    make_args, expected = WORKDIR_CASES[case]
+    before = sorted(p.name for p in tmp_path.iterdir())
+    rc, output = run_main(f"--config={SYNTHETIC}", *make_args(tmp_path))
+    assert_one_error_line(rc, output, expected.format(tmp=tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(before + ["notes.txt"] * (case == "file_as_workdir"))

@@ -49,16 +49,19 @@ def config_file(tmp_path_factory):
     return str(path)
 
 
-# main.py run with orbax's JSON item writer replaced by SIGKILL at its KILL_AT_SAVE-th call: the process dies in the
-# middle of a checkpoint save (the state item may be written, the checkpoint is not finalized)
-KILLED_IN_SAVE = """
-import os, runpy, signal
+# main.py run with orbax's JSON item writer replaced at its FAULT_AT_SAVE-th call by SIGKILL (the process dies in
+# the middle of a checkpoint save: the state item may be written, the checkpoint is not finalized) or, with
+# FAULT=enospc, by the OSError of a full disk
+FAULTY_SAVE = """
+import errno, os, runpy, signal
 import orbax.checkpoint as ocp
-calls, kill_at = [0], int(os.environ["KILL_AT_SAVE"])
+calls, fault_at = [0], int(os.environ["FAULT_AT_SAVE"])
 def counting(original):
     def save(*args, **kwargs):
         calls[0] += 1
-        if calls[0] == kill_at:
+        if calls[0] == fault_at:
+            if os.environ.get("FAULT") == "enospc":
+                raise OSError(errno.ENOSPC, "No space left on device")
             os.kill(os.getpid(), signal.SIGKILL)
         return original(*args, **kwargs)
     return save
@@ -68,13 +71,14 @@ runpy.run_module("alignmamba_jax.main", run_name="__main__", alter_sys=True)
 """
 
 
-def run_main(config_file, workdir, *overrides, devices=1, wait=True, kill_at_save=None):
+def run_main(config_file, workdir, *overrides, devices=1, wait=True, kill_at_save=None, disk_full_at_save=None):
     env = dict(os.environ, JAX_PLATFORMS="cpu",
                XLA_FLAGS=f"{FAST_COMPILE} --xla_force_host_platform_device_count={devices}")
     entry = ["-m", "alignmamba_jax.main"]
-    if kill_at_save is not None:
-        env["KILL_AT_SAVE"] = str(kill_at_save)
-        entry = ["-c", KILLED_IN_SAVE]
+    if kill_at_save is not None or disk_full_at_save is not None:
+        env["FAULT_AT_SAVE"] = str(kill_at_save or disk_full_at_save)
+        env["FAULT"] = "sigkill" if kill_at_save is not None else "enospc"
+        entry = ["-c", FAULTY_SAVE]
     command = [sys.executable, *entry, f"--config={config_file}", f"--workdir={workdir}", *overrides]
     process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True)
@@ -257,14 +261,14 @@ def test_a_model_of_another_shape_says_so_in_one_paragraph_even_when_config_chan
 
 def test_allow_config_change_returns_the_changes_instead_of_stopping(reference_run, tmp_path):
     workdir = copy_of(reference_run, tmp_path)
-    current = checkpoints.run_fingerprint(tiny_config("wo_global"))
+    current = checkpoints.run_fingerprint(train.resolve_selection(tiny_config("wo_global")))
     defaults = checkpoints.run_fingerprint(train.default_config())
     assert checkpoints.check_fingerprint(str(workdir), current, defaults, allow_change=True) == {
         "model.use_global_alignment": (True, False)}
     with pytest.raises(UserError, match=r"model.use_global_alignment: true -> false"):
         checkpoints.check_fingerprint(str(workdir), current, defaults, allow_change=False)
-    assert checkpoints.check_fingerprint(str(workdir), checkpoints.run_fingerprint(tiny_config()), defaults,
-                                         allow_change=False) == {}
+    assert checkpoints.check_fingerprint(str(workdir), checkpoints.run_fingerprint(
+        train.resolve_selection(tiny_config())), defaults, allow_change=False) == {}
 
 
 @pytest.mark.slow
@@ -322,6 +326,43 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(
     assert not (tmp_path / "results.json").exists()
 
 
+def test_selection_defaults_follow_the_task_and_bad_values_are_refused():
+    config = tiny_config()
+    resolved = train.resolve_selection(config)
+    assert (resolved.eval.select_metric, resolved.eval.select_mode) == ("MAE", "min")
+    assert config.eval.select_metric == ""  # the caller's config is left as given
+    config.eval.select_metric = "Corr"
+    assert train.resolve_selection(config).eval.select_mode == "max"
+    config.data.update(task="classification", num_classes=3)
+    config.eval.select_metric = ""
+    resolved = train.resolve_selection(config)
+    assert (resolved.eval.select_metric, resolved.eval.select_mode) == ("accuracy", "max")
+    config.eval.select_metric = "MAE"
+    with pytest.raises(UserError, match=r"eval.select_metric='MAE' is not a metric of data.task='classification'"):
+        train.resolve_selection(config)
+    # the regression default resolves to what older checkpoints stored, so their workdirs still resume
+    regression = tiny_config()
+    stored = dict(checkpoints.run_fingerprint(regression), **{"eval.select_metric": "MAE", "eval.select_mode": "min"})
+    assert checkpoints.run_fingerprint(train.resolve_selection(regression)) == stored
+
+
+@pytest.mark.parametrize("key,value,expected", [
+    ("train.steps", -1, "train.steps=-1: expected an integer of at least 0"),
+    ("train.keep_checkpoints", 0, "train.keep_checkpoints=0: expected an integer of at least 1"),
+    ("train.batch_size", 0, "train.batch_size=0: expected an integer of at least 1"),
+    ("eval.batch_size", -8, "eval.batch_size=-8: expected an integer of at least 1"),
+    ("train.checkpoint_every", 0, "train.checkpoint_every=0: expected an integer of at least 1"),
+    ("eval.missing_rates", (0.1, 1.5), r"eval.missing_rates=\(0.1, 1.5\): rates must lie in \[0, 1\], found \[1.5\]"),
+])
+def test_config_values_that_cannot_define_a_run_are_refused_before_the_workdir_is_made(key, value, expected,
+                                                                                      tmp_path):
+    config = tiny_config()
+    config.update_from_flattened_dict({key: value})
+    with pytest.raises(UserError, match=expected):
+        train.train_and_evaluate(config, str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
 def test_unknown_config_key_is_rejected():
     config = tiny_config()
     config.train.stepz = 3
@@ -361,3 +402,152 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(config_
     test_single = json.loads((tmp_path / "single" / "results.json").read_text())["test"]
     test_multi = json.loads((tmp_path / "multi" / "results.json").read_text())["test"]
     assert test_multi["MAE"] == pytest.approx(test_single["MAE"], rel=1e-3)
+
+
+def error_lines(output):
+    return [line for line in output.splitlines() if line.startswith("error: ")]
+
+
+def test_a_diverged_run_saves_only_finite_checkpoints_and_a_rerun_with_a_sane_learning_rate_trains(tmp_path):
+    config = tiny_config()
+    config.train.update(steps=3, learning_rate=1e30, checkpoint_every=1, log_every=1, eval_every=100)
+    # step 1 (learning rate 2e29 after warmup's 0) leaves finite parameters of ~1e29 whose outputs are NaN
+    with pytest.raises(train.NonFiniteLossError, match=r"after step 2 give non-finite outputs.*Last good "
+                                                       r"checkpoint: step 1"):
+        train.train_and_evaluate(config, str(tmp_path))
+    assert finished_steps(tmp_path / "checkpoints") == [1]
+    config.train.update(learning_rate=3e-3, allow_config_change=True)
+    results = train.train_and_evaluate(config, str(tmp_path))
+    assert results["final_step"] == 3 and np.isfinite(results["test"]["MAE"])
+    assert all(np.isfinite(loss) for loss in train_losses(tmp_path).values())
+
+
+def corrupt_arrays(checkpoint):
+    for path in (checkpoint / "state").rglob("*"):
+        if path.is_file() and path.parent.name == "d":
+            path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def test_a_corrupt_latest_checkpoint_and_a_torn_metrics_line_resume_like_the_reference(config_file, reference_run,
+                                                                                       tmp_path):
+    workdir = copy_of(reference_run, tmp_path)
+    assert finished_steps(workdir / "checkpoints") == [30, 40]
+    corrupt_arrays(workdir / "checkpoints" / "40")
+    with open(workdir / "metrics.jsonl", "a") as f:
+        f.write('{"step": 41, "train/lo')
+    rc, output = run_main(config_file, workdir)
+    assert rc == 0, output
+    skipped = [line for line in output.splitlines() if line.startswith("skipped checkpoint")]
+    assert len(skipped) == 1 and skipped[0].startswith("skipped checkpoint checkpoints/40: ") and skipped[0].endswith(
+        f"moved to {workdir}/corrupt/checkpoints-40"), output
+    assert f"resumed from {workdir}/checkpoints/30" in output
+    assert json.loads((workdir / "results.json").read_text()) == json.loads(
+        (reference_run / "results.json").read_text())
+    timing = ("train/samples_per_second",)
+    assert read_jsonl(workdir, drop=timing) == read_jsonl(reference_run, drop=timing)
+
+
+def test_no_checkpoint_that_restores_is_one_error_naming_each(config_file, reference_run, tmp_path):
+    workdir = copy_of(reference_run, tmp_path)
+    corrupt_arrays(workdir / "checkpoints" / "40")
+    (workdir / "checkpoints" / "30" / "meta" / "metadata").write_text('{"step": 3')
+    (workdir / "checkpoints" / "7").mkdir()  # a foreign folder
+    (workdir / "checkpoints" / "7" / "notes.txt").write_text("not a checkpoint")
+    before = snapshot(workdir)
+    rc, output = run_main(config_file, workdir)
+    assert rc == 1, output
+    assert "Traceback" not in output and len(error_lines(output)) == 1, output
+    assert error_lines(output)[0].startswith(f"error: workdir {workdir}: no checkpoint in {workdir}/checkpoints "
+                                             f"restores: checkpoints/40 ("), output
+    assert "; checkpoints/30 (" in output and "; checkpoints/7 (" in output, output
+    assert snapshot(workdir) == before
+
+
+def test_resuming_with_fewer_steps_than_reached_evaluates_and_reports_the_step_reached(reference_run, tmp_path):
+    workdir = copy_of(reference_run, tmp_path)
+    config = tiny_config()
+    config.train.steps = 20
+    results = train.train_and_evaluate(config, str(workdir))
+    reference = json.loads((reference_run / "results.json").read_text())
+    assert results["final_step"] == 40 and results["best_step"] == reference["best_step"]
+    assert results["test"] == reference["test"]
+    assert finished_steps(workdir / "checkpoints") == [30, 40]
+
+
+def test_a_second_run_in_a_busy_workdir_stops_at_once(config_file, tmp_path):
+    from alignmamba_jax.workdir import WorkdirLock
+    with WorkdirLock(str(tmp_path)):  # what a first run holds for its lifetime
+        rc, output = run_main(config_file, tmp_path, "--config.seed=1")
+    assert rc == 1, output
+    assert error_lines(output) == [f"error: workdir {tmp_path} is in use by another run (it holds the workdir's "
+                                   f"lock); wait for it to end, or give this run another --workdir"], output
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock.0"]
+
+
+def test_a_full_disk_is_one_line_saying_resuming_is_safe(config_file, tmp_path):
+    rc, output = run_main(config_file, tmp_path, disk_full_at_save=2)
+    assert rc == 1, output
+    assert "Traceback" not in output and "asyncio" not in output, output
+    assert error_lines(output) == [f"error: disk full while writing to workdir {tmp_path}; every checkpoint "
+                                   f"written before is intact: free some space and rerun the same command to "
+                                   f"resume"], output
+
+
+def start_and_signal(config_file, workdir, signum, *overrides):
+    """Starts a long run, sends `signum` once it has logged a step; returns (rc, output)."""
+    process = run_main(config_file, workdir, "--config.train.steps=100000", "--config.train.log_every=1",
+                       "--config.train.eval_every=100000", "--config.train.checkpoint_every=100000", *overrides,
+                       wait=False)
+    metrics, deadline = workdir / "metrics.jsonl", time.time() + 300
+    while process.poll() is None and time.time() < deadline and not (
+            metrics.exists() and "train/loss" in metrics.read_text()):
+        time.sleep(0.02)
+    process.send_signal(signum)
+    output, _ = process.communicate(timeout=300)
+    return process.returncode, output
+
+
+def test_sigterm_saves_a_checkpoint_of_the_current_step_and_exits_nonzero(config_file, tmp_path):
+    rc, output = start_and_signal(config_file, tmp_path, signal.SIGTERM)
+    assert rc == 128 + signal.SIGTERM, output
+    assert "Traceback" not in output, output
+    saved = finished_steps(tmp_path / "checkpoints")
+    assert len(saved) == 1 and 0 < saved[0] < 100000, output
+    assert (f"stopped by SIGTERM; saved checkpoint {tmp_path}/checkpoints/{saved[0]}: rerun the same command to "
+            f"resume") in output, output
+    assert max(r["step"] for r in read_jsonl(tmp_path)) == saved[0]
+
+
+@pytest.mark.slow
+def test_sigint_saves_a_checkpoint_and_the_rerun_resumes_from_it(config_file, tmp_path):
+    rc, output = start_and_signal(config_file, tmp_path, signal.SIGINT)
+    assert rc == 128 + signal.SIGINT, output
+    saved = finished_steps(tmp_path / "checkpoints")
+    assert len(saved) == 1, output
+    rc, output = run_main(config_file, tmp_path, f"--config.train.steps={saved[0] + 3}")
+    assert rc == 0, output
+    assert f"resumed from {tmp_path}/checkpoints/{saved[0]}" in output
+    assert json.loads((tmp_path / "results.json").read_text())["final_step"] == saved[0] + 3
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_of_two_processes_stops_both_after_the_same_step_with_one_checkpoint(config_file, tmp_path):
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS=f"{FAST_COMPILE} --xla_force_host_platform_device_count=1")
+    processes = [subprocess.Popen(
+        [sys.executable, "-m", "alignmamba_jax.main", f"--config={config_file}", f"--workdir={tmp_path}",
+         "--config.train.steps=100000", "--config.train.log_every=1", "--config.train.eval_every=100000",
+         "--config.train.checkpoint_every=100000", "--coordinator_address=localhost:23457", "--num_processes=2",
+         f"--process_id={i}"], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for i in range(2)]
+    metrics, deadline = tmp_path / "metrics.jsonl", time.time() + 300
+    while all(p.poll() is None for p in processes) and time.time() < deadline and not (
+            metrics.exists() and "train/loss" in metrics.read_text()):
+        time.sleep(0.05)
+    processes[1].send_signal(signal.SIGTERM)
+    outputs = [p.communicate(timeout=300)[0] for p in processes]
+    assert [p.returncode for p in processes] == [128 + signal.SIGTERM] * 2, outputs
+    saved = finished_steps(tmp_path / "checkpoints")
+    assert len(saved) == 1, outputs
+    for output in outputs:
+        assert f"stopped by SIGTERM; saved checkpoint {tmp_path}/checkpoints/{saved[0]}" in output, output
