@@ -7,7 +7,11 @@ Conventions: tokens are (..., T, d) with any leading batch dims; masks are bool 
 None means all valid. Masked tokens carry no mass and receive none, and their values are replaced by 0 before
 any arithmetic, so whatever sits under a mask (inf, NaN) reaches neither values nor gradients. Every function
 is jit/vmap/grad-safe and returns finite values (no NaN) for identical tokens, all-zero tokens and fully
-masked inputs.
+masked inputs. Float parameters (epsilon, sigma, tau, time_prior, straight_through_tau) may be traced, their
+range checks then skipped; what sets shapes or code paths must be static (num_iters, target_length,
+return_plan, return_error, centred, barycentric, and whether straight_through_tau is None). Integer features
+are promoted to float32. Forward-mode autodiff works through everything here except `mmd`, whose custom VJP
+(the memory-linear backward pass) has no forward rule.
 
 Memory: no function holds a (T_source x T_anchor) array unless the caller asks for a plan (`return_plan`) or
 passes one (`sinkhorn`'s cost). Pairwise work runs over tiles of source rows against all anchor tokens

@@ -1,5 +1,6 @@
 """ot_align, mmd, sinkhorn, segment_mean_resample against brute-force NumPy versions of their equations."""
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -815,3 +816,28 @@ def test_integer_features_are_promoted_not_truncated():
     assert resampled.dtype == jnp.float32
     np.testing.assert_allclose(resampled[0, :, 0], [1.5, 3.0, 5.5])
     np.testing.assert_allclose(masked_centre(src)[0, :, 0], [-2.5, -1.5, 0.5, 3.5])
+
+
+def test_forward_mode_autodiff_works_where_the_readme_says_and_fails_where_it_says_not(rng):
+    """README, "Using the pieces": jvp through ot_align, sinkhorn, time_contrastive_loss, segment_mean_resample and
+    the reference / associative scans equals the reverse-mode directional derivative; mmd and the chunked scan
+    (custom VJPs) raise JAX's TypeError, and the README tells the user to use jacrev or the reference backend."""
+    from alignmamba_jax.kernels import selective_scan
+    x, y = rng.normal(size=(1, 5, 3)).astype(np.float32), rng.normal(size=(1, 4, 3)).astype(np.float32)
+    direction = rng.normal(size=x.shape).astype(np.float32)
+    delta, a = np.abs(rng.normal(size=(1, 5, 3))).astype(np.float32), -np.abs(rng.normal(size=(3, 2))).astype(np.float32)
+    b, c = rng.normal(size=(1, 5, 2)).astype(np.float32), rng.normal(size=(1, 5, 2)).astype(np.float32)
+    scan = lambda backend: lambda u: jnp.sum(selective_scan(u, delta, a, b, c, backend=backend))
+    supported = {"ot_align": lambda s: jnp.sum(ot_align(s, y, straight_through_tau=0.5)[0]),
+                 "sinkhorn": lambda s: sinkhorn(cosine_cost(s, y), num_iters=5)[1][0],
+                 "time_contrastive_loss": lambda s: time_contrastive_loss(s, y)[0],
+                 "segment_mean_resample": lambda s: jnp.sum(segment_mean_resample(s, 3)[0] ** 2),
+                 "reference": scan("reference"), "associative": scan("associative")}
+    for name, f in supported.items():
+        forward, reverse = fast_jit(lambda s, d: (jax.jvp(f, (s,), (d,))[1], jnp.sum(jax.grad(f)(s) * d)))(x, direction)
+        np.testing.assert_allclose(forward, reverse, rtol=1e-4, atol=1e-5, err_msg=name)
+    for name, f in {"mmd": lambda s: mmd(s, y)[0], "chunked": scan("chunked")}.items():
+        with pytest.raises(TypeError, match="can't apply forward-mode autodiff"):
+            jax.jvp(f, (x,), (direction,))
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md"), encoding="utf-8").read()
+    assert "Forward-mode autodiff (`jax.jvp`, `jax.jacfwd`) works through" in readme
