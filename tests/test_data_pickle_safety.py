@@ -234,3 +234,17 @@ def test_aligned_file_whose_lengths_describe_the_raw_streams_takes_the_text_mask
     path.write_bytes(pickle.dumps(data, protocol=4))
     splits = load_mmsa_pickle(path)
     np.testing.assert_array_equal(splits["train"]["audio_mask"], data["train"]["text_bert"][:, 1] > 0)
+
+
+def test_numpy_1_names_resolve_without_numpy_2_deprecation_warnings():
+    """Files written by numpy 1.x name numpy.core.*, which numpy 2 deprecates: they resolve to the same objects
+    as numpy._core.* without a warning (the real MMSA files predate numpy 2)."""
+    import io
+    import warnings
+    unpickler = safe_pickle.SafeUnpickler(io.BytesIO(b""))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for module, name in sorted(safe_pickle.ALLOWED):
+            found = unpickler.find_class(module, name)
+            if module.startswith("numpy.core."):
+                assert found is unpickler.find_class(module.replace("numpy.core.", "numpy._core."), name)

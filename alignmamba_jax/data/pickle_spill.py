@@ -103,7 +103,7 @@ class _SpillingUnpickler(pickle._Unpickler):  # the pure-Python unpickler: its o
     dispatch[pickle.BYTEARRAY8[0]] = load_bytearray8
 
     def find_class(self, module, name):
-        check_global(module, name)
+        canonical = check_global(module, name)
         if (module, name) in _RECONSTRUCT:
             return lambda *args: _SpilledArray(self)
         if (module, name) in _FROMBUFFER:
@@ -112,7 +112,7 @@ class _SpillingUnpickler(pickle._Unpickler):  # the pure-Python unpickler: its o
                     return buf.finish(dtype, shape, order == "F")
                 return np.frombuffer(buf, dtype=dtype).reshape(shape, order=order)
             return frombuffer
-        return super().find_class(module, name)
+        return super().find_class(canonical, name)
 
 
 def _resolve(obj):

@@ -25,18 +25,20 @@ class RefusedGlobal(pickle.UnpicklingError):
 
 
 def check_global(module, name):
-    """Raises RefusedGlobal unless `module.name` is one of the names a feature pickle is made of."""
+    """Raises RefusedGlobal unless `module.name` is one of the names a feature pickle is made of; returns the
+    module to import it from (numpy 1.x's `numpy.core` names from `numpy._core`, which numpy >= 1.26 has, so that
+    numpy 2 does not warn about its deprecated `numpy.core`)."""
     if (module, name) not in ALLOWED:
         raise RefusedGlobal(f"refused to load {module}.{name}: a data pickle may hold only numpy arrays, dtypes "
                             f"and scalars in builtin containers (loading runs no code from a data file)")
+    return "numpy._core" + module[len("numpy.core"):] if module.startswith("numpy.core.") else module
 
 
 class SafeUnpickler(pickle.Unpickler):
     """pickle.Unpickler (the C one) whose lookups are restricted to `ALLOWED`."""
 
     def find_class(self, module, name):
-        check_global(module, name)
-        return super().find_class(module, name)
+        return super().find_class(check_global(module, name), name)
 
 
 def load(file):
