@@ -15,7 +15,7 @@ setup(
     packages=["alignmamba_jax", "alignmamba_jax.data", "alignmamba_jax.kernels"],
     package_dir={"alignmamba_jax.kernels": "kernels"},
     install_requires=[
-        "jax>=0.4.35",
+        "jax>=0.10.2,<0.13",   # 0.10.2: Mosaic GPU's kernel(out_type=, scratch_types=); tested 0.10.2, 0.11.2, 0.12.0.1
         "flax>=0.10",
         "optax>=0.2.3",
         "orbax-checkpoint>=0.10",

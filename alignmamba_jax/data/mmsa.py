@@ -145,11 +145,12 @@ def _locked(lock_path, blocking=True):
 
 
 def _remove_stale_conversions(cache_dir):
-    """Remove the .tmp-<name>-* folders of conversions whose process died: a live conversion holds .<name>.lock."""
+    """Remove the .tmp-<name>-* folders of conversions whose process died: a live conversion holds .<name>.lock
+    (created before its folder, so a .tmp-* folder without one is not a conversion's and is left alone)."""
     for entry in os.listdir(cache_dir):
-        if entry.startswith(".tmp-") and os.path.isdir(os.path.join(cache_dir, entry)):
-            name = entry[len(".tmp-"):].rsplit("-", 1)[0]
-            with _locked(os.path.join(cache_dir, f".{name}.lock"), blocking=False) as free:
+        lock = os.path.join(cache_dir, "." + entry[len(".tmp-"):].rsplit("-", 1)[0] + ".lock")
+        if entry.startswith(".tmp-") and os.path.isdir(os.path.join(cache_dir, entry)) and os.path.exists(lock):
+            with _locked(lock, blocking=False) as free:
                 if free:
                     _log.info("%s: removing the folder of an interrupted conversion", os.path.join(cache_dir, entry))
                     shutil.rmtree(os.path.join(cache_dir, entry), ignore_errors=True)
