@@ -137,10 +137,13 @@ def _locked(lock_path, blocking=True):
     kernel drops the lock when its holder dies, even by kill -9."""
     with open(lock_path, "a") as f:
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            yield False
-            return
+            if not blocking:
+                yield False
+                return
+            _log.info("%s: another process holds it (converting the same file); waiting", lock_path)
+            fcntl.flock(f, fcntl.LOCK_EX)
         yield True
 
 
