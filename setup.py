@@ -18,7 +18,7 @@ setup(
     # install) against the installed jax's FFI headers, never at build time (why: kernels/cpu_ffi.py).
     package_data={"alignmamba_jax.kernels": ["csrc/*.cc"]},
     install_requires=[
-        "jax>=0.4.35",
+        "jax>=0.10.2,<0.13",   # 0.10.2: Mosaic GPU's kernel(out_type=, scratch_types=); tested 0.10.2, 0.11.2, 0.12.0.1
         "flax>=0.10",
         "optax>=0.2.3",
         "orbax-checkpoint>=0.10",

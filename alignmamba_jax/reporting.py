@@ -166,8 +166,11 @@ def aggregate_runs(workdirs: Sequence[str]) -> dict:
     for workdir in workdirs:
         path = epath.Path(workdir) / "results.json"
         if not path.exists():
-            raise ValueError(f"{path} does not exist: is {workdir} a finished run?")
-        runs.append(json.loads(path.read_text()))
+            raise UserError(f"{path} does not exist: is {workdir} a finished run?")
+        try:
+            runs.append(json.loads(path.read_text()))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise UserError(f"{path}: not a results file ({type(e).__name__}: {e})") from None
     summary = {"runs": list(workdirs)}
     for split in ("valid", "test"):
         keys = [k for k in runs[0].get(split, {}) if all(k in r.get(split, {}) for r in runs)]
@@ -195,7 +198,10 @@ def main(argv: Sequence[str]) -> None:
     if len(argv) < 3:
         raise SystemExit("usage: python -m alignmamba_jax.reporting OUT_DIR WORKDIR [WORKDIR ...]")
     out_dir, workdirs = argv[1], argv[2:]
-    summary = aggregate_runs(workdirs)
+    try:
+        summary = aggregate_runs(workdirs)
+    except UserError as e:
+        raise SystemExit(f"error: {e}") from None
     table = aggregate_table(summary)
     write_text(out_dir, "seeds.json", json.dumps(summary, indent=2))
     write_text(out_dir, "seeds.md", table + "\n")

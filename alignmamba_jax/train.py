@@ -337,7 +337,7 @@ def train_step(state, batch, *, config):
 
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     new_state = state.apply_gradients(grads=grads)
-    step_metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
+    step_metrics = {"loss": loss, "grad_norm": jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads))),
                     "learning_rate": create_learning_rate_schedule(config.train)(state.step), **aux}
     return new_state, step_metrics
 

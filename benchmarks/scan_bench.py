@@ -5,9 +5,10 @@ memory (XLA's `memory_analysis().temp_size_in_bytes`), and speed/memory ratios a
 measured side by side in one run. The default backends are reference, associative, chunked and every Pallas
 kernel of the device (from `alignmamba_jax.kernels.TUNABLE_BACKENDS`), on CPU every built CPU kernel (from
 `alignmamba_jax.kernels.CPU_KERNELS` and `backends()`), so a new kernel joins by registering;
-a backend that fails to import or compile gets a row with its error and the others go on; the JSON is
-rewritten after every row. On an H100/H200 each row also has its roofline: the floor time from the least HBM
-traffic at the device's bandwidth and from the exp count at 16 exp/clock/SM at the SM clock read after the
+a backend that fails to import or compile gets a row with its error and the others go on, and the exit status
+is then 1; the JSON is rewritten after every row. Unknown backend names and lengths that are not positive
+integers stop it before anything runs, with one `error:` line. On an H100/H200 each row also has its roofline:
+the floor time from the least HBM traffic at the device's bandwidth and from the exp count at 16 exp/clock/SM at the SM clock read after the
 timing (`scan_traffic`, `roofline`), and the achieved fraction; at batch 8, length 2048, channels 2048,
 state 16, bf16 the Pallas kernels are checked against the goals (forward <= 250 us, forward+backward >= 10x
 `associative`); at batch 4, length 1024, channels 256, state 16, float32 the CPU kernels are checked against
@@ -64,7 +65,19 @@ def parse_args(argv=None):
     p.add_argument("--mamba-src", default="/tmp/mamba_sdist/mamba_ssm-2.3.2.post1")
     p.add_argument("--json", default=None, help="write all results to this file (rewritten after every row)")
     p.add_argument("--torch-worker", action="store_true", help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    lengths = args.lengths.split(",")
+    if not all(v.strip().isdigit() and int(v) > 0 for v in lengths):
+        raise SystemExit(f"error: --lengths: expected comma-separated positive integers, found {args.lengths!r}")
+    return args
+
+
+def check_backends(names):
+    """One error line for a backend name the kernel registry does not know (imported after JAX_PLATFORMS is set)."""
+    from alignmamba_jax.kernels import BACKENDS
+    unknown = [name for name in names.split(",") if name not in BACKENDS]
+    if unknown:
+        raise SystemExit(f"error: --backends: unknown {', '.join(map(repr, unknown))}; expected names from {BACKENDS}")
 
 
 def median_seconds(fn, repeats, warmup, sync):
@@ -511,6 +524,8 @@ def main(argv=None):
     if args.torch_worker:
         return torch_worker(args)
     os.environ["JAX_PLATFORMS"] = {"cpu": "cpu", "gpu": "cuda", "tpu": "tpu"}[args.device]
+    if args.backends:
+        check_backends(args.backends)
     load = os.getloadavg()
     report = run_sweep(args) if args.sweep else run_jax(args)
     torch_report = None
@@ -550,6 +565,11 @@ def main(argv=None):
     save(report, args.json)
     if args.json:
         print(f"results: {os.path.abspath(args.json)}")
+    failed = [] if args.sweep else [f"{r['backend']} at length {r['length']}" for r in report["results"] if "error" in r]
+    if failed:
+        print(f"error: {len(failed)} backend rows failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

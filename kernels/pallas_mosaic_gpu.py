@@ -74,9 +74,11 @@ class _Config(NamedTuple):
 
     def kernel(self, body, out_type, scratch_types, grid, name):
         interpret = None
-        if self.interpret:    # a private module of jax 0.10-0.11, imported only where interpret mode is asked for
-            from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
-            interpret = InterpretGPUParams()
+        if self.interpret:    # public from jax 0.12; a private module of jax 0.10-0.11
+            params = getattr(plgpu, "InterpretGPUParams", None)
+            if params is None:
+                from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams as params
+            interpret = params()
         return plgpu.kernel(
             body, out_type=out_type, scratch_types=scratch_types, grid=grid, grid_names=("batch", "block"),
             compiler_params=plgpu.CompilerParams(lowering_semantics=SEMANTICS[self.lowering_semantics]),

@@ -1,5 +1,6 @@
 """ot_align, mmd, sinkhorn, segment_mean_resample against brute-force NumPy versions of their equations."""
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -313,8 +314,10 @@ def test_time_contrastive_loss_is_lower_for_keys_that_match_the_time_order(rng):
 
 def test_time_contrastive_loss_rejects_bad_arguments(rng):
     x = rng.normal(size=(2, 5, 3)).astype(np.float32)
-    with pytest.raises(ValueError, match="tau and sigma"):
+    with pytest.raises(ValueError, match=r"tau must be finite and > 0, found 0.0"):
         time_contrastive_loss(x, x, tau=0.0)
+    with pytest.raises(ValueError, match=r"sigma must be finite and > 0, found nan"):
+        time_contrastive_loss(x, x, sigma=np.nan)
     with pytest.raises(ValueError, match="source_mask"):
         time_contrastive_loss(x, x, np.ones((2, 4), bool))
 
@@ -561,7 +564,7 @@ def test_mmd_is_finite_and_right_far_from_the_origin():
 
 
 def sinkhorn_unrolled(cost, xm, ym, epsilon, num_iters):
-    """Plain log-domain Sinkhorn whose autodiff keeps every iteration's (T_x x T_y) arrays."""
+    """Plain log-domain Sinkhorn whose autodiff keeps every iteration's (T_x x T_y) arrays, then rounded."""
     valid = xm[..., :, None] & ym[..., None, :]
     log_a = -jnp.log(xm.sum(-1, keepdims=True).astype(jnp.float32))
     log_b = -jnp.log(ym.sum(-1, keepdims=True).astype(jnp.float32))
@@ -571,6 +574,11 @@ def sinkhorn_unrolled(cost, xm, ym, epsilon, num_iters):
         f = jnp.where(xm, f + epsilon * (log_a - jax.nn.logsumexp(score(f, g), axis=-1)), 0.0)
         g = jnp.where(ym, g + epsilon * (log_b - jax.nn.logsumexp(score(f, g), axis=-2)), 0.0)
     plan = jnp.where(valid, jnp.exp(score(f, g)), 0.0)
+    # Rounding onto the couplings (Altschuler et al. 2017, Algorithm 2; the columns are exact after the g step).
+    a, b = xm / xm.sum(-1, keepdims=True), ym / ym.sum(-1, keepdims=True)
+    plan = plan * jnp.minimum(a / jnp.maximum(plan.sum(-1), 1e-30), 1.0)[..., None]
+    err_a, err_b = a - plan.sum(-1), b - plan.sum(-2)
+    plan = plan + err_a[..., :, None] * err_b[..., None, :] / jnp.maximum(err_b.sum(-1), 1e-30)[..., None, None]
     return jnp.sum(plan * jnp.where(valid, cost, 0.0), axis=(-2, -1))
 
 
@@ -708,3 +716,128 @@ def test_compiled_memory_is_linear_in_length():
     for name, f in functions.items():
         used = compiled_bytes(f, (t, d), (t, d))
         assert used < 4096 * t, f"{name}: {used / 2 ** 20:.0f} MiB at T = {t}"
+
+
+def assert_coupling(plan, xm, ym, tolerance):
+    """plan (B, T_x, T_y) is non-negative, zero off the masks, with marginals 1/n within `tolerance` (B,) in L1."""
+    plan = np.asarray(plan, np.float64)
+    assert np.all(plan >= 0)
+    for n in range(plan.shape[0]):
+        nx, ny = xm[n].sum(), ym[n].sum()
+        assert np.sum(np.abs(plan[n].sum(1)[:nx] - 1.0 / nx)) <= tolerance[n] + 1e-5
+        assert np.sum(np.abs(plan[n].sum(0)[:ny] - 1.0 / ny)) <= tolerance[n] + 1e-5
+        assert np.all(plan[n, nx:] == 0) and np.all(plan[n, :, ny:] == 0)
+
+
+@pytest.mark.parametrize("shape", [(6, 5), (3, 7)])
+def test_sinkhorn_at_any_epsilon_gives_a_coupling_or_refuses(rng, shape):
+    """From epsilon 1e-1 to 1e-20: non-negative, mass 1, both marginals exact, masked rows / columns empty; an
+    epsilon below float32's resolution of the cost raises ValueError, and traced (jit), where nothing can be
+    refused, still gives a coupling. With a forbidden (+inf) pair, which gets no mass, the marginals are off by
+    at most the reported error."""
+    tx, ty = shape
+    cost = np.array(cosine_cost(rng.normal(size=(2, tx, 8)).astype(np.float32),
+                                rng.normal(size=(2, ty, 8)).astype(np.float32)))
+    forbidden = cost.copy()
+    forbidden[0, 0, 0] = np.inf
+    xm, ym = right_padded_mask([tx, tx - 1], tx), right_padded_mask([ty, ty - 2], ty)
+    run = jax.jit(lambda c, e: sinkhorn(c, xm, ym, epsilon=e, return_error=True))
+    for epsilon in (1e-1, 1e-2, 1e-4, 1e-6, 1e-9, 1e-20):
+        if epsilon < 64 * 2.0 ** -23 * np.max(np.abs(cost)):
+            with pytest.raises(ValueError, match=rf"epsilon={epsilon} is below what float32 resolves for this cost"):
+                sinkhorn(cost, xm, ym, epsilon=epsilon)
+        plan, distance, _ = run(cost, np.float32(epsilon))
+        assert_coupling(plan, xm, ym, np.zeros(2))
+        np.testing.assert_allclose(distance, np.sum(np.asarray(plan) * cost, axis=(1, 2)), rtol=1e-5)
+        plan, distance, error = run(forbidden, np.float32(epsilon))
+        assert plan[0, 0, 0] == 0 and np.all(np.isfinite(distance))
+        assert_coupling(plan, xm, ym, np.asarray(error))
+
+
+def test_sinkhorn_scaled_to_small_epsilon_is_near_the_exact_transport_cost(rng):
+    """At epsilon 1e-3 plain Sinkhorn is far from converged after 1000 iterations; with epsilon scaling the
+    reported error is small and the distance is within epsilon log(T_x T_y) of the exact OT cost (a linear
+    program), never below it (the plan is a coupling). Few iterations: the error says so."""
+    from scipy.optimize import linprog
+    cost = cosine_cost(rng.normal(size=(2, 6, 8)).astype(np.float32), rng.normal(size=(2, 5, 8)).astype(np.float32))
+    _, _, error = sinkhorn(cost, epsilon=1e-2, num_iters=2, return_error=True)
+    assert np.all(np.asarray(error) > 1e-2)
+    _, distance, error = sinkhorn(cost, epsilon=1e-3, num_iters=1000, return_error=True)
+    assert np.all(np.asarray(error) < 1e-3)
+    for n in range(2):
+        c = np.asarray(cost, np.float64)[n]
+        rows = np.kron(np.eye(6), np.ones(5))
+        columns = np.kron(np.ones(6), np.eye(5))
+        exact = linprog(c.reshape(-1), A_eq=np.vstack([rows, columns]),
+                        b_eq=np.r_[np.full(6, 1 / 6), np.full(5, 1 / 5)], bounds=(0, None)).fun
+        assert exact - 1e-5 <= float(distance[n]) <= exact + 1e-3 * np.log(30)
+
+
+def test_sinkhorn_forbidden_pairs_give_finite_distance_and_gradient(rng):
+    cost = np.asarray(cosine_cost(rng.normal(size=(1, 4, 8)).astype(np.float32),
+                                  rng.normal(size=(1, 4, 8)).astype(np.float32)))
+    forbidden = np.eye(4, dtype=bool)[None]
+    distance_plan_grad = fast_jit(lambda c: (*jax.value_and_grad(lambda c: sinkhorn(c, epsilon=0.05)[1][0])(c),
+                                             sinkhorn(c, epsilon=0.05)[0]))
+    distance, grad, plan = distance_plan_grad(np.where(forbidden, np.inf, cost).astype(np.float32))
+    assert np.isfinite(distance) and np.all(np.isfinite(grad)) and np.all(np.asarray(grad)[forbidden] == 0)
+    assert np.all(np.asarray(plan)[forbidden] == 0)
+    # Entropic OT gives a huge finite cost almost no mass: the same distance.
+    big, _, _ = distance_plan_grad(np.where(forbidden, 1e3, cost).astype(np.float32))
+    np.testing.assert_allclose(distance, big, rtol=1e-4)
+
+
+def test_float_arguments_can_be_traced(rng):
+    """epsilon, sigma, tau, straight_through_tau and time_prior are jit arguments like any array."""
+    x = rng.normal(size=(2, 6, 4)).astype(np.float32)
+    y = rng.normal(size=(2, 5, 4)).astype(np.float32)
+    calls = {
+        "sinkhorn": (lambda v: sinkhorn(cosine_cost(x, y), epsilon=v, num_iters=20)[1], 0.2),
+        "mmd": (lambda v: mmd(x, y, v), 0.7),
+        "time_contrastive_loss tau": (lambda v: time_contrastive_loss(x, y, tau=v), 0.3),
+        "time_contrastive_loss sigma": (lambda v: time_contrastive_loss(x, y, sigma=v), 0.2),
+        "ot_align time_prior": (lambda v: ot_align(x, y, time_prior=v)[0], 0.5),
+        "ot_align straight_through_tau": (lambda v: ot_align(x, y, straight_through_tau=v)[0], 0.3),
+    }
+    for name, (f, value) in calls.items():
+        np.testing.assert_allclose(fast_jit(f)(np.float32(value)), fast_jit(lambda: f(value))(), rtol=1e-5, atol=1e-6,
+                                   err_msg=name)
+    g = jax.grad(lambda t: jnp.sum(ot_align(x, y, straight_through_tau=0.3, time_prior=t)[0] ** 2))(0.5)
+    assert np.isfinite(g)
+
+
+def test_integer_features_are_promoted_not_truncated():
+    src = np.array([[[1], [2], [4], [7]]], np.int32)
+    anchor = np.array([[[1], [1]]], np.int32)
+    aligned, _ = ot_align(src, anchor)
+    assert aligned.dtype == jnp.float32
+    np.testing.assert_allclose(aligned, ot_align(src.astype(np.float32), anchor.astype(np.float32))[0])
+    resampled, _ = segment_mean_resample(src, 3)
+    assert resampled.dtype == jnp.float32
+    np.testing.assert_allclose(resampled[0, :, 0], [1.5, 3.0, 5.5])
+    np.testing.assert_allclose(masked_centre(src)[0, :, 0], [-2.5, -1.5, 0.5, 3.5])
+
+
+def test_forward_mode_autodiff_works_where_the_readme_says_and_fails_where_it_says_not(rng):
+    """README, "Using the pieces": jvp through ot_align, sinkhorn, time_contrastive_loss, segment_mean_resample and
+    the reference / associative scans equals the reverse-mode directional derivative; mmd and the chunked scan
+    (custom VJPs) raise JAX's TypeError, and the README tells the user to use jacrev or the reference backend."""
+    from alignmamba_jax.kernels import selective_scan
+    x, y = rng.normal(size=(1, 5, 3)).astype(np.float32), rng.normal(size=(1, 4, 3)).astype(np.float32)
+    direction = rng.normal(size=x.shape).astype(np.float32)
+    delta, a = np.abs(rng.normal(size=(1, 5, 3))).astype(np.float32), -np.abs(rng.normal(size=(3, 2))).astype(np.float32)
+    b, c = rng.normal(size=(1, 5, 2)).astype(np.float32), rng.normal(size=(1, 5, 2)).astype(np.float32)
+    scan = lambda backend: lambda u: jnp.sum(selective_scan(u, delta, a, b, c, backend=backend))
+    supported = {"ot_align": lambda s: jnp.sum(ot_align(s, y, straight_through_tau=0.5)[0]),
+                 "sinkhorn": lambda s: sinkhorn(cosine_cost(s, y), num_iters=5)[1][0],
+                 "time_contrastive_loss": lambda s: time_contrastive_loss(s, y)[0],
+                 "segment_mean_resample": lambda s: jnp.sum(segment_mean_resample(s, 3)[0] ** 2),
+                 "reference": scan("reference"), "associative": scan("associative")}
+    for name, f in supported.items():
+        forward, reverse = fast_jit(lambda s, d: (jax.jvp(f, (s,), (d,))[1], jnp.sum(jax.grad(f)(s) * d)))(x, direction)
+        np.testing.assert_allclose(forward, reverse, rtol=1e-4, atol=1e-5, err_msg=name)
+    for name, f in {"mmd": lambda s: mmd(s, y)[0], "chunked": scan("chunked")}.items():
+        with pytest.raises(TypeError, match="can't apply forward-mode autodiff"):
+            jax.jvp(f, (x,), (direction,))
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md"), encoding="utf-8").read()
+    assert "Forward-mode autodiff (`jax.jvp`, `jax.jacfwd`) works through" in readme

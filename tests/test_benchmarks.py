@@ -121,12 +121,9 @@ def test_scan_bench_runs(tmp_path):
     assert json.load(open(out))["results"]
 
 
-def test_scan_bench_records_a_failing_backend_and_sweeps_the_gpu_kernels_in_interpret_mode(tmp_path):
+def test_scan_bench_sweeps_the_gpu_kernels_in_interpret_mode(tmp_path):
+    """(A failing backend row and its exit status: tests/test_tool_errors.py.)"""
     out = tmp_path / "scan.json"
-    run_script("scan_bench.py", "--lengths", "16", "--channels", 8, "--state", 4, "--repeats", 1,
-               "--backends", "no_such_backend,chunked", "--json", out)
-    rows = {r["backend"]: r for r in json.load(open(out))["results"]}
-    assert "backend: expected one of" in rows["no_such_backend"]["error"] and rows["chunked"]["forward_backward_s"] > 0
     run_script("scan_bench.py", "--lengths", "16", "--channels", 8, "--state", 4, "--repeats", 1, "--kernels-for",
                "gpu", "--sweep", "--sweep-budget-s", 1, "--json", out)
     sweep = json.load(open(out))

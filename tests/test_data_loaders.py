@@ -168,8 +168,8 @@ def test_mmsa_bad_input_names_file_split_key(tmp_path, mutate, split, key, detai
         load_mmsa_pickle(path, cache_dir=cache)
     msg = str(e.value)
     assert str(path) in msg and f":{split}" in msg and repr(key) in msg and detail in msg, msg
-    if cached:
-        assert list((tmp_path / "cache").iterdir()) == []
+    if cached:   # no conversion (finished or half-written) is left; the lock and the content digest may be
+        assert not [p for p in (tmp_path / "cache").iterdir() if p.name.startswith(".tmp-") or p.is_dir()]
 
 
 def test_mmsa_lengths_beyond_padding_are_clipped(tmp_path, caplog):

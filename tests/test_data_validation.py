@@ -149,3 +149,40 @@ def test_missing_path_says_what_the_loader_expects(tmp_path, name):
     with pytest.raises(UserError, match=rf"data.path='{path}' does not exist; data.name='{name}' expects"):
         load_splits(data_config(name, path))
     assert not os.path.exists(path)
+
+
+def zero_length_audio(data):
+    for split in data.values():
+        split["audio"] = split["audio"][:, :0]
+        split["audio_lengths"] = [0] * len(split["audio_lengths"])
+
+
+def ragged_audio(data):
+    data["train"]["audio"] = [np.zeros((3 + i, 5), np.float32) for i in range(len(data["train"]["audio"]))]
+
+
+def non_utf8_ids(data):
+    data["valid"]["id"] = np.array([b"clip\xff", b"clip2"])
+
+
+@pytest.mark.parametrize("mutate, expected", [
+    (zero_length_audio, r"unaligned_50.pkl:train: key 'audio': expected a padded length T >= 1, found shape \(4, 0, 5\)"),
+    (ragged_audio, r"unaligned_50.pkl:train: key 'audio': expected an array of shape \(N, T, d\), found ragged nested "
+                   r"sequences"),
+    (non_utf8_ids, r"unaligned_50.pkl:valid: key 'id': expected UTF-8 text ids, found bytes b'clip\\xff' at index 0"),
+], ids=["zero_length", "ragged", "non_utf8_ids"])
+@pytest.mark.parametrize("cached", [False, True])
+def test_malformed_features_and_ids_are_one_line_errors(tmp_path, mutate, expected, cached):
+    path = mmsa_file(tmp_path, mutate)
+    config = data_config("mmsa", path)
+    config.cache_dir = str(tmp_path / "cache") if cached else ""
+    with pytest.raises(UserError, match=expected) as error:
+        load_splits(config)
+    assert "\n" not in str(error.value)
+
+
+def test_utf8_bytes_ids_are_decoded(tmp_path):
+    def utf8_ids(data):
+        data["valid"]["id"] = np.array(["clipé".encode(), b"clip2"])
+    splits = load_splits(data_config("mmsa", mmsa_file(tmp_path, utf8_ids)))
+    assert list(splits["valid"]["ids"]) == ["clipé", "clip2"]

@@ -5,7 +5,8 @@ straight into a .npy file under `out_dir`, in 64 MiB chunks, and returns the pic
 arrays as writable memory maps. The unpickler's memo keeps a reference to every byte string until the end of
 the load, so with the standard unpickler a 13 GB MMSA MOSEI pickle would sit in memory in full; here the memo
 only holds small placeholders and peak memory stays near one chunk. Byte strings below 64 KiB and
-protocol-2 pickles (data as latin-1 text) take the ordinary in-memory path.
+protocol-2 pickles (data as latin-1 text) take the ordinary in-memory path. Names are restricted as in
+`safe_pickle`: loading runs no code from the file.
 """
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ import pickle
 import struct
 
 import numpy as np
+
+from alignmamba_jax.data.safe_pickle import check_global
 
 _RECONSTRUCT = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct")}
 _FROMBUFFER = {("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer")}
@@ -100,6 +103,7 @@ class _SpillingUnpickler(pickle._Unpickler):  # the pure-Python unpickler: its o
     dispatch[pickle.BYTEARRAY8[0]] = load_bytearray8
 
     def find_class(self, module, name):
+        canonical = check_global(module, name)
         if (module, name) in _RECONSTRUCT:
             return lambda *args: _SpilledArray(self)
         if (module, name) in _FROMBUFFER:
@@ -108,7 +112,7 @@ class _SpillingUnpickler(pickle._Unpickler):  # the pure-Python unpickler: its o
                     return buf.finish(dtype, shape, order == "F")
                 return np.frombuffer(buf, dtype=dtype).reshape(shape, order=order)
             return frombuffer
-        return super().find_class(module, name)
+        return super().find_class(canonical, name)
 
 
 def _resolve(obj):

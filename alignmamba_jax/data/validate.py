@@ -34,13 +34,19 @@ def require(mapping, key, where):
 
 def features(x, where, key, ndim=3, n=None, length=None, dim=None):
     """float32 view/copy of a (N, T, d) feature array, shape-checked (memory maps stay memory maps)."""
-    x = np.asanyarray(x)
+    try:
+        x = np.asanyarray(x)
+    except ValueError as e:   # nested lists of unequal lengths
+        raise UserError(f"{where}: key {key!r}: expected an array of shape (N, T, d), found ragged nested "
+                        f"sequences ({e})") from None
     if x.ndim != ndim or (n is not None and x.shape[0] != n) or (length is not None and x.shape[1] != length) \
             or (dim is not None and x.shape[2] != dim):
         expect = (n if n is not None else "N", length if length is not None else "T", dim if dim is not None else "d")
         raise UserError(f"{where}: key {key!r}: expected shape {expect[:ndim]}, found {x.shape}")
     if not np.issubdtype(x.dtype, np.floating):
         raise UserError(f"{where}: key {key!r}: expected floating point features, found dtype {x.dtype}")
+    if ndim == 3 and x.shape[1] == 0:
+        raise UserError(f"{where}: key {key!r}: expected a padded length T >= 1, found shape {x.shape}")
     return x.astype(np.float32, copy=False)
 
 
@@ -115,11 +121,24 @@ def class_labels(y, where, key, n=None, num_classes=None):
 
 
 def ids(values, where, key, n):
+    """(N,) or (N, ...) ids -> (N,) str; rows (MulT's (video, start, end)) joined with '$_$', bytes read as UTF-8."""
     values = np.asarray(values)
     if values.shape[:1] != (n,):
         raise UserError(f"{where}: key {key!r}: expected {n} ids, found shape {values.shape}")
+
+    def text(v, index):
+        if not isinstance(v, bytes):
+            return str(v)
+        try:
+            return v.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise UserError(f"{where}: key {key!r}: expected UTF-8 text ids, found bytes {bytes(v)!r} at index {index} "
+                            f"({e.reason} at byte {e.start})") from None
+
     if values.ndim > 1:  # MulT stores (video, start, end) rows
-        return np.array(["$_$".join(str(v) for v in row) for row in values.reshape(n, -1)])
+        return np.array(["$_$".join(text(v, i) for v in row) for i, row in enumerate(values.reshape(n, -1))])
+    if values.dtype.kind in "SO":
+        return np.array([text(v, i) for i, v in enumerate(values)], dtype=str).reshape(n)
     return values.astype(str)
 
 

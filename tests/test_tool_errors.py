@@ -1,0 +1,72 @@
+"""The command-line tools besides main: a mistake the user can fix is one `error:` line and a non-zero exit,
+never a traceback; a benchmark that could not measure a backend says so in its exit status."""
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+import scan_bench  # noqa: E402
+
+
+def run(*argv):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    result = subprocess.run([sys.executable, *map(str, argv)], cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=300)
+    return result.returncode, result.stdout + result.stderr
+
+
+def assert_one_error_line(rc, output, expected):
+    assert rc == 1 and "Traceback" not in output, output
+    errors = [line for line in output.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith(expected), output
+
+
+@pytest.mark.parametrize("content", [None, "{not json", b"\xff\xfe"])
+def test_reporting_on_a_missing_or_broken_results_json(tmp_path, content):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    if isinstance(content, str):
+        (run_dir / "results.json").write_text(content)
+    elif content is not None:
+        (run_dir / "results.json").write_bytes(content)
+    rc, output = run("-m", "alignmamba_jax.reporting", tmp_path / "out", run_dir)
+    expected = (f"error: {run_dir}/results.json does not exist: is {run_dir} a finished run?" if content is None
+                else f"error: {run_dir}/results.json: not a results file")
+    assert_one_error_line(rc, output, expected)
+
+
+@pytest.mark.parametrize("lengths", ["abc", "0", "-5", "16,", "16,0"])
+def test_scan_bench_bad_lengths(lengths):
+    rc, output = run("benchmarks/scan_bench.py", "--lengths", lengths, "--channels", 8)
+    assert_one_error_line(rc, output, f"error: --lengths: expected comma-separated positive integers, found "
+                                      f"{lengths!r}")
+
+
+def test_scan_bench_unknown_backend():
+    rc, output = run("benchmarks/scan_bench.py", "--lengths", "16", "--channels", 8, "--backends", "foo,chunked")
+    assert_one_error_line(rc, output, "error: --backends: unknown 'foo'; expected names from ('reference',")
+
+
+def test_scan_bench_a_failed_backend_row_makes_the_exit_status_non_zero(tmp_path, monkeypatch, capsys):
+    timed = scan_bench.time_scan
+
+    def time_scan(fn, inputs, args, traffic, device):
+        if fn.__kwdefaults__["backend"] == "associative":   # run_jax binds the backend name as a keyword default
+            raise RuntimeError("this backend did not compile")
+        return timed(fn, inputs, args, traffic, device)
+
+    monkeypatch.setattr(scan_bench, "time_scan", time_scan)
+    out = tmp_path / "scan.json"
+    rc = scan_bench.main(["--lengths", "16", "--channels", "8", "--state", "4", "--repeats", "1", "--warmup", "0",
+                          "--no-backward", "--backends", "associative,reference", "--json", str(out)])
+    rows = {r["backend"]: r for r in json.load(open(out))["results"]}
+    assert rc == 1 and "did not compile" in rows["associative"]["error"] and rows["reference"]["forward_s"] > 0
+    assert "error: 1 backend rows failed: associative at length 16" in capsys.readouterr().err
+    rc = scan_bench.main(["--lengths", "16", "--channels", "8", "--state", "4", "--repeats", "1", "--warmup", "0",
+                          "--no-backward", "--backends", "reference", "--json", str(out)])
+    assert rc == 0
