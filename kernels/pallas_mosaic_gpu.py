@@ -278,6 +278,49 @@ def _round_up(x, multiple):
     return -(-x // multiple) * multiple
 
 
+def sequence_segments(programs, n_chunks, sm_count):
+    """How many segments to cut each sequence into so that `programs` (batch x channel blocks) CTAs times the
+    segments fill `sm_count` SMs: 1 (no split) where they already do or the SM count is unknown. Of the
+    segment counts from the least that reaches the SM count up to 4 times it, the one whose busiest SM holds
+    the fewest time steps (ceil(CTAs / SMs) / segments; the smallest count on a tie), at most one per chunk."""
+    if not sm_count or programs >= sm_count or n_chunks < 2:
+        return 1
+    least = -(-sm_count // programs)
+    candidates = range(least, 4 * least + 1)
+    best = min(candidates, key=lambda s: (-(-programs * s // sm_count) / s, s))
+    return max(1, min(best, n_chunks))
+
+
+def _segmented_scan(u, delta, A, B, C, h0, cfg, segments):
+    """The scan with each sequence cut into `segments` equal segments, run as batch x segments sequences, so
+    that small batches still give every SM a CTA. Exact: a first pass scans every segment from a zero state
+    for its end state; the decay of a whole segment is exp(A * sum of its deltas), since the decays of its
+    steps multiply; a `lax.scan` over the segments then gives each segment's true start state
+    (start_{s+1} = decay_s * start_s + end_s); a second pass rescans every segment from its start state for
+    y. Costs two kernel passes (and, under differentiation, two backward passes) at `segments` times the
+    parallelism; gradients come from autodiff through both passes and the chain."""
+    batch, length, channels = u.shape
+    state = A.shape[1]
+
+    def split(x):
+        return x.reshape(batch * segments, length // segments, x.shape[-1])
+
+    us, ds, Bs, Cs = map(split, (u, delta, B, C))
+    zeros = jnp.zeros((batch * segments, channels, state), jnp.float32)
+    _, ends = _mosaic_scan(us, ds, A, Bs, Cs, zeros, cfg)
+    delta_sums = jnp.sum(ds.astype(jnp.float32), axis=1).reshape(batch, segments, channels)
+    decays = jnp.exp(delta_sums[..., None] * A)
+
+    def link(start, decay_and_end):
+        decay, end = decay_and_end
+        return decay * start + end, start
+
+    h_last, starts = lax.scan(link, h0, (decays.swapaxes(0, 1), ends.reshape(batch, segments, channels, state)
+                                         .swapaxes(0, 1)))
+    y, _ = _mosaic_scan(us, ds, A, Bs, Cs, starts.swapaxes(0, 1).reshape(zeros.shape), cfg)
+    return y.reshape(batch, length, channels), h_last
+
+
 def _check_shared_memory(chunk, block_c, state, max_concurrent_steps, itemsizes):
     """The backward kernel's shared memory (the larger of the two) must fit in a Hopper/Blackwell block."""
     u, delta, B, C, dy = itemsizes
@@ -316,7 +359,7 @@ def _check_device():
 def pallas_mosaic_gpu_core(u, delta, A, B, C, h0, *, chunk=TUNABLES["chunk"], block_c=TUNABLES["block_c"],
                            max_concurrent_steps=TUNABLES["max_concurrent_steps"],
                            lowering_semantics=TUNABLES["lowering_semantics"], y_dtype=jnp.float32,
-                           interpret=None):
+                           sm_count=None, interpret=None):
     """The recurrence core (see `common.py`); u, delta, B, C may be bfloat16/float16 (upcast in the kernel).
 
     chunk: time steps per pipeline stage and between saved boundary states (rounded up to a multiple of 8, at
@@ -324,6 +367,9 @@ def pallas_mosaic_gpu_core(u, delta, A, B, C, h0, *, chunk=TUNABLES["chunk"], bl
     in flight in the input pipeline (2 = double buffering); lowering_semantics: "lane" or "warpgroup";
     y_dtype: the dtype the kernel writes y in (`make_backend(..., native_dtypes=True)` passes bfloat16 for
     bfloat16 inputs without D or z, so that y costs 2 bytes an element instead of 4 plus a cast).
+    sm_count: the SMs to fill; where batch x channel blocks is smaller, the sequence is split into segments
+    (`sequence_segments`, `_segmented_scan`). Default: the GPU's own count, none (no split) off a GPU; give
+    the target's when compiling for a GPU from another machine (`targets.GPU_SPECS`).
     interpret (default: off GPU) runs the kernels in Mosaic GPU interpret mode.
     """
     if block_c % _TILE_ROWS or block_c <= 0:
@@ -343,7 +389,11 @@ def pallas_mosaic_gpu_core(u, delta, A, B, C, h0, *, chunk=TUNABLES["chunk"], bl
         _check_device()
         _check_shared_memory(chunk, block_c, _round_up(state, _TILE_COLS), max_concurrent_steps,
                              [x.dtype.itemsize for x in (u, delta, B, C)] + [kernel_y_dtype.itemsize])
-    pad_t = _round_up(length, chunk) - length
+    if sm_count is None and not interpret:
+        sm_count = getattr(jax.devices()[0], "core_count", None) if jax.devices()[0].platform == "gpu" else None
+    n_chunks = _round_up(length, chunk) // chunk
+    segments = sequence_segments(batch * (_round_up(channels, block_c) // block_c), n_chunks, sm_count)
+    pad_t = _round_up(n_chunks, segments) * chunk - length
     pad_c = _round_up(channels, block_c) - channels
     pad_n = _round_up(state, _TILE_COLS) - state
     u, delta = (jnp.pad(x, ((0, 0), (0, pad_t), (0, pad_c))) for x in (u, delta))
@@ -351,5 +401,8 @@ def pallas_mosaic_gpu_core(u, delta, A, B, C, h0, *, chunk=TUNABLES["chunk"], bl
     A = jnp.pad(A.astype(jnp.float32), ((0, pad_c), (0, pad_n)))
     h0 = jnp.pad(h0.astype(jnp.float32), ((0, 0), (0, pad_c), (0, pad_n)))
     cfg = _Config(chunk, block_c, max_concurrent_steps, lowering_semantics, bool(interpret), kernel_y_dtype)
-    y, h_last = _mosaic_scan(u, delta, A, B, C, h0, cfg)
+    if segments > 1:
+        y, h_last = _segmented_scan(u, delta, A, B, C, h0, cfg, segments)
+    else:
+        y, h_last = _mosaic_scan(u, delta, A, B, C, h0, cfg)
     return y[:, :length, :channels].astype(y_dtype), h_last[:, :channels, :state]
