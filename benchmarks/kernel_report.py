@@ -60,6 +60,7 @@ def parse_args(argv=None):
     p.add_argument("--json", help="write the report here")
     p.add_argument("--shapes", default=SHAPES, help="b,l,d,n,dtype;... (default: goal, inference, MOSEI)")
     p.add_argument("--passes", default="fwd,bwd")
+    p.add_argument("--sm_count", type=int, help="SMs the sequence split fills (default: the target's; 0: no split)")
     p.add_argument("--dump_dir", help="keep Mosaic GPU's dumps (PTX, ptxas reports) here, one folder a kernel")
     return p.parse_args(argv)
 
@@ -162,9 +163,10 @@ def build(shape, dtype, device, sm_count):
     return {"fwd": (jax.jit(fn), args), "bwd": (jax.jit(grad), args)}
 
 
-def report_kernel(target, device, shape, dtype, pass_name, dump_root=None):
+def report_kernel(target, device, shape, dtype, pass_name, dump_root=None, sm_count=None):
     from alignmamba_jax import aot
-    fn, args = build(shape, dtype, device, targets.GPU_SPECS[target.gpu][1])[pass_name]
+    sms = targets.GPU_SPECS[target.gpu][1]
+    fn, args = build(shape, dtype, device, sms if sm_count is None else sm_count)[pass_name]
     kernel = f"selective_scan_{pass_name}_mosaic_gpu"
     with aot.mosaic_gpu_dumps() as dump_dir:
         start = time.perf_counter()
@@ -180,7 +182,6 @@ def report_kernel(target, device, shape, dtype, pass_name, dump_root=None):
             shutil.copytree(dump_dir, os.path.join(dump_root, f"{pass_name}_{'x'.join(map(str, shape))}_{dtype}"),
                             dirs_exist_ok=True)
     b, l, d, n = shape
-    sms = targets.GPU_SPECS[target.gpu][1]
     launches, n_bytes, steps, state = kernel_launches(aot.kernel_calls(compiled.as_text()), pass_name)
     counts = instruction_counts(ptx, BLOCK_C * state // threads)          # PTX is one thread's code
     ptxas = ptxas[0] if ptxas else {}
@@ -228,7 +229,8 @@ def main(argv=None):
     report = {"target": args.target, "kernels": []}
     for shape, dtype in parse_shapes(args.shapes):
         for pass_name in args.passes.split(","):
-            report["kernels"].append(report_kernel(target, device, shape, dtype, pass_name, args.dump_dir))
+            report["kernels"].append(report_kernel(target, device, shape, dtype, pass_name, args.dump_dir,
+                                                    args.sm_count))
             print(table({"kernels": report["kernels"][-1:]}).splitlines()[-1], flush=True)
             if args.json:
                 os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
