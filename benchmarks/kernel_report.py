@@ -199,7 +199,7 @@ def report_kernel(target, device, shape, dtype, pass_name, dump_root=None, sm_co
     floor_s = max(floor_bytes / target.hbm_bytes_per_s, floor_exps / exps_per_s)
     bound_s = max(exp_s, fp32_s, hbm_s)
     return {"backend": "pallas_mosaic_gpu", "pass": pass_name, "shape": list(shape), "dtype": dtype,
-            "registers": registers, "spills": (ptxas.get("spill_stores") or 0) + (ptxas.get("spill_loads") or 0),
+            "registers": registers, "spills": ptxas["spill_stores"] + ptxas["spill_loads"] if ptxas else None,
             "smem_bytes": smem, "threads": threads, "ctas": ctas, "launches": launches, "ctas_per_sm": resident,
             "waves": round(ctas / (resident * sms), 3),
             "instructions_per_element": counts,
