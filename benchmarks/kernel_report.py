@@ -25,6 +25,7 @@ Shapes (batch, length, channels, state): the goal shape (8, 2048, 2048, 16) and 
 channels = 2 x d_model 128, as configs/mosei.py trains). `--shapes` picks others (b,l,d,n,dtype;...).
 """
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -48,10 +49,17 @@ SHARED_MEMORY_PER_SM, SHARED_MEMORY_RESERVED_PER_BLOCK = 233472, 1024
 _LAUNCH = re.compile(r"gpu\.launch .*?blocks\(.*?\) in \(%\w+ = %c(\d+), %\w+ = %c(\d+), %\w+ = %c(\d+)\) "
                      r"threads\(.*?\) in \(%\w+ = %c(\d+), %\w+ = %c(\d+), %\w+ = %c(\d+)\) "
                      r"dynamic_shared_memory_size %c(\d+)_i32")
-# PTX opcode prefixes counted in the inner loops.
-OPCODES = {"ex2": ("ex2.",), "ffma": ("fma.rn.f32",), "fmul": ("mul.f32", "mul.rn.f32"),
-           "fadd": ("add.f32", "add.rn.f32", "sub.f32"), "shfl": ("shfl.",), "ld_shared": ("ld.shared",),
-           "st_shared": ("st.shared",), "ld_global": ("ld.global",), "st_global": ("st.global",)}
+# Per instruction set: a loop label, a branch to a label, the opcode of an instruction line, and the opcode
+# prefixes counted in the inner loops (SASS where nvdisasm is installed, else PTX).
+ISA = {
+    "sass": (r"^(\.L_x_\d+):", r"\bBRA `\((\.L_x_\d+)\)", r"\*/\s+(?:@!?U?P\w+\s+)?([A-Z][\w.]*)",
+             {"ex2": ("MUFU.EX2",), "ffma": ("FFMA",), "fmul": ("FMUL",), "fadd": ("FADD",), "shfl": ("SHFL",),
+              "ld_shared": ("LDS",), "st_shared": ("STS",), "ld_global": ("LDG",), "st_global": ("STG",)}),
+    "ptx": (r"^(\$L__BB\d+_\d+):", r"\bbra(?:\.uni)?\s+(\$L__BB\d+_\d+);", r"^\s*(?:@!?%?\w+\s+)?([a-z][\w.]*)",
+            {"ex2": ("ex2.",), "ffma": ("fma.rn.f32",), "fmul": ("mul.f32", "mul.rn.f32"),
+             "fadd": ("add.f32", "add.rn.f32", "sub.f32"), "shfl": ("shfl.",), "ld_shared": ("ld.shared",),
+             "st_shared": ("st.shared",), "ld_global": ("ld.global",), "st_global": ("st.global",)}),
+}
 
 
 def parse_args(argv=None):
@@ -92,30 +100,31 @@ def _product(values):
     return n
 
 
-def inner_loops(ptx):
-    """The line ranges of the innermost PTX loops (a label and a later branch back to it) that hold an ex2."""
-    lines = ptx.splitlines()
-    labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"^(\$L__BB\d+_\d+):", line))}
+def inner_loops(code, isa):
+    """The lines of the innermost loops (a label and a later branch back to it) that hold an exponential."""
+    label, branch, _, opcodes = ISA[isa]
+    lines = code.splitlines()
+    labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(label, line))}
     loops = []
     for i, line in enumerate(lines):
-        m = re.search(r"\bbra(?:\.uni)?\s+(\$L__BB\d+_\d+);", line)
+        m = re.search(branch, line)
         if m and m.group(1) in labels and labels[m.group(1)] < i:
             loops.append((labels[m.group(1)], i))
-    with_exp = [(a, b) for a, b in loops if any("ex2." in line for line in lines[a:b])]
+    with_exp = [(a, b) for a, b in loops if any(opcodes["ex2"][0] in line for line in lines[a:b])]
     innermost = [(a, b) for a, b in with_exp if not any(a < c and d < b for c, d in with_exp if (c, d) != (a, b))]
     return [lines[a:b + 1] for a, b in innermost]
 
 
-def instruction_counts(ptx, elements_per_iteration):
+def instruction_counts(code, isa, elements_per_iteration):
     """{opcode class: count per element} over the inner loops; an iteration of a thread takes one token of
     `elements_per_iteration` (channel, state) elements of the CTA's block."""
-    counts = dict.fromkeys(OPCODES, 0)
-    for loop in inner_loops(ptx):
+    _, _, opcode, opcodes = ISA[isa]
+    counts = dict.fromkeys(opcodes, 0)
+    for loop in inner_loops(code, isa):
         for line in loop:
-            op = line.strip().split(None, 1)[0] if line.strip() else ""
-            op = op.split()[-1] if op.startswith("@") else op
-            for name, prefixes in OPCODES.items():
-                if op.startswith(prefixes):
+            m = re.search(opcode, line)
+            for name, prefixes in opcodes.items():
+                if m and m.group(1).startswith(prefixes):
                     counts[name] += 1
     return {k: round(v / elements_per_iteration, 3) for k, v in counts.items()}
 
@@ -163,27 +172,49 @@ def build(shape, dtype, device, sm_count):
     return {"fwd": (jax.jit(fn), args), "bwd": (jax.jit(grad), args)}
 
 
+@contextlib.contextmanager
+def _sass_dump():
+    """Mosaic GPU also dumps SASS where nvdisasm sits next to ptxas (the nvidia-cuda-nvdisasm wheel)."""
+    ptxas = targets.ptxas_path()
+    if ptxas is None or not os.path.exists(os.path.join(os.path.dirname(ptxas), "nvdisasm")):
+        yield
+        return
+    saved = os.environ.get("MOSAIC_GPU_DUMP_SASS")
+    os.environ["MOSAIC_GPU_DUMP_SASS"] = "1"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("MOSAIC_GPU_DUMP_SASS")
+        else:
+            os.environ["MOSAIC_GPU_DUMP_SASS"] = saved
+
+
 def report_kernel(target, device, shape, dtype, pass_name, dump_root=None, sm_count=None):
     from alignmamba_jax import aot
     sms = targets.GPU_SPECS[target.gpu][1]
     fn, args = build(shape, dtype, device, sms if sm_count is None else sm_count)[pass_name]
     kernel = f"selective_scan_{pass_name}_mosaic_gpu"
-    with aot.mosaic_gpu_dumps() as dump_dir:
+    with aot.mosaic_gpu_dumps() as dump_dir, _sass_dump():
         start = time.perf_counter()
         compiled = fn.lower(*args).compile()
         compile_s = time.perf_counter() - start
         ptxas = [k for k in aot.ptxas_reports(dump_dir) if k["kernel"].startswith(kernel)]
         ctas, threads, smem = launch(dump_dir, kernel)
-        ptx_files = sorted(f for f in os.listdir(dump_dir) if f.startswith(kernel) and f.endswith(".ptx"))
-        with open(os.path.join(dump_dir, ptx_files[0])) as f:
-            ptx = f.read()
+        code = {}
+        for isa, suffix in (("sass", ".sass_ctrl"), ("ptx", ".ptx")):
+            found = sorted(f for f in os.listdir(dump_dir) if f.startswith(kernel) and f.endswith(suffix))
+            if found:
+                with open(os.path.join(dump_dir, found[0])) as f:
+                    code[isa] = f.read()
         if dump_root:
             import shutil
             shutil.copytree(dump_dir, os.path.join(dump_root, f"{pass_name}_{'x'.join(map(str, shape))}_{dtype}"),
                             dirs_exist_ok=True)
     b, l, d, n = shape
     launches, n_bytes, steps, state = kernel_launches(aot.kernel_calls(compiled.as_text()), pass_name)
-    counts = instruction_counts(ptx, BLOCK_C * state // threads)          # PTX is one thread's code
+    isa = "sass" if "sass" in code else "ptx"
+    counts = instruction_counts(code[isa], isa, BLOCK_C * state // threads)      # one thread's code
     ptxas = ptxas[0] if ptxas else {}
     registers = ptxas.get("registers")
     resident = ctas_per_sm(registers, threads, smem)
@@ -202,7 +233,7 @@ def report_kernel(target, device, shape, dtype, pass_name, dump_root=None, sm_co
             "registers": registers, "spills": ptxas["spill_stores"] + ptxas["spill_loads"] if ptxas else None,
             "smem_bytes": smem, "threads": threads, "ctas": ctas, "launches": launches, "ctas_per_sm": resident,
             "waves": round(ctas / (resident * sms), 3),
-            "instructions_per_element": counts,
+            "isa": isa, "instructions_per_element": counts,
             "bound_us": {"exp": round(exp_s * 1e6, 1), "fp32": round(fp32_s * 1e6, 1), "hbm": round(hbm_s * 1e6, 1)},
             "static_bound_us": round(bound_s * 1e6, 1), "floor_us": round(floor_s * 1e6, 1),
             "bound_over_floor": round(bound_s / floor_s, 2), "compile_s": round(compile_s, 1)}
