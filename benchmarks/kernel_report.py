@@ -9,9 +9,10 @@ kernel and shape it reports:
 - registers per thread and spill bytes (ptxas), dynamic shared memory per CTA and threads per CTA (the kernel's
   launch in Mosaic GPU's pass log), CTAs (the grid), CTAs resident per SM (registers x threads against 64K
   registers, shared memory against 228 KiB, and the 2048-thread / 32-block limits) and waves;
-- instruction counts per (token x channel x state) element of the kernel's inner loops, from the PTX (the
-  loops that hold the exponentials): ex2, FP32 fma / mul / add, shuffles, shared and global loads and stores.
-  PTX, not SASS: ptxas may still fuse or split some of them;
+- instruction counts per (token x channel x state) element of the kernel's inner loops (the loops that hold
+  the exponentials): ex2, FP32 fma / mul / add, shuffles, shared and global loads and stores; from the SASS
+  where nvdisasm sits next to ptxas (the nvidia-cuda-nvdisasm wheel of the `aot` extra), else from the PTX
+  (`isa` says which; ptxas may still fuse or split PTX instructions);
 - `static_bound_us`: a lower bound on the kernel's time, the largest of (ex2 at 16 per clock per SM, FP32 at
   128 lanes per clock per SM, both for the busiest SM, ceil(CTAs / SMs) CTAs) and the kernel's HBM operands
   and results at the device bandwidth; `floor_us`, the roofline floor of the pass (`scan_bench.scan_traffic`:
