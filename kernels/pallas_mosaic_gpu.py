@@ -34,9 +34,14 @@ default, as JAX's own Mosaic GPU kernels pin it in jax 0.10 and as jax 0.11 defa
 default) also lowers, for state sizes whose float32 rows are not 128 bytes (state 32 and 64 fail there: no
 bank-conflict-free shared-memory transfer of the state tile).
 
+Both kernels take exp2(delta A log2(e)) with A pre-scaled outside them (the backward rescales ddelta by ln 2
+per channel): one MUFU.EX2 per element with no range reduction in FP32. Where batch x channel blocks would leave
+SMs idle, the sequence is split into segments run as separate sequences and chained exactly
+(`sequence_segments`, `_segmented_scan`).
+
 Verified on CPU only: the kernels run in Mosaic GPU interpret mode (tests, against `reference`, values and
-gradients) and lower for sm_90 through `jax.export(..., platforms=["cuda"])` under both lowering semantics.
-No GPU has compiled the PTX or timed these kernels yet.
+gradients), lower for sm_90 through `jax.export(..., platforms=["cuda"])` under both lowering semantics, and
+compile through ptxas for sm_90a without spills (`benchmarks/kernel_report.py`). No GPU has run or timed them.
 """
 import functools
 from typing import NamedTuple
