@@ -235,8 +235,8 @@ def report_kernel(target, device, shape, dtype, pass_name, dump_root=None, sm_co
             "smem_bytes": smem, "threads": threads, "ctas": ctas, "launches": launches, "ctas_per_sm": resident,
             "waves": round(ctas / (resident * sms), 3),
             "isa": isa, "instructions_per_element": counts,
-            "bound_us": {"exp": round(exp_s * 1e6, 1), "fp32": round(fp32_s * 1e6, 1), "hbm": round(hbm_s * 1e6, 1)},
-            "static_bound_us": round(bound_s * 1e6, 1), "floor_us": round(floor_s * 1e6, 1),
+            "bound_us": {"exp": round(exp_s * 1e6, 3), "fp32": round(fp32_s * 1e6, 3), "hbm": round(hbm_s * 1e6, 3)},
+            "static_bound_us": round(bound_s * 1e6, 3), "floor_us": round(floor_s * 1e6, 3),
             "bound_over_floor": round(bound_s / floor_s, 2), "compile_s": round(compile_s, 1)}
 
 
