@@ -40,7 +40,8 @@ setup(
         "cuda12": ["jax[cuda12]"],    # for older drivers
         "tpu": ["jax[tpu]"],
         # Compiling for TPU slices and GPU nodes from a CPU machine (python -m alignmamba_jax.aot): libtpu and the
-        # CUDA 13 plugin at the installed jax's version, without CUDA's runtime libraries, and ptxas.
-        "aot": ["jax[tpu,cuda13-local]", "nvidia-cuda-nvcc>=13.0.48"],
+        # CUDA 13 plugin at the installed jax's version, without CUDA's runtime libraries, ptxas, and nvdisasm (SASS
+        # dumps of the Mosaic GPU kernels for benchmarks/kernel_report.py).
+        "aot": ["jax[tpu,cuda13-local]", "nvidia-cuda-nvcc>=13.0.48", "nvidia-cuda-nvdisasm>=13.0.48"],
     },
 )

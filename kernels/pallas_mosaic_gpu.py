@@ -34,9 +34,14 @@ default, as JAX's own Mosaic GPU kernels pin it in jax 0.10 and as jax 0.11 defa
 default) also lowers, for state sizes whose float32 rows are not 128 bytes (state 32 and 64 fail there: no
 bank-conflict-free shared-memory transfer of the state tile).
 
+Both kernels take exp2(delta A log2(e)) with A pre-scaled outside them (the backward rescales ddelta by ln 2
+per channel): one MUFU.EX2 per element with no range reduction in FP32. Where batch x channel blocks would leave
+SMs idle, the sequence is split into segments run as separate sequences and chained exactly
+(`sequence_segments`, `_segmented_scan`).
+
 Verified on CPU only: the kernels run in Mosaic GPU interpret mode (tests, against `reference`, values and
-gradients) and lower for sm_90 through `jax.export(..., platforms=["cuda"])` under both lowering semantics.
-No GPU has compiled the PTX or timed these kernels yet.
+gradients), lower for sm_90 through `jax.export(..., platforms=["cuda"])` under both lowering semantics, and
+compile through ptxas for sm_90a without spills (`benchmarks/kernel_report.py`). No GPU has run or timed them.
 """
 import functools
 from typing import NamedTuple
@@ -55,6 +60,7 @@ _SLOTS = 2                                                        # double-buffe
 _SHARED_MEMORY_BYTES = 227 * 1024                                 # per block on sm_90 / sm_100
 MIN_COMPUTE_CAPABILITY = (9, 0)                                   # TMA copies: Hopper, Blackwell
 _REDUCTION_SCRATCH_BYTES = plgpu.CompilerParams().reduction_scratch_bytes
+_LOG2E, _LN2 = 1.4426950408889634, 0.6931471805599453
 _KERNEL_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
 _STATE, _ROW, _COL = plgpu.Layout.WGMMA, plgpu.Layout.WGMMA.reduce(1), plgpu.Layout.WGMMA.reduce(0)
 
@@ -143,7 +149,7 @@ def _forward(u, delta, A, B, C, h0, cfg, save_starts):
 
             def step(i, h):
                 u, d, d_b, B_b = _step_inputs(cfg, i, u_s, d_s, B_s, shape)
-                h = jnp.exp(d_b * A_r) * h + lax.broadcast_in_dim(d * u, shape, [0]) * B_b
+                h = jnp.exp2(d_b * A_r) * h + lax.broadcast_in_dim(d * u, shape, [0]) * B_b
                 _, C_b = _rows(cfg, C_s, i, shape, 0, _COL)
                 y_s[slot, i] = jnp.sum(h * C_b, axis=1).astype(cfg.y_dtype)
                 return h
@@ -172,7 +178,7 @@ def _forward(u, delta, A, B, C, h0, cfg, save_starts):
     scratch = [plgpu.SMEM((_SLOTS, chunk, block_c), cfg.y_dtype), plgpu.SMEM((_SLOTS, block_c, state), f32),
                plgpu.Barrier(num_barriers=2)]
     return cfg.kernel(kernel, tuple(out_type), scratch, (batch, channels // block_c),
-                      "selective_scan_fwd_mosaic_gpu")(u, delta, A, B, C, h0)
+                      "selective_scan_fwd_mosaic_gpu")(u, delta, A * _LOG2E, B, C, h0)
 
 
 def _backward(u, delta, A, B, C, h_starts, dy, dh_last, cfg):
@@ -198,7 +204,7 @@ def _backward(u, delta, A, B, C, h_starts, dy, dh_last, cfg):
             def recompute(i, h):
                 work[i] = h                                         # the state before step i
                 u, d, d_b, B_b = _step_inputs(cfg, i, u_s, d_s, B_s, shape)
-                return jnp.exp(d_b * A_r) * h + lax.broadcast_in_dim(d * u, shape, [0]) * B_b
+                return jnp.exp2(d_b * A_r) * h + lax.broadcast_in_dim(d * u, shape, [0]) * B_b
 
             lax.fori_loop(0, chunk, recompute, cfg.layout(h_start_s[...], _STATE))
 
@@ -209,14 +215,14 @@ def _backward(u, delta, A, B, C, h_starts, dy, dh_last, cfg):
                 _, C_b = _rows(cfg, C_s, i, shape, 0, _COL)
                 dy, dy_b = _rows(cfg, dy_s, i, shape, 1, _ROW)
                 h_prev = cfg.layout(work[i], _STATE)
-                a = jnp.exp(d_b * A_r)
+                a = jnp.exp2(d_b * A_r)
                 du_b = lax.broadcast_in_dim(d * u, shape, [0])
                 g = g + dy_b * C_b
                 g_a_hprev = g * a * h_prev
                 dA = dA + g_a_hprev * d_b
                 g_b = jnp.sum(g * B_b, axis=1)
                 du_s[slot, i] = (d * g_b).astype(du_s.dtype)
-                dd_s[slot, i] = (jnp.sum(g_a_hprev * A_r, axis=1) + u * g_b).astype(dd_s.dtype)
+                dd_s[slot, i] = (jnp.sum(g_a_hprev * A_r, axis=1) * _LN2 + u * g_b).astype(dd_s.dtype)
                 bc_s[0, slot, i] = jnp.sum(g * du_b, axis=0)
                 bc_s[1, slot, i] = jnp.sum((a * h_prev + du_b * B_b) * dy_b, axis=0)
                 return g * a, dA
@@ -252,7 +258,7 @@ def _backward(u, delta, A, B, C, h_starts, dy, dh_last, cfg):
                plgpu.Barrier(num_barriers=2)]
     du, ddelta, dA, dB, dC, dh0 = cfg.kernel(kernel, out_type, scratch, (batch, n_blocks),
                                              "selective_scan_bwd_mosaic_gpu")(
-        u, delta, A, B, C, h_starts, dy, dh_last)
+        u, delta, A * _LOG2E, B, C, h_starts, dy, dh_last)
     return du, ddelta, dA.sum(0), dB.sum(1), dC.sum(1), dh0
 
 
@@ -278,6 +284,49 @@ _mosaic_scan.defvjp(_mosaic_scan_fwd, _mosaic_scan_bwd)
 
 def _round_up(x, multiple):
     return -(-x // multiple) * multiple
+
+
+def sequence_segments(programs, n_chunks, sm_count):
+    """How many segments to cut each sequence into so that `programs` (batch x channel blocks) CTAs times the
+    segments fill `sm_count` SMs: 1 (no split) where they already do or the SM count is unknown. Of the
+    segment counts from the least that reaches the SM count up to 4 times it, the one whose busiest SM holds
+    the fewest time steps (ceil(CTAs / SMs) / segments; the smallest count on a tie), at most one per chunk."""
+    if not sm_count or programs >= sm_count or n_chunks < 2:
+        return 1
+    least = -(-sm_count // programs)
+    candidates = range(least, 4 * least + 1)
+    best = min(candidates, key=lambda s: (-(-programs * s // sm_count) / s, s))
+    return max(1, min(best, n_chunks))
+
+
+def _segmented_scan(u, delta, A, B, C, h0, cfg, segments):
+    """The scan with each sequence cut into `segments` equal segments, run as batch x segments sequences, so
+    that small batches still give every SM a CTA. Exact: a first pass scans every segment from a zero state
+    for its end state; the decay of a whole segment is exp(A * sum of its deltas), since the decays of its
+    steps multiply; a `lax.scan` over the segments then gives each segment's true start state
+    (start_{s+1} = decay_s * start_s + end_s); a second pass rescans every segment from its start state for
+    y. Costs two kernel passes (and, under differentiation, two backward passes) at `segments` times the
+    parallelism; gradients come from autodiff through both passes and the chain."""
+    batch, length, channels = u.shape
+    state = A.shape[1]
+
+    def split(x):
+        return x.reshape(batch * segments, length // segments, x.shape[-1])
+
+    us, ds, Bs, Cs = map(split, (u, delta, B, C))
+    zeros = jnp.zeros((batch * segments, channels, state), jnp.float32)
+    _, ends = _mosaic_scan(us, ds, A, Bs, Cs, zeros, cfg)
+    delta_sums = jnp.sum(ds.astype(jnp.float32), axis=1).reshape(batch, segments, channels)
+    decays = jnp.exp(delta_sums[..., None] * A)
+
+    def link(start, decay_and_end):
+        decay, end = decay_and_end
+        return decay * start + end, start
+
+    h_last, starts = lax.scan(link, h0, (decays.swapaxes(0, 1), ends.reshape(batch, segments, channels, state)
+                                         .swapaxes(0, 1)))
+    y, _ = _mosaic_scan(us, ds, A, Bs, Cs, starts.swapaxes(0, 1).reshape(zeros.shape), cfg)
+    return y.reshape(batch, length, channels), h_last
 
 
 def _check_shared_memory(chunk, block_c, state, max_concurrent_steps, itemsizes):
@@ -318,7 +367,7 @@ def _check_device():
 def pallas_mosaic_gpu_core(u, delta, A, B, C, h0, *, chunk=TUNABLES["chunk"], block_c=TUNABLES["block_c"],
                            max_concurrent_steps=TUNABLES["max_concurrent_steps"],
                            lowering_semantics=TUNABLES["lowering_semantics"], y_dtype=jnp.float32,
-                           interpret=None):
+                           sm_count=None, interpret=None):
     """The recurrence core (see `common.py`); u, delta, B, C may be bfloat16/float16 (upcast in the kernel).
 
     chunk: time steps per pipeline stage and between saved boundary states (rounded up to a multiple of 8, at
@@ -326,6 +375,9 @@ def pallas_mosaic_gpu_core(u, delta, A, B, C, h0, *, chunk=TUNABLES["chunk"], bl
     in flight in the input pipeline (2 = double buffering); lowering_semantics: "lane" or "warpgroup";
     y_dtype: the dtype the kernel writes y in (`make_backend(..., native_dtypes=True)` passes bfloat16 for
     bfloat16 inputs without D or z, so that y costs 2 bytes an element instead of 4 plus a cast).
+    sm_count: the SMs to fill; where batch x channel blocks is smaller, the sequence is split into segments
+    (`sequence_segments`, `_segmented_scan`). Default: the GPU's own count, none (no split) off a GPU; give
+    the target's when compiling for a GPU from another machine (`targets.GPU_SPECS`).
     interpret (default: off GPU) runs the kernels in Mosaic GPU interpret mode.
     """
     if block_c % _TILE_ROWS or block_c <= 0:
@@ -345,7 +397,11 @@ def pallas_mosaic_gpu_core(u, delta, A, B, C, h0, *, chunk=TUNABLES["chunk"], bl
         _check_device()
         _check_shared_memory(chunk, block_c, _round_up(state, _TILE_COLS), max_concurrent_steps,
                              [x.dtype.itemsize for x in (u, delta, B, C)] + [kernel_y_dtype.itemsize])
-    pad_t = _round_up(length, chunk) - length
+    if sm_count is None and not interpret:
+        sm_count = getattr(jax.devices()[0], "core_count", None) if jax.devices()[0].platform == "gpu" else None
+    n_chunks = _round_up(length, chunk) // chunk
+    segments = sequence_segments(batch * (_round_up(channels, block_c) // block_c), n_chunks, sm_count)
+    pad_t = _round_up(n_chunks, segments) * chunk - length
     pad_c = _round_up(channels, block_c) - channels
     pad_n = _round_up(state, _TILE_COLS) - state
     u, delta = (jnp.pad(x, ((0, 0), (0, pad_t), (0, pad_c))) for x in (u, delta))
@@ -353,5 +409,8 @@ def pallas_mosaic_gpu_core(u, delta, A, B, C, h0, *, chunk=TUNABLES["chunk"], bl
     A = jnp.pad(A.astype(jnp.float32), ((0, pad_c), (0, pad_n)))
     h0 = jnp.pad(h0.astype(jnp.float32), ((0, 0), (0, pad_c), (0, pad_n)))
     cfg = _Config(chunk, block_c, max_concurrent_steps, lowering_semantics, bool(interpret), kernel_y_dtype)
-    y, h_last = _mosaic_scan(u, delta, A, B, C, h0, cfg)
+    if segments > 1:
+        y, h_last = _segmented_scan(u, delta, A, B, C, h0, cfg, segments)
+    else:
+        y, h_last = _mosaic_scan(u, delta, A, B, C, h0, cfg)
     return y[:, :length, :channels].astype(y_dtype), h_last[:, :channels, :state]

@@ -18,7 +18,8 @@ from jax import export
 import alignmamba_jax.kernels as kernels
 from alignmamba_jax.kernels import selective_scan, selective_scan_reference, tuned_backend
 from alignmamba_jax.kernels.common import make_backend
-from alignmamba_jax.kernels.pallas_mosaic_gpu import SEMANTICS, device_supported, pallas_mosaic_gpu_core
+from alignmamba_jax.kernels.pallas_mosaic_gpu import (SEMANTICS, device_supported, pallas_mosaic_gpu_core,
+                                                      sequence_segments)
 from alignmamba_jax.kernels.testing import OPTION_SETS, assert_close_tree, grads_of_all_inputs, make_inputs
 
 # chunk 8 on a length of 20: 3 chunks, the last padded; 70 channels: 2 blocks of 64, the second padded;
@@ -41,6 +42,35 @@ def test_mosaic_gpu_matches_reference_values_and_gradients_of_every_input():
     """Every option at once (mask, delta_bias + softplus, D, z, initial and final state): a wrong adjoint step,
     a wrong chunk order in the backward pipeline or a lost boundary state changes some gradient."""
     _check_against_reference(SMALL, (2, 20, 70, 5), OPTION_SETS["all"])
+
+
+def _split_backend(sm_count):
+    return make_backend(functools.partial(pallas_mosaic_gpu_core, chunk=8, sm_count=sm_count), "split",
+                        native_dtypes=True)
+
+
+def test_mosaic_gpu_sequence_split_matches_reference_values_final_state_and_gradients():
+    """batch 1 x 1 channel block on 4 SMs: 3 segments of one chunk of 8 steps (length 20 padded to 24), each
+    scanned from a zero state, chained, and rescanned from its true start. A wrong decay product, a segment
+    start off by one segment or a chain that drops the initial state changes the values, the final state or
+    some gradient."""
+    assert sequence_segments(1, 3, 4) == 3
+    _check_against_reference(_split_backend(4), (1, 20, 64, 5), OPTION_SETS["all"])
+
+
+@pytest.mark.slow
+def test_mosaic_gpu_sequence_split_on_two_blocks_and_padded_segments():
+    """batch 1 x 2 blocks on 8 SMs: 4 segments of 2 chunks (length 40 padded to 64, channels 70 to 128)."""
+    assert sequence_segments(2, 5, 8) == 4
+    _check_against_reference(_split_backend(8), (1, 40, 70, 5), OPTION_SETS["all"])
+
+
+@pytest.mark.parametrize("programs,n_chunks,sm_count,segments", [
+    (32, 512, 132, 8),      # the inference shape (1, 8192, 2048, 16): 256 CTAs, 2 per SM
+    (2, 5, 8, 4), (2, 3, 8, 3),             # at most one segment per chunk
+    (256, 128, 132, 1), (132, 128, 132, 1), (32, 512, None, 1), (32, 1, 132, 1)])
+def test_sequence_segments_fill_the_sms_only_where_the_grid_does_not(programs, n_chunks, sm_count, segments):
+    assert sequence_segments(programs, n_chunks, sm_count) == segments
 
 
 # mamba-ssm's tests/ops/test_selective_scan.py tolerances for bfloat16 inputs (with z): outputs and dB, dC at
