@@ -238,15 +238,22 @@ def _analysis(stage) -> dict:
     return analysis or {}
 
 
-def cost(compiled, lowered, devices: int) -> dict:
-    """FLOPs, bytes and transcendentals per device from XLA's cost analysis of the compiled program. XLA:GPU
-    compiled without a device reports none; then the analysis of the lowered, global program divided by the
-    devices stands in (data parallelism splits the work evenly)."""
+def cost(compiled) -> dict:
+    """FLOPs, bytes and transcendentals per device from XLA's cost analysis of the compiled program (Pallas
+    kernels count through their cost estimates), None where XLA gives none: XLA:GPU compiling without a device
+    reports no cost analysis."""
     analysis = _analysis(compiled)
-    if not analysis.get("flops"):
-        analysis = {k: v / devices for k, v in _analysis(lowered).items() if isinstance(v, (int, float))}
+    if not analysis:
+        return {"flops": None, "bytes_accessed": None, "transcendentals": None}
     return {"flops": float(analysis.get("flops", 0.0)), "bytes_accessed": float(analysis.get("bytes accessed", 0.0)),
             "transcendentals": float(analysis.get("transcendentals", 0.0))}
+
+
+def roofline_s(flops, target):
+    """The step's time at the device's peak bf16 FLOP/s or HBM bandwidth, whichever binds (None without a cost)."""
+    if flops["flops"] is None:
+        return None
+    return max(flops["flops"] / target.peak_flops, flops["bytes_accessed"] / target.hbm_bytes_per_s)
 
 
 class DoesNotFit(Exception):
@@ -290,11 +297,10 @@ def compile_report(config, target, devices, shapes, train_batch, hlo_dir=None) -
                 os.makedirs(hlo_dir, exist_ok=True)
                 with open(os.path.join(hlo_dir, f"{name}.txt"), "w") as f:
                     f.write(hlo)
-            flops = cost(compiled, program, len(devices))
+            flops = cost(compiled)
             programs[name] = {"per_device": mem, **flops, "collectives": collectives(hlo),
                               "kernels": kernel_calls(hlo),
-                              "roofline_s": max(flops["flops"] / target.peak_flops,
-                                                flops["bytes_accessed"] / target.hbm_bytes_per_s)}
+                              "roofline_s": roofline_s(flops, target)}
         gpu_kernels = ptxas_reports(dump_dir) if dump_dir else []
     step = programs["train_step"]
     report = {"target": target.name, "platform": target.platform, "devices": len(devices),
@@ -380,8 +386,9 @@ def summary(report) -> str:
     lines = [f"{report['target']} ({report['devices']} {report['platform']} devices, mesh {report['mesh']}): "
              f"global batch {report['global_batch']}, compiled in {report['compile_s']} s",
              f"  per device: peak {_gib(mem['peak_bytes'])} of {_gib(mem['hbm_bytes'])} "
-             f"({'fits' if mem['fits'] else 'DOES NOT FIT'}), {report['flops_per_device'] / 1e9:.2f} GFLOP, "
-             f"roofline {report['roofline_s'] * 1e3:.3f} ms"]
+             f"({'fits' if mem['fits'] else 'DOES NOT FIT'}), " + (
+                 "no cost analysis (XLA:GPU gives none without a device)" if report["flops_per_device"] is None else
+                 f"{report['flops_per_device'] / 1e9:.2f} GFLOP, roofline {report['roofline_s'] * 1e3:.3f} ms")]
     for op, c in sorted(report["collectives"].items()):
         lines.append(f"  {op}: {c['count']} ops, {c['bytes'] / 2 ** 20:.2f} MiB")
     for k in report["kernels"]:

@@ -41,6 +41,11 @@ def _mib(n):
     return f"{n / 2 ** 20:.1f}"
 
 
+def _scaled(value, factor, digits):
+    """n/a where XLA gave no cost analysis (XLA:GPU without a device)."""
+    return "n/a" if value is None else f"{value * factor:.{digits}f}"
+
+
 def markdown(rows) -> str:
     lines = ["| config | target | global batch | peak / HBM per device (GiB) | fits | max batch per device | "
              "GFLOP per device | roofline (ms) | collectives (MiB per device) | compile (s) |",
@@ -54,8 +59,8 @@ def markdown(rows) -> str:
         collectives = ", ".join(f"{op} {_mib(c['bytes'])}" for op, c in sorted(r["collectives"].items())) or "none"
         lines.append(f"| {name} | {r['target']} | {r['global_batch']} | {mem['peak_bytes'] / 2 ** 30:.2f} / "
                      f"{mem['hbm_bytes'] / 2 ** 30:.1f} | {'yes' if mem['fits'] else 'no'} | "
-                     f"{r.get('max_batch_per_device', '')} | {r['flops_per_device'] / 1e9:.1f} | "
-                     f"{r['roofline_s'] * 1e3:.2f} | {collectives} | {r['compile_s']} |")
+                     f"{r.get('max_batch_per_device', '')} | {_scaled(r['flops_per_device'], 1e-9, 1)} | "
+                     f"{_scaled(r['roofline_s'], 1e3, 2)} | {collectives} | {r['compile_s']} |")
     kernels = [(r, k) for r in rows if "error" not in r for k in r.get("gpu_kernels", [])]
     if kernels:
         lines += ["", "| config | target | kernel | registers | spill stores / loads (B) | smem (B) |",
