@@ -8,15 +8,17 @@ Backends (all share the signature of `selective_scan_reference`):
   pallas_triton      Pallas GPU kernel on Pallas's Triton backend, deprecated by JAX 0.11 (pallas_triton.py)
   pallas_mosaic_gpu  Pallas GPU kernel on Mosaic GPU, sm_90+ (Hopper, Blackwell)       (pallas_mosaic_gpu.py)
   pallas_tpu         Pallas TPU kernel (Mosaic)                                              (pallas_tpu.py)
-  pallas             the platform's Pallas kernel: pallas_tpu on TPU; elsewhere pallas_triton where this JAX
-                     has Pallas's Triton dialect, else pallas_mosaic_gpu
+  pallas             the platform's Pallas kernel: pallas_tpu on TPU, pallas_mosaic_gpu on CUDA sm_90+,
+                     else pallas_triton where this JAX has Pallas's Triton dialect
   cpu_ffi            C++ kernel on XLA's CPU backend through XLA's FFI, built on first use     (cpu_ffi.py)
   auto               cpu -> cpu_ffi (chunked where it cannot be built), gpu -> pallas, tpu -> pallas
 `backends()` says which backends can run here, why the others cannot, and what `auto` picks.
-On GPU `pallas` (and so `auto`) prefers the Triton kernel while JAX has it: until a GPU has measured both, it is
-the safer choice (simpler code with no asynchronous copies or barriers to get wrong, and it runs on any CUDA GPU,
-where the Mosaic GPU kernel needs sm_90+); where the Triton dialect is gone it falls back to Mosaic GPU, and on a
-GPU older than sm_90 without Triton `auto` falls back to `chunked` (`pallas` then says why it cannot run).
+On CUDA `pallas` (and so `auto`) is the Mosaic GPU kernel where it can run (sm_90+; also when compiling for cuda
+from a host without a GPU): compiled for H100 it has no spills and a static bound of 1.03x the roofline floor in
+the forward (`benchmarks/kernel_report.py`, RESULTS), and it emits none of the Triton backend's deprecation
+warnings. On an older GPU it is the Triton kernel while JAX has it, else `auto` falls back to `chunked` (and
+`pallas` says why the Mosaic kernel cannot run); on ROCm the Triton kernel. On a CPU `pallas` interprets the
+Triton kernel (tests).
 Off their platform the Pallas kernels run in interpret mode (slow; for tests). The Pallas backends import their
 Pallas dialect only when asked for, so a JAX without one (e.g. without Triton) still serves every other backend.
 `tuned_backend(name, **tunables)` builds a Pallas backend with non-default tunables (block and chunk sizes) for
@@ -108,12 +110,14 @@ def _mosaic_gpu_can_run() -> bool:
 
 
 def _gpu_pallas_backend(platform):
-    """pallas_triton where this JAX still has Pallas's Triton dialect (the safer kernel until a GPU has measured
-    both, see the module docstring), else pallas_mosaic_gpu where it can run (CUDA, sm_90+), else None."""
+    """On CUDA, pallas_mosaic_gpu where it can run (sm_90+, or compiling for cuda from a host without a GPU);
+    else pallas_triton while this JAX has Pallas's Triton dialect; else None (see the module docstring)."""
+    if platform == "cuda" and _mosaic_gpu_can_run():
+        return "pallas_mosaic_gpu"
     try:
         _pallas_module("pallas_triton")
     except RuntimeError:
-        return "pallas_mosaic_gpu" if platform != "rocm" and _mosaic_gpu_can_run() else None
+        return None
     return "pallas_triton"
 
 
