@@ -148,3 +148,20 @@ def test_the_largest_batch_that_fits_is_found_by_bisection_from_any_start(larges
 
     assert aot.largest_fitting(fits, start) == largest
     assert len(probes) <= 2 * 11 + 2   # logarithmic in the distance from the start
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target,platform", [("v5e-16", "tpu"), ("v5p-32", "tpu"), ("h100x16", "cuda")])
+def test_the_mosi_step_compiles_for_larger_topologies_with_per_device_kernels(target, platform):
+    """The MOSI config (its real shapes, global batch 32 or 64) on a 16-chip v5e slice, a 16-chip v5p slice and
+    two hosts of 8 H100s."""
+    if targets.missing_toolchain(platform):
+        pytest.skip(f"compiling for {platform}: {targets.missing_toolchain(platform)}")
+    spec = importlib.util.spec_from_file_location("mosi_config", os.path.join(ROOT, "configs", "mosi.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    config.train.batch_size = config.eval.batch_size = 64 if target == "h100x16" else 32
+    report = aot.run(config, target)
+    assert report["devices"] == 16 and report["per_device"]["fits"]
+    _check_per_device(report, report["global_batch"] // 16)
