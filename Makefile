@@ -13,8 +13,9 @@ $(STAMP): setup.py kernels/csrc/selective_scan_cpu.cc
 	JAX_PLATFORMS=cpu TPU_SKIP_MDS_QUERY=1 $(PY) -c "from alignmamba_jax.kernels import cpu_ffi; print(cpu_ffi.build_report())"
 	touch $(STAMP)
 
+# Two workers: most tests wait on a compiler or a subprocess, so the 2-core machines run them side by side.
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 tests
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow tests

@@ -35,7 +35,7 @@ setup(
         "psutil>=5.9",
     ],
     extras_require={
-        "test": ["pytest>=7.4", "hypothesis>=6.100", "pytest-timeout>=2.2"],
+        "test": ["pytest>=7.4", "hypothesis>=6.100", "pytest-timeout>=2.2", "pytest-xdist>=3.5"],
         "cuda": ["jax[cuda13]"],      # CUDA 13 wheels (driver >= 580); jax 0.10.x and 0.11.x both have the extra
         "cuda12": ["jax[cuda12]"],    # for older drivers
         "tpu": ["jax[tpu]"],
