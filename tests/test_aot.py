@@ -85,6 +85,7 @@ def test_training_step_compiles_for_8_h100s_with_per_device_mosaic_gpu_kernels_w
     assert all(k["spill_stores"] == 0 and k["spill_loads"] == 0 for k in compiled), compiled
 
 
+@pytest.mark.slow
 @_needs("cuda")
 def test_a_gpu_step_larger_than_the_memory_jax_may_use_is_refused_in_one_line():
     """XLA:GPU compiles any size: the check compares the program's peak with the share of HBM that JAX's
