@@ -147,16 +147,16 @@ def resolve_backend(backend="auto", platform=None) -> str:
     return backend
 
 
+def _interpreted(name, platform) -> bool:
+    return name in _PALLAS and platform not in _KERNEL_PLATFORMS[name]
+
+
 def _platform_implementation(name, platform):
     """Backend `name` as lowered for `platform`: a Pallas kernel compiled on its own platform, else interpreted."""
     if name in _PALLAS:
-        return _tuned(name, (("interpret", platform not in _KERNEL_PLATFORMS[name]),))
+        return _tuned(name, (("interpret", _interpreted(name, platform)),))
     return {"reference": selective_scan_reference, "associative": selective_scan_associative,
             "chunked": selective_scan_chunked, "cpu_ffi": cpu_ffi.selective_scan_cpu_ffi}[name]
-
-
-def _interpreted(name, platform) -> bool:
-    return name in _PALLAS and platform not in _KERNEL_PLATFORMS[name]
 
 
 def _mesh_platform():

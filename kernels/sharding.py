@@ -19,12 +19,11 @@ _BATCH_MAJOR = (True, True, False, True, True, False, True, False, True, True)
 
 
 def batch_axes(mesh, batch: int) -> tuple:
-    """The mesh's automatic axes, in order, that shard a batch of `batch` rows (each one's size divides what is
-    left; the project's (data, fsdp) mesh shards the batch over both)."""
+    """The mesh's axes, in order, that shard a batch of `batch` rows (each one's size divides what is left; the
+    project's (data, fsdp) mesh shards the batch over both)."""
     axes, size = [], 1
-    manual = set(getattr(mesh, "manual_axes", ()))
     for name, axis_size in zip(mesh.axis_names, mesh.axis_sizes):
-        if name not in manual and axis_size > 1 and batch % (size * axis_size) == 0:
+        if axis_size > 1 and batch % (size * axis_size) == 0:
             axes.append(name)
             size *= axis_size
     return tuple(axes)
