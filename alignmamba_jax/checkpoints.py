@@ -14,10 +14,13 @@ and says in one paragraph what does not fit, instead of orbax's tracebacks.
 
 A checkpoint that does not restore (truncated arrays, a broken `meta`, a state whose outputs are not finite) is
 skipped: `restore_newest` goes back to the newest one that does, and `move_aside` puts the skipped ones in
-WORKDIR/corrupt/, where they no longer block saving that step again but stay for inspection.
+WORKDIR/corrupt/, where they no longer block saving that step again but stay for inspection. A restore that
+fails leaves tensorstore reads in flight; when they finish, their callbacks find orbax's event loop closed and
+Python would print one traceback each, so `restore_newest` installs `quiet_closed_loop_callbacks`.
 """
 import json
 import os
+import sys
 
 import jax
 import orbax.checkpoint as ocp
@@ -105,6 +108,26 @@ def _reason(error) -> str:
     return f"{type(error).__name__}: {lines[0][:200]}"
 
 
+def _is_closed_loop_callback(unraisable) -> bool:
+    error = unraisable.exc_value
+    return unraisable.object is None and isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+
+
+def quiet_closed_loop_callbacks():
+    """Drops the unraisable "Event loop is closed" errors of reads that outlive a failed restore (harmless: the
+    restore has already failed and been reported); every other unraisable error goes to the previous hook."""
+    previous = sys.unraisablehook
+    if getattr(previous, "drops_closed_loop_callbacks", False):
+        return
+
+    def hook(unraisable):
+        if not _is_closed_loop_callback(unraisable):
+            previous(unraisable)
+
+    hook.drops_closed_loop_callbacks = True
+    sys.unraisablehook = hook
+
+
 def restore_newest(manager, abstract_state, workdir, problem, changes=None):
     """Restores the newest checkpoint that restores and for which `problem(state)` is None.
 
@@ -112,6 +135,7 @@ def restore_newest(manager, abstract_state, workdir, problem, changes=None):
     model is not skipped: `check_shapes` raises its UserError.
     """
     skipped = []
+    quiet_closed_loop_callbacks()  # before any attempt: the callbacks may run before a failed restore has raised
     for step in sorted(manager.all_steps(), reverse=True):
         try:
             check_shapes(manager, step, abstract_state, workdir, changes)

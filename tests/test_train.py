@@ -463,6 +463,22 @@ def test_no_checkpoint_that_restores_is_one_error_naming_each(config_file, refer
     assert snapshot(workdir) == before
 
 
+def test_reads_that_outlive_a_failed_restore_print_nothing_and_other_unraisable_errors_still_do(
+        reference_run, tmp_path, monkeypatch):
+    reported = []
+    monkeypatch.setattr(sys, "unraisablehook", reported.append)
+    workdir = copy_of(reference_run, tmp_path)
+    for step in ("30", "40"):
+        corrupt_arrays(workdir / "checkpoints" / step)
+    with pytest.raises(UserError, match="no checkpoint in .* restores"):
+        train.train_and_evaluate(tiny_config(), str(workdir))
+    time.sleep(1)  # the in-flight reads finish on tensorstore's threads
+    assert reported == []
+    other = type("Unraisable", (), {"exc_value": RuntimeError("Event loop is closed"), "object": print})
+    sys.unraisablehook(other)  # the same message from an object is not a read's callback
+    assert reported == [other]
+
+
 def test_resuming_with_fewer_steps_than_reached_evaluates_and_reports_the_step_reached(reference_run, tmp_path):
     workdir = copy_of(reference_run, tmp_path)
     config = tiny_config()
