@@ -46,6 +46,33 @@ def a_log_init(key, shape, dtype=jnp.float32):
     return jnp.broadcast_to(jnp.log(jnp.arange(1, d_state + 1, dtype=jnp.float32)), shape).astype(dtype)
 
 
+class CausalDepthwiseConv(nn.Module):
+    """Mamba's causal depthwise conv1d over (batch, length, features): y[t] = bias + sum_i kernel[i] x[t - k + 1 + i]
+    (x before the start is 0), written as `kernel_size` shifted multiply-adds that XLA fuses into one loop.
+
+    Its parameters are `nn.Conv(features, (kernel_size,), padding=((kernel_size - 1, 0),),
+    feature_group_count=features)`'s: kernel (kernel_size, 1, features), bias (features,). XLA:CPU runs that
+    grouped convolution about 50x slower (24 ms against 0.4 ms at (1, 6528, 128) on 2 cores), a quarter of
+    AlignMamba's inference time at 6.5k tokens; on GPU it would need cuDNN.
+    """
+    features: int
+    kernel_size: int
+    use_bias: bool = True
+    dtype: Any = jnp.float32
+    kernel_init: Any = nn.initializers.lecun_normal()
+    bias_init: Any = nn.initializers.zeros
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", self.kernel_init, (self.kernel_size, 1, self.features), jnp.float32)
+        bias = self.param("bias", self.bias_init, (self.features,), jnp.float32) if self.use_bias else None
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        length = x.shape[-2]
+        padded = jnp.pad(x, [(0, 0)] * (x.ndim - 2) + [(self.kernel_size - 1, 0), (0, 0)])
+        y = sum(padded[..., i:i + length, :] * kernel[i, 0] for i in range(self.kernel_size))
+        return y if bias is None else y + bias
+
+
 class MambaMixer(nn.Module):
     """Mamba-1 mixer, x (batch, length, d_model) -> same; mamba-ssm's `Mamba` with the same parameter names.
 
@@ -94,10 +121,9 @@ class MambaMixer(nn.Module):
         xs, z = jnp.split(xz, 2, axis=-1)
         if mask is not None:
             xs = jnp.where(mask[..., None], xs, 0)
-        xs = nn.Conv(d_inner, kernel_size=(self.d_conv,), padding=((self.d_conv - 1, 0),),
-                     feature_group_count=d_inner, use_bias=self.conv_bias, dtype=self.dtype, name="conv1d",
-                     kernel_init=torch_linear_init(self.d_conv),
-                     bias_init=torch_linear_init(self.d_conv))(xs)
+        xs = CausalDepthwiseConv(d_inner, self.d_conv, use_bias=self.conv_bias, dtype=self.dtype, name="conv1d",
+                                 kernel_init=torch_linear_init(self.d_conv),
+                                 bias_init=torch_linear_init(self.d_conv))(xs)
         xs = nn.silu(xs)
 
         x_dbl = nn.Dense(dt_rank + 2 * self.d_state, use_bias=False, dtype=self.dtype, name="x_proj",

@@ -7,7 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from alignmamba_jax.modules import MambaMixer, MambaStack, ModalityAwareMambaLayer, ModalityAwareMoE
+import flax.linen as nn
+
+from alignmamba_jax.modules import (CausalDepthwiseConv, MambaMixer, MambaStack, ModalityAwareMambaLayer,
+                                   ModalityAwareMoE)
 
 # Tiny graphs: XLA's backend optimisations cost far more compile time than they save at run time.
 fast_jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
@@ -35,6 +38,32 @@ def test_mixer_shapes_names_and_float32_ssm_params():
     y = fast_jit(m.apply)({"params": params}, x.astype(jnp.bfloat16))
     assert y.shape == (2, 6, D_MODEL) and y.dtype == jnp.bfloat16
     assert np.all(np.isfinite(np.asarray(y, np.float32)))
+
+
+@pytest.mark.parametrize("use_bias", [True, False])
+def test_causal_depthwise_conv_equals_the_equation_and_flax_grouped_conv_with_its_parameters(use_bias):
+    k, features, length = 4, 5, 9
+    conv = CausalDepthwiseConv(features, k, use_bias=use_bias, bias_init=nn.initializers.normal(1.0))
+    grouped = nn.Conv(features, (k,), padding=((k - 1, 0),), feature_group_count=features, use_bias=use_bias)
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, length, features))
+    params = conv.init(jax.random.PRNGKey(1), x)
+    assert jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape, grouped.init(jax.random.PRNGKey(1), x))
+    kernel, xn = np.asarray(params["params"]["kernel"], np.float64), np.asarray(x, np.float64)
+    expected = np.zeros(x.shape)
+    for t in range(length):
+        for i in range(k):
+            if t - k + 1 + i >= 0:
+                expected[:, t] += kernel[i, 0] * xn[:, t - k + 1 + i]
+    if use_bias:
+        expected += np.asarray(params["params"]["bias"])
+    np.testing.assert_allclose(fast_jit(conv.apply)(params, x), expected, rtol=1e-5, atol=1e-6)
+
+    def loss(module, p, v):
+        return jnp.sum(jnp.sin(module.apply(p, v)))
+
+    grads = fast_jit(jax.grad(functools.partial(loss, conv), argnums=(0, 1)))(params, x)
+    grads_grouped = fast_jit(jax.grad(functools.partial(loss, grouped), argnums=(0, 1)))(params, x)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), grads, grads_grouped)
 
 
 def test_mixer_is_causal():
