@@ -7,6 +7,10 @@ Expected user errors (a missing config file, an unknown config key or variant, b
 another run or is in use, a non-finite loss, a full disk) print one message, `error: ...`, and exit with status
 1; any other exception is a bug and keeps its traceback. SIGTERM or SIGINT saves a checkpoint after the current
 step and exits with status 128 + the signal number (`alignmamba_jax.preemption`).
+
+With no platform chosen (JAX_PLATFORMS unset) on a machine with no TPU and no GPU, JAX is kept to the CPU
+(`cpu_only_without_accelerators`): the `aot` extra's libtpu and CUDA plugin would otherwise start up and print
+a cuDNN traceback and libtpu warnings before every run.
 """
 import sys
 
@@ -33,6 +37,7 @@ def main(argv):
     import jax
 
     from alignmamba_jax import preemption, train
+    cpu_only_without_accelerators(jax)
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     try:
         if train.multihost_requested(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id):
@@ -48,6 +53,23 @@ def main(argv):
         sys.stdout.flush()
         print(str(stopped), file=sys.stderr)
         raise SystemExit(128 + stopped.signum)
+
+
+def cpu_only_without_accelerators(jax):
+    """Sets jax_platforms to "cpu" when none is set and JAX's own hardware probe (PCI ids for TPUs, device
+    files for NVIDIA and AMD GPUs) finds no accelerator; otherwise, or if the probe is missing from this JAX
+    (it is private), leaves JAX's choice alone."""
+    if jax.config.jax_platforms:
+        return
+    try:
+        from jax._src import hardware_utils
+        accelerators = (hardware_utils.num_available_tpu_chips_and_device_id()[0]
+                        or hardware_utils.has_visible_nvidia_gpu()
+                        or hardware_utils.num_available_amd_gpus())
+    except Exception:  # noqa: BLE001 - a JAX without this probe (or one that changed it): no opinion
+        return
+    if not accelerators:
+        jax.config.update("jax_platforms", "cpu")
 
 
 def check_multihost_flags(train):

@@ -14,8 +14,8 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 SYNTHETIC = str(REPO / "configs" / "synthetic.py")
 
 
-def run_main(*args):
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
+def run_main(*args, env=None):
+    env = dict(os.environ, JAX_PLATFORMS="cpu") if env is None else env
     result = subprocess.run([sys.executable, "-m", "alignmamba_jax.main", *args], cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=300)
     return result.returncode, result.stdout + result.stderr
@@ -74,6 +74,20 @@ def test_user_error_prints_one_message_without_traceback(tmp_path, case):
     rc, output = run_main(*make_args(tmp_path), f"--workdir={tmp_path / 'run'}")
     assert_one_error_line(rc, output, expected.format(tmp=tmp_path))
     assert not (tmp_path / "run").exists()
+
+
+def test_with_no_platform_set_and_no_accelerator_nothing_but_the_error_is_printed(tmp_path):
+    """`make test` installs the aot extra (libtpu, the CUDA plugin): started with JAX_PLATFORMS unset on a
+    machine without TPU or GPU, they must not print a cuDNN traceback or libtpu warnings before the run."""
+    from jax._src import hardware_utils
+    if (hardware_utils.num_available_tpu_chips_and_device_id()[0] or hardware_utils.has_visible_nvidia_gpu()
+            or hardware_utils.num_available_amd_gpus()):
+        pytest.skip("this machine has an accelerator")
+    make_args, expected = CASES["directory_as_data_path"]  # fails after JAX has started its backends
+    env = {key: value for key, value in os.environ.items() if key != "JAX_PLATFORMS"}
+    rc, output = run_main(*make_args(tmp_path), f"--workdir={tmp_path / 'run'}", env=env)
+    assert_one_error_line(rc, output, expected.format(tmp=tmp_path))
+    assert "cuDNN" not in output and "TPU" not in output, output
 
 
 def test_unexpected_error_keeps_its_traceback(tmp_path):
