@@ -6,7 +6,8 @@ shapes come from the data config; MMSA / MulT / TFDS data take the MOSI / MOSEI 
 `data/layouts.py`). It reports per device: memory against HBM, FLOPs and the roofline time from XLA's cost
 analysis, every collective with its bytes, and every Pallas kernel call with its operand shapes (on GPU also the
 Mosaic GPU kernels' registers, spills and shared memory from ptxas). A step that does not fit exits with status
-1 and one line; `--max_batch` finds the largest batch per device that fits by bisection over compiles.
+1 and one line; `--max_batch` finds the largest batch per device that fits, searching over compiles
+(`largest_fitting`: a few compiles, since memory grows about linearly with the batch).
 
     python -m alignmamba_jax.aot --config configs/mosei.py --target v5e-16 --json aot.json [--hlo_dir DIR]
 """
@@ -16,6 +17,7 @@ targets.prepare_compile_host()  # before jax is imported: CPU stays the default 
 
 import contextlib  # noqa: E402
 import json  # noqa: E402
+import math  # noqa: E402
 import os  # noqa: E402
 import re  # noqa: E402
 import sys  # noqa: E402
@@ -317,37 +319,63 @@ def compile_report(config, target, devices, shapes, train_batch, hlo_dir=None) -
     return report
 
 
-def largest_fitting(fits, start: int, limit: int = 2 ** 20) -> int:
-    """The largest n >= 1 with fits(n), for a monotone `fits` (0 if not even 1 fits): doubling or halving from
-    `start`, then bisection."""
-    low = high = max(1, start)
-    if fits(low):
-        while high < limit and fits(high * 2):
-            high *= 2
-        low, high = high, high * 2
-    else:
-        while low > 1 and not fits(low // 2):
-            low //= 2
-        low, high = low // 2, low
-        if low == 0:
-            return 0
+def largest_fitting(probe, start: int, limit: int = 2 ** 20) -> int:
+    """The largest n in [1, limit] that fits (0 if not even 1 does), for a monotone `probe(n)` -> (fits,
+    required bytes, available bytes).
+
+    The bytes only choose where to probe next; `fits` decides. Each probe goes where the line through the two
+    nearest probes meets the available bytes. Device memory grows about linearly with the batch, so a handful
+    of compiles finds the exact answer. Two safeguards keep the worst case logarithmic: before the answer is
+    bracketed, after two such line probes on the same side the next one doubles (or halves) instead; after, a
+    probe that did not halve the bracket is followed by a bisection step."""
+    seen = {}  # n -> (required, available)
+    low, high = 0, limit + 1  # low fits (0: nothing known to), high does not (limit + 1: past the search)
+    n, streak = max(1, min(start, limit)), 0
     while high - low > 1:
-        middle = (low + high) // 2
-        low, high = (middle, high) if fits(middle) else (low, middle)
+        fits, required, available = probe(n)
+        seen[n] = (required, available)
+        width = high - low
+        low, high = (n, high) if fits else (low, n)
+        bracketed = low > 0 and high <= limit
+        careful = 2 * (high - low) > width if bracketed else streak >= 2
+        n, by_line = _next_probe(seen, low, high, limit, careful)
+        streak = streak + 1 if by_line and not bracketed else 0
     return low
+
+
+def _next_probe(seen, low, high, limit, careful):
+    """(n, whether the line chose it): where the line through the probes nearest the boundary meets the
+    available bytes, kept inside (low, high); `careful`, or without a line, twice / half the nearest probe
+    on a side not yet bracketed, the middle of a bracket."""
+    bracketed = low > 0 and high <= limit
+    if bracketed:
+        points = (low, high)
+    elif low > 0:  # everything probed fits: the two largest
+        points = tuple(sorted(seen)[-2:])
+    else:  # nothing probed fits: the two smallest
+        points = tuple(sorted(seen)[:2])
+    guess = None
+    if len(points) == 2 and not careful:
+        (a, (ra, available)), (b, (rb, _)) = [(m, seen[m]) for m in points]
+        if rb > ra and math.isfinite(ra) and math.isfinite(rb):
+            guess = math.floor(a + (available - ra) * (b - a) / (rb - ra))
+    if guess is None:
+        n = (low + high) // 2 if bracketed else min(limit, 2 * low) if low > 0 else high // 2
+        return max(1, n), False
+    return min(high - 1, limit, max(low + 1, guess)), True
 
 
 def largest_batch_per_device(config, target, devices, shapes, start: int) -> int:
     """The largest training batch per device that fits, one compile of the training step per probe."""
-    def fits(per_device):
+    def probe(per_device):
         lowered = lower_programs(config, devices, shapes, per_device * len(devices), config.eval.batch_size)
         try:
-            compile_program(lowered["train_step"], target)
-            return True
-        except DoesNotFit:
-            return False
+            _, mem = compile_program(lowered["train_step"], target)
+            return True, mem["peak_bytes"], mem["hbm_bytes"]
+        except DoesNotFit as error:
+            return False, error.required, error.available
 
-    return largest_fitting(fits, start)
+    return largest_fitting(probe, start)
 
 
 def _gib(n) -> str:

@@ -8,11 +8,13 @@ ptxas without spills; a batch larger than the device's memory is refused in one 
 where the `aot` extra (libtpu, the CUDA plugin, ptxas) is not installed; `make test` installs it.
 """
 import importlib.util
+import math
 import os
 import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from alignmamba_jax import aot, targets
@@ -138,17 +140,47 @@ def test_input_shapes_come_from_the_data_config_without_reading_data(name, path,
     assert aot.input_shapes(_config().data) == {"text": (12, 64), "audio": (24, 5), "vision": (24, 20)}
 
 
-@pytest.mark.parametrize("start", [1, 5, 37, 38, 1000])
-@pytest.mark.parametrize("largest", [0, 1, 37, 64])
-def test_the_largest_batch_that_fits_is_found_by_bisection_from_any_start(largest, start):
+def search(required, available, start, limit=2 ** 20):
+    """largest_fitting over a probe that fits where required(n) <= available, and the n it probed."""
     probes = []
 
-    def fits(n):
+    def probe(n):
         probes.append(n)
-        return n <= largest
+        return required(n) <= available, required(n), available
 
-    assert aot.largest_fitting(fits, start) == largest
-    assert len(probes) <= 2 * 11 + 2   # logarithmic in the distance from the start
+    return aot.largest_fitting(probe, start, limit), probes
+
+
+def brute_force(required, available, limit):
+    return max([n for n in range(1, limit + 1) if required(n) <= available], default=0)
+
+
+@pytest.mark.parametrize("start", [1, 5, 37, 38, 1000, 50_000])
+@pytest.mark.parametrize("fixed,per_sample", [(3e8, 7.1e6), (1e9, 1.0), (0.0, 4e9), (2e9, 13e6)])
+def test_the_largest_batch_that_fits_takes_a_few_probes_when_memory_is_linear(fixed, per_sample, start):
+    available = 16e9
+    limit = 10 ** 6
+    largest, probes = search(lambda n: fixed + per_sample * n, available, start, limit)
+    assert largest == min(limit, max(0, math.floor((available - fixed) / per_sample)))
+    assert len(probes) <= 5, probes
+
+
+@pytest.mark.parametrize("start", [1, 5, 37, 38, 1000])
+@pytest.mark.parametrize("shape", ["steps", "convex", "concave", "flat_then_wall", "constant_bytes"])
+def test_the_largest_batch_that_fits_is_exact_and_logarithmic_for_any_monotone_memory(shape, start):
+    rng = np.random.default_rng(len(shape) * 1000 + start)
+    limit = 4096
+    cumulative = np.cumsum(rng.integers(0, 3, limit + 1) * 1e6)  # a staircase: buffer sizes jump
+    required = {"steps": lambda n: 1e8 + cumulative[n],
+                "convex": lambda n: 1e8 + 3e3 * n * n,
+                "concave": lambda n: 1e8 + 5e7 * math.sqrt(n),
+                "flat_then_wall": lambda n: 1e8 if n <= 777 else 1e12,
+                "constant_bytes": lambda n: 1e8 if n <= 300 else 1e8 + 1,  # bytes tell nothing useful
+                }[shape]
+    for available in (1.5e8, 1e9, 1e8, 5e7):
+        largest, probes = search(required, available, start, limit)
+        assert largest == brute_force(required, available, limit), (available, probes)
+        assert len(probes) <= 2 * (math.log2(limit) + 2), (available, probes)
 
 
 @pytest.mark.slow
