@@ -356,7 +356,8 @@ def _next_probe(seen, low, high, limit, careful):
         points = tuple(sorted(seen)[:2])
     guess = None
     if len(points) == 2 and not careful:
-        (a, (ra, available)), (b, (rb, _)) = [(m, seen[m]) for m in points]
+        (a, (ra, _)), (b, (rb, _)) = [(m, seen[m]) for m in points]
+        available = min(av for _, av in seen.values())  # XLA:TPU refuses a little below the HBM size
         if rb > ra and math.isfinite(ra) and math.isfinite(rb):
             guess = math.floor(a + (available - ra) * (b - a) / (rb - ra))
     if guess is None:
@@ -365,15 +366,25 @@ def _next_probe(seen, low, high, limit, careful):
     return min(high - 1, limit, max(low + 1, guess)), True
 
 
-def largest_batch_per_device(config, target, devices, shapes, start: int) -> int:
-    """The largest training batch per device that fits, one compile of the training step per probe."""
+def largest_batch_per_device(config, target, devices, shapes, start: int, known=None) -> int:
+    """The largest training batch per device that fits, one compile of the training step per probe, each
+    reported on stderr as it finishes. `known` = (fits, required, available) of the training step already
+    compiled at `start` per device."""
+    results = {} if known is None else {start: known}
+
     def probe(per_device):
+        if per_device in results:
+            return results[per_device]
+        began = time.perf_counter()
         lowered = lower_programs(config, devices, shapes, per_device * len(devices), config.eval.batch_size)
         try:
             _, mem = compile_program(lowered["train_step"], target)
-            return True, mem["peak_bytes"], mem["hbm_bytes"]
+            fits, required, available = True, mem["peak_bytes"], mem["hbm_bytes"]
         except DoesNotFit as error:
-            return False, error.required, error.available
+            fits, required, available = False, error.required, error.available
+        print(f"  batch {per_device} per device: {'fits' if fits else 'does not fit'}, {_gib(required)} of "
+              f"{_gib(available)} ({time.perf_counter() - began:.0f} s)", file=sys.stderr, flush=True)
+        return fits, required, available
 
     return largest_fitting(probe, start)
 
@@ -400,8 +411,10 @@ def run(config, target_name, json_path=None, hlo_dir=None, max_batch=False) -> d
                         f"{_gib(error.required)} per device, {target.name} has {_gib(error.available)}; "
                         f"{largest}") from None
     if max_batch:
+        mem = report["programs"]["train_step"]["per_device"]
         report["max_batch_per_device"] = largest_batch_per_device(config, target, devices, shapes,
-                                                                  report["batch_per_device"])
+                                                                  report["batch_per_device"],
+                                                                  (True, mem["peak_bytes"], mem["hbm_bytes"]))
     if json_path:
         os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
         with open(json_path, "w") as f:

@@ -14,6 +14,7 @@ import re
 import subprocess
 import sys
 
+import ml_collections
 import numpy as np
 import pytest
 
@@ -181,6 +182,32 @@ def test_the_largest_batch_that_fits_is_exact_and_logarithmic_for_any_monotone_m
         largest, probes = search(required, available, start, limit)
         assert largest == brute_force(required, available, limit), (available, probes)
         assert len(probes) <= 2 * (math.log2(limit) + 2), (available, probes)
+
+
+def test_the_batch_search_compiles_the_training_step_reuses_the_known_compile_and_reports_each_probe(
+        monkeypatch, capsys):
+    compiled = []
+    hbm = 16 * 2 ** 30
+
+    def lower_programs(config, devices, shapes, train_batch, eval_batch):
+        return {"train_step": train_batch // len(devices), "eval_step": None}
+
+    def compile_program(per_device, target):  # 0.2 GiB of state, 5 MiB per example
+        compiled.append(per_device)
+        required = 0.2 * 2 ** 30 + 5 * 2 ** 20 * per_device
+        if required > hbm:
+            raise aot.DoesNotFit(required, hbm)
+        return None, {"peak_bytes": required, "hbm_bytes": hbm}
+
+    monkeypatch.setattr(aot, "lower_programs", lower_programs)
+    monkeypatch.setattr(aot, "compile_program", compile_program)
+    known = (True, 0.2 * 2 ** 30 + 5 * 2 ** 20 * 2, hbm)
+    config = ml_collections.ConfigDict({"eval": {"batch_size": 16}})
+    largest = aot.largest_batch_per_device(config, None, [None] * 16, None, 2, known)
+    assert largest == math.floor((hbm - 0.2 * 2 ** 30) / (5 * 2 ** 20))
+    assert 2 not in compiled and len(compiled) <= 4, compiled
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == len(compiled) and lines[-1].startswith(f"  batch {compiled[-1]} per device: "), lines
 
 
 @pytest.mark.slow
