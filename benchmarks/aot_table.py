@@ -81,7 +81,8 @@ def main():
     parser.add_argument("--targets", nargs="+",
                         default=["v4-8", "v5e-16", "v5p-32", "v5e-256", "h100x8", "h200x8", "h100x16"])
     parser.add_argument("--max_batch", action="store_true", help="also bisect the largest batch per device")
-    parser.add_argument("--set", nargs="*", default=[], help="config overrides, e.g. --config.train.fsdp=2")
+    parser.add_argument("--set", action="append", default=[],
+                        help="a config override, repeatable: --set=--config.train.fsdp=2 --set=--config.seed=1")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per (config, target)")
     parser.add_argument("--json", help="write the rows here (rewritten after each row)")
     args = parser.parse_args()
