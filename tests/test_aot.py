@@ -8,6 +8,7 @@ ptxas without spills; a batch larger than the device's memory is refused in one 
 where the `aot` extra (libtpu, the CUDA plugin, ptxas) is not installed; `make test` installs it.
 """
 import importlib.util
+import json
 import math
 import os
 import re
@@ -208,6 +209,20 @@ def test_the_batch_search_compiles_the_training_step_reuses_the_known_compile_an
     assert 2 not in compiled and len(compiled) <= 4, compiled
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == len(compiled) and lines[-1].startswith(f"  batch {compiled[-1]} per device: "), lines
+
+
+@_needs("tpu")
+def test_aot_table_passes_every_override_and_keeps_a_row_that_fails(tmp_path):
+    out = tmp_path / "table.json"
+    done = subprocess.run([sys.executable, "benchmarks/aot_table.py", "--configs", "configs/synthetic.py",
+                           "--targets", "v5e-4", "--set=--config.train.batch_size=6",
+                           "--set=--config.eval.batch_size=10", "--json", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 1, done.stdout + done.stderr
+    with open(out) as f:
+        (row,) = json.load(f)["rows"]
+    assert row["error"] == "error: train.batch_size=6 and eval.batch_size=10 must divide by the 4 devices of v5e-4"
+    assert "| synthetic.py | v5e-4 | |" in done.stdout, done.stdout
 
 
 @pytest.mark.slow
