@@ -39,8 +39,8 @@ def define_flags():
     flags.DEFINE_string("target", None, f"Accelerator to compile for: {', '.join(targets.TARGETS)}.")
     flags.DEFINE_string("json", None, "Write the report here as JSON.")
     flags.DEFINE_string("hlo_dir", None, "Write the optimized HLO text of each compiled program here (*.txt).")
-    flags.DEFINE_bool("max_batch", False, "Also find the largest batch per device that fits (bisection over "
-                                          "compiles).")
+    flags.DEFINE_bool("max_batch", False, "Also find the largest batch per device that fits (a search over "
+                                          "compiles, each reported as it finishes).")
     flags.mark_flags_as_required(["config", "target"])
 
 COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute",

@@ -80,7 +80,7 @@ def main():
     parser.add_argument("--configs", nargs="+", default=["configs/mosi.py", "configs/mosei.py"])
     parser.add_argument("--targets", nargs="+",
                         default=["v4-8", "v5e-16", "v5p-32", "v5e-256", "h100x8", "h200x8", "h100x16"])
-    parser.add_argument("--max_batch", action="store_true", help="also bisect the largest batch per device")
+    parser.add_argument("--max_batch", action="store_true", help="also find the largest batch per device that fits")
     parser.add_argument("--set", action="append", default=[],
                         help="a config override, repeatable: --set=--config.train.fsdp=2 --set=--config.seed=1")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per (config, target)")
