@@ -523,53 +523,171 @@ def sinkhorn(cost, x_mask=None, y_mask=None, *, epsilon: float = 0.1, num_iters:
     (jax.checkpoint), so the gradient holds O(T_x T_y) memory whatever num_iters, not one (T_x x T_y) array per
     iteration.
     """
-    if cost.ndim < 2:
-        raise ValueError(f"cost must be (..., T_x, T_y), found {cost.shape}")
-    _check_positive("epsilon", epsilon)
     if not (isinstance(num_iters, (int, np.integer)) and num_iters >= 0):
         raise ValueError(f"num_iters must be an int >= 0, found {num_iters!r}")
-    dtype = jnp.promote_types(cost.dtype, jnp.float32)
-    xm = (jnp.ones(cost.shape[:-1], bool) if x_mask is None else x_mask.astype(bool))
-    ym = (jnp.ones(cost.shape[:-2] + cost.shape[-1:], bool) if y_mask is None else y_mask.astype(bool))
-    if xm.shape != cost.shape[:-1]:
-        raise ValueError(f"x_mask must have shape {cost.shape[:-1]}, found {xm.shape}")
-    if ym.shape != cost.shape[:-2] + cost.shape[-1:]:
-        raise ValueError(f"y_mask must have shape {cost.shape[:-2] + cost.shape[-1:]}, found {ym.shape}")
-    # A side with no valid token makes the whole problem empty: no mass anywhere.
-    xm, ym = xm & jnp.any(ym, -1, keepdims=True), ym & jnp.any(xm, -1, keepdims=True)
-    log_a = -jnp.log(jnp.maximum(jnp.sum(xm, -1, keepdims=True), 1).astype(dtype))
-    log_b = -jnp.log(jnp.maximum(jnp.sum(ym, -1, keepdims=True), 1).astype(dtype))
-    valid = xm[..., :, None] & ym[..., None, :]
-    allowed = valid & (cost != jnp.inf)
-    cost = jnp.where(allowed, cost.astype(dtype), 0.0)
-    _check_resolution(cost, epsilon, dtype)
-    epsilon = jnp.asarray(epsilon, dtype)
-    # Excluded entries get a score far below any valid one (|valid scores| < max|C| / eps < 2^17 / dtype-eps),
-    # never -inf, so that every gradient stays finite.
-    excluded = jnp.asarray(jnp.finfo(dtype).min / 4, dtype)
-    start = jnp.maximum(epsilon, jax.lax.stop_gradient(jnp.max(jnp.abs(cost), initial=0.0)) * _SINKHORN_START)
-
-    def scores(f, g, eps):
-        return jnp.where(allowed, (f[..., :, None] + g[..., None, :] - cost) / eps, excluded)
-
-    @jax.checkpoint
-    def step(carry, k):
-        f, g = carry
-        eps = jnp.maximum(epsilon, start * _SINKHORN_DECAY ** k)
-        f = jnp.where(xm, f + eps * (log_a - jax.nn.logsumexp(scores(f, g, eps), axis=-1)), 0.0)
-        g = jnp.where(ym, g + eps * (log_b - jax.nn.logsumexp(scores(f, g, eps), axis=-2)), 0.0)
-        return (f, g), None
-
-    f0 = jnp.zeros(xm.shape, dtype)
-    g0 = jnp.zeros(ym.shape, dtype)
-    (f, _), _ = jax.lax.scan(step, (f0, g0), jnp.arange(num_iters, dtype=dtype))
-    column_share = jax.nn.softmax(scores(f, jnp.zeros_like(g0), epsilon), axis=-2)
-    plan = jnp.where(allowed, column_share * jnp.exp(log_b)[..., None, :], 0.0)
-    a, b = jnp.where(xm, jnp.exp(log_a), 0.0), jnp.where(ym, jnp.exp(log_b), 0.0)
-    error = jnp.sum(jnp.abs(jnp.sum(plan, -1) - a), -1)
-    plan = _round_to_marginals(plan, a, b, allowed)
-    distance = jnp.sum(plan * cost, axis=(-2, -1))
+    problem = _SinkhornProblem.build(cost, x_mask, y_mask, epsilon)
+    step = jax.checkpoint(lambda fg, k: (problem.step(fg, k)[0], None))
+    (f, _), _ = jax.lax.scan(step, problem.start(), jnp.arange(num_iters, dtype=problem.cost.dtype))
+    plan, error = problem.coupling(f)
+    distance = jnp.sum(plan * problem.cost, axis=(-2, -1))
     return (plan, distance, error) if return_error else (plan, distance)
+
+
+def sinkhorn_distance(cost, x_mask=None, y_mask=None, *, epsilon: float = 0.1, max_iters: int = 200,
+                      tolerance: float = 1e-4, return_error: bool = False):
+    """`sinkhorn`'s distance <P, C> (..., ), run to convergence, with the gradient of the converged value: for a
+    loss that needs no plan.
+
+    The same iterations, epsilon schedule, final plan and rounding as `sinkhorn`, so the value is the same where
+    both have converged; but they run in a while loop that stops once the schedule has reached `epsilon` and the
+    marginal error ||P 1 - a||_1 of every problem is at most `tolerance` (or after `max_iters`), and they are not
+    differentiated. The gradient with respect to the cost is the implicit one at the fixed point (the converged
+    plan P with potentials f, g, P_ij = exp((f_i + g_j - C_ij) / epsilon), marginals a, b): differentiating the
+    marginal constraints gives
+
+        d<P, C> / dC_ij = P_ij (1 + (u_i + v_j - C_ij) / epsilon),   [diag(a)  P      ] [u]   [(C o P) 1  ]
+                                                                     [P^T      diag(b)] [v] = [(C o P)^T 1]
+
+    solved for v through the Schur complement (diag(b) - P^T diag(1/a) P) v = (C o P)^T 1 - P^T ((C o P) 1 / a)
+    by conjugate gradients per problem (`jax.scipy.sparse.linalg.cg`, relative residual `tolerance`, at most
+    max(T_x, T_y) + 10 steps), then u = ((C o P) 1 - P v) / a. Each step is O(T_x T_y): the backward pass costs
+    a few iterations' worth, holds the plan and no per-iteration state, and equals the unrolled gradient of
+    `sinkhorn` once that has converged. Masked rows / columns and forbidden (+inf) pairs get zero gradient.
+
+    `epsilon`, `max_iters`, `tolerance` and `return_error` must be static (Python numbers); there is no gradient
+    with respect to epsilon. With return_error=True also returns `sinkhorn`'s error (...) (before rounding).
+    """
+    if not (isinstance(max_iters, (int, np.integer)) and max_iters >= 0):
+        raise ValueError(f"max_iters must be an int >= 0, found {max_iters!r}")
+    _check_positive("tolerance", tolerance)
+    if isinstance(epsilon, jax.core.Tracer):
+        raise ValueError("sinkhorn_distance needs a concrete epsilon (a Python number); use sinkhorn for a traced one")
+    problem = _SinkhornProblem.build(cost, x_mask, y_mask, epsilon)
+    distance, error = _converged_distance(problem.cost, problem.allowed, problem.xm, problem.ym, float(epsilon),
+                                          int(max_iters), float(tolerance))
+    return (distance, error) if return_error else distance
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _converged_distance(cost, allowed, xm, ym, epsilon, max_iters, tolerance):
+    return _converged_distance_fwd(cost, allowed, xm, ym, epsilon, max_iters, tolerance)[0]
+
+
+def _converged_distance_fwd(cost, allowed, xm, ym, epsilon, max_iters, tolerance):
+    problem = _SinkhornProblem(cost, allowed, xm, ym, jnp.asarray(epsilon, cost.dtype))
+    start = problem.start()
+    # the first error is measured in the first step: start from one that does not stop the loop
+    initial = (jnp.zeros((), cost.dtype), *start, jnp.full(cost.shape[:-2], jnp.inf, cost.dtype))
+
+    def unfinished(state):
+        k, _, _, error = state
+        scheduled = problem.epsilon_at(k) > problem.epsilon
+        return (k < max_iters) & (scheduled | jnp.any(error > tolerance))
+
+    def step(state):
+        k, f, g, _ = state
+        (f, g), error = problem.step((f, g), k)
+        return k + 1, f, g, error
+
+    _, f, _, _ = jax.lax.while_loop(unfinished, step, initial)
+    plan, error = problem.coupling(jax.lax.stop_gradient(f))
+    distance = jnp.sum(plan * problem.cost, axis=(-2, -1))
+    return (distance, error), (plan, problem.cost, problem.xm, problem.ym)
+
+
+def _converged_distance_bwd(epsilon, max_iters, tolerance, residuals, cotangents):
+    plan, cost, xm, ym = residuals
+    ct = cotangents[0]
+    a = jnp.sum(plan, -1)
+    b = jnp.sum(plan, -2)
+    weighted = cost * plan
+    row_rhs, col_rhs = jnp.sum(weighted, -1), jnp.sum(weighted, -2)
+    inv_a = jnp.where(xm, 1.0 / jnp.where(xm, a, 1.0), 0.0)
+    batch = plan.shape[:-2]
+    flat = lambda x: x.reshape((-1,) + x.shape[len(batch):])  # noqa: E731
+
+    def solve(p, inv_a, b, row_rhs, col_rhs):
+        def schur(v):
+            return b * v - p.T @ (inv_a * (p @ v))
+        rhs = col_rhs - p.T @ (inv_a * row_rhs)
+        v, _ = jax.scipy.sparse.linalg.cg(schur, rhs, tol=tolerance, maxiter=max(p.shape) + 10)
+        return v, inv_a * (row_rhs - p @ v)
+
+    v, u = jax.vmap(solve)(flat(plan), flat(inv_a), flat(b), flat(row_rhs), flat(col_rhs))
+    u, v = u.reshape(xm.shape), v.reshape(ym.shape)
+    grad = plan * (1.0 + (u[..., :, None] + v[..., None, :] - cost) / epsilon)
+    grad = jnp.where(plan > 0, grad, 0.0) * ct[..., None, None]
+    zero = lambda x: np.zeros(x.shape, jax.dtypes.float0)  # noqa: E731
+    return grad, zero(plan), zero(xm), zero(ym)
+
+
+_converged_distance.defvjp(_converged_distance_fwd, _converged_distance_bwd)
+
+
+class _SinkhornProblem:
+    """One batch of entropic OT problems as `sinkhorn` solves them: the cleaned cost (0 outside `allowed`),
+    uniform log-marginals on the valid rows / columns, the log-domain updates with epsilon scaling, and the
+    final plan (columns exact, then rounded onto the transport polytope) with its marginal error."""
+
+    def __init__(self, cost, allowed, xm, ym, epsilon):
+        self.cost, self.allowed, self.xm, self.ym, self.epsilon = cost, allowed, xm, ym, epsilon
+        dtype = cost.dtype
+        self.log_a = -jnp.log(jnp.maximum(jnp.sum(xm, -1, keepdims=True), 1).astype(dtype))
+        self.log_b = -jnp.log(jnp.maximum(jnp.sum(ym, -1, keepdims=True), 1).astype(dtype))
+        # Excluded entries get a score far below any valid one (|valid scores| < max|C| / eps < 2^17 / dtype-eps),
+        # never -inf, so that every gradient stays finite.
+        self.excluded = jnp.asarray(jnp.finfo(dtype).min / 4, dtype)
+        self.first_epsilon = jnp.maximum(
+            epsilon, jax.lax.stop_gradient(jnp.max(jnp.abs(cost), initial=0.0)) * _SINKHORN_START)
+
+    @classmethod
+    def build(cls, cost, x_mask, y_mask, epsilon):
+        """Validate `sinkhorn`'s arguments and set up its problem."""
+        if cost.ndim < 2:
+            raise ValueError(f"cost must be (..., T_x, T_y), found {cost.shape}")
+        _check_positive("epsilon", epsilon)
+        dtype = jnp.promote_types(cost.dtype, jnp.float32)
+        xm = (jnp.ones(cost.shape[:-1], bool) if x_mask is None else x_mask.astype(bool))
+        ym = (jnp.ones(cost.shape[:-2] + cost.shape[-1:], bool) if y_mask is None else y_mask.astype(bool))
+        if xm.shape != cost.shape[:-1]:
+            raise ValueError(f"x_mask must have shape {cost.shape[:-1]}, found {xm.shape}")
+        if ym.shape != cost.shape[:-2] + cost.shape[-1:]:
+            raise ValueError(f"y_mask must have shape {cost.shape[:-2] + cost.shape[-1:]}, found {ym.shape}")
+        # A side with no valid token makes the whole problem empty: no mass anywhere.
+        xm, ym = xm & jnp.any(ym, -1, keepdims=True), ym & jnp.any(xm, -1, keepdims=True)
+        allowed = xm[..., :, None] & ym[..., None, :] & (cost != jnp.inf)
+        cost = jnp.where(allowed, cost.astype(dtype), 0.0)
+        _check_resolution(cost, epsilon, dtype)
+        return cls(cost, allowed, xm, ym, jnp.asarray(epsilon, dtype))
+
+    def start(self):
+        return jnp.zeros(self.xm.shape, self.cost.dtype), jnp.zeros(self.ym.shape, self.cost.dtype)
+
+    def epsilon_at(self, k):
+        return jnp.maximum(self.epsilon, self.first_epsilon * _SINKHORN_DECAY ** k)
+
+    def scores(self, f, g, eps):
+        return jnp.where(self.allowed, (f[..., :, None] + g[..., None, :] - self.cost) / eps, self.excluded)
+
+    def step(self, fg, k):
+        """Iteration k: ((f, g) updated, the marginal error ||P 1 - a||_1 of the (f, g) it started from)."""
+        f, g = fg
+        eps = self.epsilon_at(k)
+        row_lse = jax.nn.logsumexp(self.scores(f, g, eps), axis=-1)
+        error = jnp.sum(jnp.where(self.xm, jnp.abs(jnp.exp(row_lse) - jnp.exp(self.log_a)), 0.0), -1)
+        f = jnp.where(self.xm, f + eps * (self.log_a - row_lse), 0.0)
+        g = jnp.where(self.ym, g + eps * (self.log_b - jax.nn.logsumexp(self.scores(f, g, eps), axis=-2)), 0.0)
+        return (f, g), error
+
+    def coupling(self, f):
+        """(plan, error): the plan of potentials f at epsilon, columns exact, rounded onto the polytope; error is
+        ||P 1 - a||_1 before the rounding."""
+        column_share = jax.nn.softmax(self.scores(f, jnp.zeros(self.ym.shape, f.dtype), self.epsilon), axis=-2)
+        plan = jnp.where(self.allowed, column_share * jnp.exp(self.log_b)[..., None, :], 0.0)
+        a = jnp.where(self.xm, jnp.exp(self.log_a), 0.0)
+        b = jnp.where(self.ym, jnp.exp(self.log_b), 0.0)
+        error = jnp.sum(jnp.abs(jnp.sum(plan, -1) - a), -1)
+        return _round_to_marginals(plan, a, b, self.allowed), error
 
 
 def _round_to_marginals(plan, a, b, allowed):

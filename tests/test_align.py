@@ -9,7 +9,7 @@ import pytest
 
 from alignmamba_jax import align
 from alignmamba_jax.align import (cosine_cost, masked_centre, mmd, ot_align, relative_time, segment_mean_resample,
-                                  sinkhorn, time_contrastive_loss)
+                                  sinkhorn, sinkhorn_distance, time_contrastive_loss)
 
 # Tiny graphs: XLA's backend optimisations cost far more compile time than they save at run time.
 fast_jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
@@ -580,6 +580,46 @@ def sinkhorn_unrolled(cost, xm, ym, epsilon, num_iters):
     err_a, err_b = a - plan.sum(-1), b - plan.sum(-2)
     plan = plan + err_a[..., :, None] * err_b[..., None, :] / jnp.maximum(err_b.sum(-1), 1e-30)[..., None, None]
     return jnp.sum(plan * jnp.where(valid, cost, 0.0), axis=(-2, -1))
+
+
+def test_sinkhorn_distance_equals_the_converged_unrolled_value_and_gradient(rng):
+    """The early-stopped, implicitly differentiated distance against the plain unrolled Sinkhorn run long enough
+    to converge (masks with padding, one fully masked example, batch dims (2, 2))."""
+    x = rng.normal(size=(2, 2, 9, 4)).astype(np.float32)
+    y = rng.normal(size=(2, 2, 7, 4)).astype(np.float32)
+    xm = right_padded_mask([9, 5, 1, 0], 9).reshape(2, 2, 9)
+    ym = right_padded_mask([7, 6, 4, 7], 7).reshape(2, 2, 7)
+    g_out = rng.normal(size=(2, 2)).astype(np.float32)
+    got, grads = value_and_grads(
+        lambda a, b: sinkhorn_distance(cosine_cost(a, b), xm, ym, epsilon=0.1, tolerance=1e-6), g_out, x, y)
+    ref, ref_grads = value_and_grads(lambda a, b: sinkhorn_unrolled(cosine_cost(a, b), xm, ym, 0.1, 100),
+                                     g_out, x, y)
+    assert got[1, 1] == 0 and np.all(grads[0][1, 1] == 0) and np.all(grads[1][1, 1] == 0)
+    ok = np.ones((2, 2), bool)
+    ok[1, 1] = False                                  # the reference is NaN for the fully masked example
+    np.testing.assert_allclose(got[ok], ref[ok], rtol=1e-5, atol=1e-7)
+    for g, r in zip(grads, ref_grads):
+        g, r = g[ok], r[ok]
+        assert np.all(np.isfinite(g)) and np.mean(np.isfinite(r)) > 0.5   # the reference: NaN at masked tokens
+        np.testing.assert_allclose(g[np.isfinite(r)], r[np.isfinite(r)], rtol=1e-3, atol=1e-5)
+    # stopped at the default tolerance: the same value to well within what the loss resolves
+    d, error = sinkhorn_distance(cosine_cost(x, y), xm, ym, epsilon=0.1, return_error=True)
+    assert np.all(error <= 1e-4)
+    np.testing.assert_allclose(d[ok], ref[ok], atol=1e-3)
+
+
+def test_sinkhorn_distance_matches_the_closed_form_of_two_by_two():
+    """Uniform 2 x 2 entropic OT in closed form: P = [[p, 1/2 - p], [1/2 - p, p]] with
+    p / (1/2 - p) = exp(-(C11 + C22 - C12 - C21) / (2 epsilon)); value and gradient of <P, C>."""
+    def closed(c, eps=0.1):
+        s = jnp.exp(-(c[0, 0] + c[1, 1] - c[0, 1] - c[1, 0]) / (2 * eps))
+        p = 0.5 * s / (1 + s)
+        return p * (c[0, 0] + c[1, 1]) + (0.5 - p) * (c[0, 1] + c[1, 0])
+    cost = np.array([[0.1, 0.7], [0.9, 0.3]], np.float64)
+    f = lambda c: sinkhorn_distance(c, epsilon=0.1, tolerance=1e-9, max_iters=500)  # noqa: E731
+    with jax.enable_x64(True):
+        np.testing.assert_allclose(f(jnp.asarray(cost)), closed(jnp.asarray(cost)), rtol=1e-9)
+        np.testing.assert_allclose(jax.grad(f)(jnp.asarray(cost)), jax.grad(closed)(jnp.asarray(cost)), rtol=1e-6)
 
 
 def test_sinkhorn_gradient_equals_the_unrolled_one_and_memory_does_not_grow_with_iterations(rng):
