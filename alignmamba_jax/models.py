@@ -31,7 +31,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from alignmamba_jax.align import cosine_cost, mmd, ot_align, segment_mean_resample, sinkhorn, time_contrastive_loss
+from alignmamba_jax.align import (cosine_cost, mmd, ot_align, segment_mean_resample, sinkhorn, sinkhorn_distance,
+                                  time_contrastive_loss)
 from alignmamba_jax.errors import UserError
 from alignmamba_jax.kernels.validation import BACKENDS as SCAN_BACKENDS
 from alignmamba_jax.modules import MambaStack, ModalityAwareMambaLayer
@@ -41,6 +42,12 @@ FUSIONS = ("interleave", "single_stream", "multi_stream")
 POOLINGS = ("mean", "last")
 # Our local-alignment options (see default_model_config); their defaults are the paper's rule.
 ALIGNMENT_OPTIONS = ("ot_centred", "ot_match_dim", "ot_contrastive", "ot_time_prior", "ot_barycentric")
+# Every option of LocalAlignment (AlignMamba's local alignment; AlignMamba-2's with am2_inference_alignment="ot").
+LOCAL_ALIGNMENT_OPTIONS = ALIGNMENT_OPTIONS + ("ot_contrastive_tau", "ot_contrastive_sigma")
+# Options of AlignMamba-2 only.
+AM2_OPTIONS = ("use_sinkhorn", "sinkhorn_epsilon", "sinkhorn_iters", "sinkhorn_tolerance", "am2_inference_alignment",
+               "moe_num_shared_experts", "moe_hidden_mult")
+AM2_INFERENCE_ALIGNMENTS = ("resample", "ot")
 TASKS = ("regression", "classification")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 ATTENTION_IMPLS = ("xla", "cudnn")
@@ -63,8 +70,8 @@ def default_model_config() -> ml_collections.ConfigDict:
     c.dtype = "float32"              # compute dtype of the big matmuls: "float32" | "bfloat16"
     c.dropout = 0.1                  # (ours)
     c.pooling = "mean"               # "mean" over valid tokens | "last" valid token (ours)
-    c.use_local_alignment = True     # False: "w/o local" -> segment-mean resampling to the anchor length
-    c.use_global_alignment = True    # False: "w/o global" -> no MMD term
+    c.use_local_alignment = True     # AlignMamba; False: "w/o local" -> segment-mean resampling to the anchor length
+    c.use_global_alignment = True    # AlignMamba and AlignMamba-2; False: "w/o global" -> no MMD term
     c.fusion = "interleave"          # "interleave" | "single_stream" | "multi_stream" (AlignMamba only)
     c.drop_modalities = ()           # e.g. ("audio",) for "w/o audio"
     # Gaussian kernel bandwidths, kernels averaged; (s,) for a single sigma (ours). A single sigma = 1 saturates
@@ -94,8 +101,14 @@ def default_model_config() -> ml_collections.ConfigDict:
     # AlignMamba-2
     c.moe_num_shared_experts = 1     # modality-shared experts per layer (ours)
     c.moe_hidden_mult = 2            # expert MLP width = moe_hidden_mult * d_model (ours)
+    c.use_sinkhorn = True            # False: no entropic OT (Sinkhorn) term ("wo_sinkhorn"); MMD is use_global_alignment
     c.sinkhorn_epsilon = 0.1         # entropic regularisation of the training-only OT distance (ours)
-    c.sinkhorn_iters = 50
+    c.sinkhorn_iters = 50            # at most this many Sinkhorn iterations (ours) ...
+    c.sinkhorn_tolerance = 1e-3      # ... stopping once the marginal error ||P 1 - a||_1 is below this (ours)
+    # How the sources reach the anchor's positions in the fusion stream, at training and inference alike:
+    # "resample": segment means, uniform in time (the paper: no alignment work at inference);
+    # "ot": LocalAlignment's hard OT plan on the learned cost, as AlignMamba (our extension, not the paper's).
+    c.am2_inference_alignment = "resample"
     # Transformer baselines
     c.n_heads = 4
     c.mlp_mult = 4
@@ -138,15 +151,19 @@ class ModelSpec:
     return_plans: bool
     moe_num_shared_experts: int
     moe_hidden_mult: int
+    use_sinkhorn: bool
     sinkhorn_epsilon: float
     sinkhorn_iters: int
+    sinkhorn_tolerance: float
+    am2_inference_alignment: str
     n_heads: int
     mlp_mult: int
     attention_impl: str
 
     def __post_init__(self):
         choices = {"task": TASKS, "fusion": FUSIONS, "pooling": POOLINGS, "dtype": tuple(DTYPES),
-                   "attention_impl": ATTENTION_IMPLS, "scan_backend": SCAN_BACKENDS}
+                   "attention_impl": ATTENTION_IMPLS, "scan_backend": SCAN_BACKENDS,
+                   "am2_inference_alignment": AM2_INFERENCE_ALIGNMENTS}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise UserError(f"{'task' if key == 'task' else 'cfg.' + key} must be one of {allowed}, "
@@ -161,6 +178,7 @@ class ModelSpec:
                 raise UserError(f"cfg.{key} must be >= {low}, found {getattr(self, key)}")
         positive = {"ot_contrastive_tau": (self.ot_contrastive_tau,), "ot_contrastive_sigma":
                     (self.ot_contrastive_sigma,), "sinkhorn_epsilon": (self.sinkhorn_epsilon,),
+                    "sinkhorn_tolerance": (self.sinkhorn_tolerance,),
                     "mmd_sigma": self.mmd_sigma}
         for key, values in positive.items():
             if not values or not all(np.isfinite(v) and v > 0 for v in values):
@@ -236,8 +254,38 @@ def create_model(cfg, modalities: Sequence[str], anchor: str, input_dims: Dict[s
         raise UserError(f"cfg must have the keys of default_model_config(): unknown {unknown_keys}, "
                         f"missing {missing_keys}")
     spec = ModelSpec(**resolved, **{k: _spec_value(k, cfg[k], kind) for k, kind in kinds.items()})
+    defaults = default_model_config()
+    ignored = [k for k in unread_options(cfg.name, spec) if getattr(spec, k) != _spec_value(k, defaults[k], kinds[k])]
+    if ignored:
+        raise UserError(f"model {cfg.name!r} does not implement " + ", ".join(
+            f"cfg.{k}={getattr(spec, k)!r}" for k in ignored) + f" (it reads none of {ignored}): leave "
+            + ("it at its default" if len(ignored) == 1 else "them at their defaults")
+            + ", or choose a model that implements " + ("it" if len(ignored) == 1 else "them"))
     return {"alignmamba": AlignMamba, "alignmamba2": AlignMamba2, "transformer_single": TransformerSingle,
             "transformer_multi": TransformerMulti}[cfg.name](spec)
+
+
+def unread_options(name: str, spec: ModelSpec) -> Tuple[str, ...]:
+    """The alignment / model-specific keys of `spec` that model `name` built from it does not read: create_model
+    refuses any of them set to a non-default value, so that a config never says more than the model does."""
+    if name == "alignmamba":
+        unread = set(AM2_OPTIONS)
+        local = spec.fusion == "interleave" and spec.use_local_alignment
+    elif name == "alignmamba2":
+        unread = {"use_local_alignment", "fusion"}
+        local = spec.am2_inference_alignment == "ot"
+        if not spec.use_sinkhorn and not spec.return_plans:
+            unread |= {"sinkhorn_epsilon", "sinkhorn_iters", "sinkhorn_tolerance"}
+    else:
+        unread = set(AM2_OPTIONS) | {"use_local_alignment", "use_global_alignment", "mmd_sigma", "fusion"}
+        local = False
+    if not local:
+        unread |= set(LOCAL_ALIGNMENT_OPTIONS)
+    elif spec.ot_contrastive == 0:
+        unread |= {"ot_contrastive_tau", "ot_contrastive_sigma"}
+    if not spec.use_global_alignment:
+        unread.add("mmd_sigma")
+    return tuple(k for k in default_model_config().keys() if k in unread)
 
 
 def check_inputs(spec: ModelSpec, features, masks):
@@ -434,13 +482,16 @@ class AlignMamba(nn.Module):
 class AlignMamba2(nn.Module):
     """AlignMamba-2: alignment as training-only regularisers, fusion by Modality-Aware Mamba layers.
 
-    Fusion (train and inference alike): each source is segment-mean resampled to the anchor's positions (all
-    of them for a sample without an anchor, `anchor_positions`) and the streams are interleaved time-major;
-    n_layers ModalityAwareMambaLayers (shared Mamba mixer + modality-aware MoE) follow. With train=True,
-    align_loss = sum over sources of the entropic OT distance (Sinkhorn, cosine cost) and MMD^2 between the
-    projected source and anchor tokens; with train=False no alignment is computed (align_loss = 0), except the
-    Sinkhorn plans when cfg.return_plans asks for them.
-    use_local_alignment / use_global_alignment switch the OT / MMD term off; fusion is always the interleave.
+    Fusion (train and inference alike): each source is brought to the anchor's positions and the streams are
+    interleaved time-major; n_layers ModalityAwareMambaLayers (shared Mamba mixer + modality-aware MoE) follow.
+    How the sources reach the anchor's positions is spec.am2_inference_alignment: "resample" (the paper) takes
+    segment means, uniform in time (onto all anchor positions for a sample without an anchor,
+    `anchor_positions`), so inference does no alignment work; "ot" (our extension) runs AlignMamba's
+    `LocalAlignment` (its learned-cost hard OT plan and its ot_* options) at training and inference.
+    Regularisers, training only, each switched on its own: use_sinkhorn adds the entropic OT distance
+    (`sinkhorn_distance`, cosine cost) and use_global_alignment adds MMD^2, each between every projected source
+    and the anchor tokens; align_loss = their sum (+ ot_contrastive * LocalAlignment's losses with "ot"). With
+    train=False align_loss = 0. cfg.return_plans returns LocalAlignment's plans with "ot", else the Sinkhorn plans.
     """
     spec: ModelSpec
 
@@ -450,28 +501,34 @@ class AlignMamba2(nn.Module):
         features, masks = check_inputs(spec, features, masks)
         x = Projections(spec, name="projections")(features, train)
         anchor, am = x[spec.anchor], masks[spec.anchor]
-        aux = {}
-        ot_terms, mmd_terms, plans = [], [], {}
+        if spec.am2_inference_alignment == "ot":
+            seqs, seq_masks, plans, aux = LocalAlignment(spec, name="local_alignment")(features, x, masks, train)
+        else:
+            positions, plans, aux = anchor_positions(am), {}, {}
+            seqs = {m: segment_mean_resample(x[m], anchor.shape[1], masks[m], positions, return_plan=False)[0]
+                    for m in spec.sources}
+            seq_masks = {m: positions & jnp.any(masks[m], axis=-1, keepdims=True) for m in spec.sources}
         for m in spec.sources:
             present = _present(masks[m], am)
-            if train or spec.return_plans:
-                plan, dist = sinkhorn(cosine_cost(x[m], anchor), masks[m], am,
-                                      epsilon=spec.sinkhorn_epsilon, num_iters=spec.sinkhorn_iters)
-                plans[m] = plan
-            if train and spec.use_local_alignment:
+            if spec.return_plans and spec.am2_inference_alignment == "resample":
+                plans[m] = sinkhorn(cosine_cost(x[m], anchor), masks[m], am, epsilon=spec.sinkhorn_epsilon,
+                                    num_iters=spec.sinkhorn_iters)[0]
+            if train and spec.use_sinkhorn:
+                dist = sinkhorn_distance(cosine_cost(x[m], anchor), masks[m], am, epsilon=spec.sinkhorn_epsilon,
+                                         max_iters=spec.sinkhorn_iters, tolerance=spec.sinkhorn_tolerance)
                 aux[f"ot/{m}"] = _batch_mean(dist, present)
-                ot_terms.append(aux[f"ot/{m}"])
-                if spec.use_global_alignment:
-                    aux[f"mmd/{m}"] = _batch_mean(mmd(x[m], anchor, spec.mmd_sigma, masks[m], am), present)
-                    mmd_terms.append(aux[f"mmd/{m}"])
-        aux["ot"] = jnp.asarray(sum(ot_terms) if ot_terms else 0.0, jnp.float32)
-        aux["mmd"] = jnp.asarray(sum(mmd_terms) if mmd_terms else 0.0, jnp.float32)
+            if train and spec.use_global_alignment:
+                aux[f"mmd/{m}"] = _batch_mean(mmd(x[m], anchor, spec.mmd_sigma, masks[m], am), present)
+        terms = {kind: [v for k, v in aux.items() if k.startswith(kind + "/")] for kind in ("ot", "mmd", "contrastive")}
+        aux["ot"] = jnp.asarray(sum(terms["ot"]) if terms["ot"] else 0.0, jnp.float32)
+        aux["mmd"] = jnp.asarray(sum(terms["mmd"]) if terms["mmd"] else 0.0, jnp.float32)
+        align_loss = aux["ot"] + aux["mmd"]
+        if terms["contrastive"]:
+            aux["contrastive"] = jnp.asarray(sum(terms["contrastive"]), jnp.float32)
+            align_loss = align_loss + spec.ot_contrastive * aux["contrastive"]
 
-        positions = anchor_positions(am)
-        seqs = [segment_mean_resample(x[m], anchor.shape[1], masks[m], positions, return_plan=False)[0]
-                for m in spec.sources]
-        seq_masks = [positions & jnp.any(masks[m], axis=-1, keepdims=True) for m in spec.sources]
-        stream, stream_mask = interleave_time_major(seqs + [anchor], seq_masks + [am])
+        stream, stream_mask = interleave_time_major([seqs[m] for m in spec.sources] + [anchor],
+                                                    [seq_masks[m] for m in spec.sources] + [am])
         n_mod = len(spec.modalities)
         for i in range(spec.n_layers):
             stream = ModalityAwareMambaLayer(
@@ -480,8 +537,7 @@ class AlignMamba2(nn.Module):
                 spec.dropout, spec.compute_dtype, name=f"layer_{i}")(stream, stream_mask, train)
         h = nn.RMSNorm(epsilon=1e-5, dtype=jnp.float32, name="norm_f")(stream)
         pooled = masked_pool(h, stream_mask, spec.pooling)
-        out = {"prediction": Head(spec, name="head")(pooled, train),
-               "align_loss": aux["ot"] + aux["mmd"], "aux": aux}
+        out = {"prediction": Head(spec, name="head")(pooled, train), "align_loss": align_loss, "aux": aux}
         if spec.return_plans:
             out["ot_plans"] = plans
         return out

@@ -58,6 +58,9 @@ CASES = {
                      "error: train.log_every=0: expected an integer of at least 1"),
     "negative_seed": (lambda tmp: [f"--config={SYNTHETIC}", "--config.seed=-1"],
                       "error: seed=-1: expected an integer of at least 0"),
+    "option_the_model_does_not_implement": (
+        lambda tmp: [f"--config={REPO / 'configs' / 'alignmamba2_synthetic.py'}", "--config.model.ot_time_prior=0.5"],
+        "error: model 'alignmamba2' does not implement cfg.ot_time_prior=0.5"),
 }
 
 

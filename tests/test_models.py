@@ -23,10 +23,12 @@ LENS = {"text": 5, "audio": 7, "vision": 4}
 
 def tiny_config(**overrides):
     cfg = default_model_config()
-    cfg.d_model, cfg.n_layers, cfg.d_state, cfg.n_heads, cfg.sinkhorn_iters = 8, 1, 2, 2, 5
+    cfg.d_model, cfg.n_layers, cfg.d_state, cfg.n_heads = 8, 1, 2, 2
     cfg.scan_backend = "reference"
     for k, v in overrides.items():
         setattr(cfg, k, v)
+    if cfg.name == "alignmamba2" and cfg.use_sinkhorn and "sinkhorn_iters" not in overrides:
+        cfg.sinkhorn_iters = 5
     return cfg
 
 
@@ -356,3 +358,105 @@ def test_remaining_model_options_reach_the_layers():
     mean_model = create_model(tiny_config(dtype="bfloat16", dropout=0.0), MODS, "text", DIMS)
     mean = fast_jit(lambda p: mean_model.apply({"params": p}, feats, masks)["prediction"])(params)
     assert last.dtype == jnp.float32 and np.all(np.isfinite(last)) and np.all(np.abs(last - mean) > 1e-6)
+
+
+REFUSED = {  # model overrides -> the key (and value) the error names
+    "am2_time_prior": ({"name": "alignmamba2", "ot_time_prior": 0.5}, "cfg.ot_time_prior=0.5"),
+    "am2_match_dim": ({"name": "alignmamba2", "ot_match_dim": 16}, "cfg.ot_match_dim=16"),
+    "am2_local_switch": ({"name": "alignmamba2", "use_local_alignment": False}, "cfg.use_local_alignment=False"),
+    "am2_fusion": ({"name": "alignmamba2", "fusion": "single_stream"}, "cfg.fusion='single_stream'"),
+    "am2_tau_without_contrastive": ({"name": "alignmamba2", "am2_inference_alignment": "ot",
+                                     "ot_contrastive_tau": 0.5}, "cfg.ot_contrastive_tau=0.5"),
+    "am2_epsilon_without_sinkhorn": ({"name": "alignmamba2", "use_sinkhorn": False, "sinkhorn_epsilon": 0.5},
+                                     "cfg.sinkhorn_epsilon=0.5"),
+    "am1_wo_local_match_dim": ({"use_local_alignment": False, "ot_match_dim": 16}, "cfg.ot_match_dim=16"),
+    "am1_multi_stream_time_prior": ({"fusion": "multi_stream", "ot_time_prior": 0.5}, "cfg.ot_time_prior=0.5"),
+    "am1_sinkhorn_switch": ({"use_sinkhorn": False}, "cfg.use_sinkhorn=False"),
+    "am1_moe": ({"moe_hidden_mult": 4}, "cfg.moe_hidden_mult=4"),
+    "transformer_mmd": ({"name": "transformer_single", "use_global_alignment": False},
+                        "cfg.use_global_alignment=False"),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSED))
+def test_an_option_the_model_does_not_read_is_refused_naming_key_and_model(case):
+    overrides, named = REFUSED[case]
+    name = overrides.get("name", "alignmamba")
+    with pytest.raises(ValueError, match=rf"^model '{name}' does not implement {named}[ ,]") as raised:
+        create_model(tiny_config(**overrides), MODS, "text", DIMS)
+    assert "\n" not in str(raised.value)
+    # at its default the same key is accepted
+    key = named.split("=")[0][len("cfg."):]
+    create_model(tiny_config(**{k: v for k, v in overrides.items() if k != key}), MODS, "text", DIMS)
+
+
+def test_alignmamba2_regularisers_switch_independently():
+    """Same parameters; each switch removes its own term only: wo_sinkhorn keeps MMD, wo_mmd keeps the OT term,
+    wo_align keeps neither; the OT term is sinkhorn_distance of the projected tokens."""
+    from alignmamba_jax.align import cosine_cost, sinkhorn_distance
+    feats, masks = make_batch(seed=2)
+    models = {name: create_model(tiny_config(name="alignmamba2", dropout=0.0, **over), MODS, "text", DIMS)
+              for name, over in {"full": {}, "wo_sinkhorn": {"use_sinkhorn": False},
+                                 "wo_mmd": {"use_global_alignment": False},
+                                 "wo_align": {"use_sinkhorn": False, "use_global_alignment": False}}.items()}
+    params = fast_jit(models["full"].init)(jax.random.PRNGKey(0), feats, masks)["params"]
+    out = {name: fast_jit(lambda p, m=m: m.apply({"params": p}, feats, masks, train=True))(params)
+           for name, m in models.items()}
+    full = out["full"]["aux"]
+    assert set(out["wo_sinkhorn"]["aux"]) == {"ot", "mmd", "mmd/audio", "mmd/vision"}
+    assert set(out["wo_mmd"]["aux"]) == {"ot", "mmd", "ot/audio", "ot/vision"}
+    assert float(full["ot"]) > 0 and float(full["mmd"]) > 0
+    np.testing.assert_allclose(out["full"]["align_loss"], full["ot"] + full["mmd"], rtol=1e-6)
+    np.testing.assert_allclose(out["wo_sinkhorn"]["align_loss"], full["mmd"], rtol=1e-6)
+    np.testing.assert_allclose(out["wo_mmd"]["align_loss"], full["ot"], rtol=1e-6)
+    assert float(out["wo_align"]["align_loss"]) == 0.0
+    for name in models:
+        np.testing.assert_array_equal(out[name]["prediction"], out["full"]["prediction"])
+    proj = {m: feats[m] @ np.asarray(params["projections"][f"proj_{m}"]["kernel"])
+            + np.asarray(params["projections"][f"proj_{m}"]["bias"]) for m in MODS}
+    dist = sinkhorn_distance(cosine_cost(proj["audio"], proj["text"]), masks["audio"], masks["text"], epsilon=0.1,
+                             max_iters=5, tolerance=1e-3)
+    present = masks["audio"].any(-1) & masks["text"].any(-1)
+    np.testing.assert_allclose(full["ot/audio"], np.asarray(dist)[present].mean(), rtol=1e-4)
+
+
+def test_alignmamba2_ot_inference_aligns_with_local_alignment_and_reads_its_options():
+    """am2_inference_alignment="ot": the fusion front end is LocalAlignment's hard OT plan (also at inference),
+    so its options change the prediction; "resample" is the segment-mean plan of the paper."""
+    feats, masks = make_batch(seed=3)
+    build = lambda **o: create_model(tiny_config(name="alignmamba2", dropout=0.0, return_plans=True, **o),  # noqa: E731
+                                     MODS, "text", DIMS)
+    resample, ot, ot_prior = build(), build(am2_inference_alignment="ot"), build(am2_inference_alignment="ot",
+                                                                                   ot_time_prior=5.0)
+    params = fast_jit(resample.init)(jax.random.PRNGKey(0), feats, masks)["params"]
+    out = {k: fast_jit(lambda p, m=m: m.apply({"params": p}, feats, masks))(params)
+           for k, m in {"resample": resample, "ot": ot, "ot_prior": ot_prior}.items()}
+    proj = {m: feats[m] @ np.asarray(params["projections"][f"proj_{m}"]["kernel"])
+            + np.asarray(params["projections"][f"proj_{m}"]["bias"]) for m in MODS}
+    _, plan = ot_align(proj["audio"], proj["text"], masks["audio"], masks["text"])
+    present = masks["text"].any(-1)
+    np.testing.assert_allclose(out["ot"]["ot_plans"]["audio"][present], plan[present], atol=1e-6)
+    assert not np.allclose(out["ot"]["prediction"], out["resample"]["prediction"])
+    assert not np.allclose(out["ot_prior"]["prediction"], out["ot"]["prediction"])
+    assert float(out["ot"]["align_loss"]) == 0.0
+
+
+CONFIG_VARIANTS = {  # config file -> variants its model implements (every other variant is refused or unlisted)
+    "synthetic.py": ("full", "paper_ot", "wo_local", "wo_global", "single_stream", "multi_stream", "wo_audio"),
+    "alignmamba2_synthetic.py": ("full", "wo_sinkhorn", "wo_mmd", "wo_align", "ot_inference", "paper_ot"),
+    "mosi.py": ("full", "wo_local"), "mosei.py": ("full",), "alignmamba2_mosi.py": ("full", "wo_align"),
+}
+
+
+@pytest.mark.parametrize("config_file", list(CONFIG_VARIANTS))
+def test_shipped_configs_carry_no_option_their_model_ignores(config_file):
+    import pathlib
+    from alignmamba_jax import train
+    path = pathlib.Path(__file__).resolve().parents[1] / "configs" / config_file
+    for variant in CONFIG_VARIANTS[config_file]:
+        config = train.sibling_config(str(path), config_file, variant)
+        create_model(config.model, MODS, "text", DIMS)
+    am1_refuses = train.sibling_config(str(path), config_file, "wo_sinkhorn")
+    if am1_refuses.model.name == "alignmamba":
+        with pytest.raises(ValueError, match="model 'alignmamba' does not implement cfg.use_sinkhorn=False"):
+            create_model(am1_refuses.model, MODS, "text", DIMS)
