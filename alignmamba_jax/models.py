@@ -101,7 +101,7 @@ def default_model_config() -> ml_collections.ConfigDict:
     # AlignMamba-2
     c.moe_num_shared_experts = 1     # modality-shared experts per layer (ours)
     c.moe_hidden_mult = 2            # expert MLP width = moe_hidden_mult * d_model (ours)
-    c.use_sinkhorn = True            # False: no entropic OT (Sinkhorn) term ("wo_sinkhorn"); MMD is use_global_alignment
+    c.use_sinkhorn = True            # AlignMamba-2; False: no entropic OT (Sinkhorn) term ("wo_sinkhorn")
     c.sinkhorn_epsilon = 0.1         # entropic regularisation of the training-only OT distance (ours)
     c.sinkhorn_iters = 50            # at most this many Sinkhorn iterations (ours) ...
     c.sinkhorn_tolerance = 1e-3      # ... stopping once the marginal error ||P 1 - a||_1 is below this (ours)

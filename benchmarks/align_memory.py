@@ -11,7 +11,7 @@ Models: alignmamba (`default_model_config()`, the paper's local alignment), alig
 matching cost of configs/synthetic.py: keys, centring, time prior, contrastive loss), alignmamba2 (training-only
 Sinkhorn + MMD), and with `--ott` alignmamba2_ott: AlignMamba-2 whose OT term comes from ott-jax
 (`ott.solvers.linear.sinkhorn.Sinkhorn`, implicit differentiation, the same epsilon and exactly
-sinkhorn_iters iterations) instead of `alignmamba_jax.align.sinkhorn`.
+sinkhorn_iters iterations) instead of `alignmamba_jax.align.sinkhorn_distance`.
 `--ott` also measures the Sinkhorn distance's gradient alone on an (L x L) cosine cost, ours vs ott-jax.
 
 The script imports alignmamba_jax from the repository it lives in, so a copy of it in another checkout (e.g. an
@@ -98,13 +98,14 @@ def prepare_step(name, length, args):
         out = model.apply({"params": p}, feats, masks, train=True)
         return jnp.mean(jnp.abs(out["prediction"] - labels)) + cfg.align_weight * out["align_loss"]
 
-    original = models.sinkhorn
-    if name == "alignmamba2_ott":
-        models.sinkhorn = ott_sinkhorn         # traced now, so the compiled step keeps ott's solver
+    original = models.sinkhorn_distance
+    if name == "alignmamba2_ott":            # traced now, so the compiled step keeps ott's solver
+        models.sinkhorn_distance = lambda cost, x_mask, y_mask, *, epsilon, max_iters, tolerance: ott_sinkhorn(
+            cost, x_mask, y_mask, epsilon=epsilon, num_iters=max_iters)[1]
     try:
         compiled = jax.jit(jax.value_and_grad(loss)).lower(params, feats, masks, labels).compile()
     finally:
-        models.sinkhorn = original
+        models.sinkhorn_distance = original
     return functools.partial(compiled, params, feats, masks, labels), memory_bytes(compiled)
 
 

@@ -23,8 +23,7 @@ import study  # noqa: E402
 RATES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
 MODELS = (  # (label, variant of configs/synthetic.py, extra overrides, workdir name)
     ("AlignMamba", "full", {}, "full"),
-    ("w/o alignment", "full", {"model.use_local_alignment": False, "model.use_global_alignment": False},
-     "no_alignment"),
+    ("w/o alignment", "wo_local", {"model.use_global_alignment": False}, "no_alignment"),
 )
 
 

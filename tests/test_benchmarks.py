@@ -99,13 +99,17 @@ def test_ablation_missing_am2_and_ot_plan(tmp_path):
     assert is_png(tmp_path / "missing.png")
 
     run_script("alignmamba2_vs_1.py", *TINY, "--tasks", "sentiment", "--repeats", 1, "--warmup", 0,
-               "--workdir_root", tmp_path / "am2", "--json", tmp_path / "am2.json")
+               "--workdir_root", tmp_path / "am2", "--json", tmp_path / "am2.json", "--plot", tmp_path / "am2.png")
     report = json.load(open(tmp_path / "am2.json"))
     cost = report["inference"]["sentiment"]["models"]
     # AlignMamba-2 at inference runs the same graph with or without its alignment regularisers
     assert cost["AlignMamba-2"]["flops"] == cost["AlignMamba-2, no align"]["flops"]
     assert cost["AlignMamba"]["flops"] > cost["AlignMamba, no OT"]["flops"]  # OT runs at inference
-    assert set(report["accuracy"]["sentiment"]) == {"AlignMamba", "AlignMamba-2"}
+    assert cost["AlignMamba-2, OT at inference (ours)"]["flops"] > cost["AlignMamba-2"]["flops"]
+    assert set(report["accuracy"]["sentiment"]) == {
+        "AlignMamba", "AlignMamba-2", "AlignMamba-2 w/o Sinkhorn", "AlignMamba-2 w/o MMD", "AlignMamba-2 w/o alignment",
+        "AlignMamba-2, OT at inference (ours)"}
+    assert is_png(tmp_path / "am2.png")
 
     run_script("ot_plan.py", "--workdir", root / "full_s0", "--steps", 2, "--set", *TINY_DATA,
                "--n_samples", 8, "--png", tmp_path / "ot.png", "--json", tmp_path / "ot.json")
