@@ -84,20 +84,14 @@ def abstract_batch(config, shapes, global_batch, sharding) -> dict:
 
 def lower_programs(config, devices, shapes, train_batch, eval_batch) -> dict:
     """{"train_step": lowered, "eval_step": lowered} for the mesh over `devices`."""
-    import jax.numpy as jnp
-
-    from alignmamba_jax import models, train
+    from alignmamba_jax import train
     mesh = train.create_mesh(config.train.fsdp, devices)
-    modalities = tuple(config.data.modalities)
-    model = models.create_model(config.model, modalities=modalities, anchor=config.data.anchor,
-                                input_dims={m: shapes[m][1] for m in modalities}, task=config.data.task,
-                                num_classes=config.data.num_classes)
-    features = {m: jnp.zeros((2,) + shapes[m], jnp.float32) for m in modalities}
-    masks = {m: jnp.ones((2, shapes[m][0]), bool) for m in modalities}
+    model = train.create_model(config, shapes)
+    features, masks = train.shaped_example_inputs(config, shapes)
     _, state, state_shardings = train.abstract_train_state(config, model, features, masks, mesh)
     rows = train.batch_sharding(mesh)
     train_step = train.jit_train_step(config, mesh, state_shardings)
-    eval_step = train.jit_eval_step(mesh, model.apply, modalities)
+    eval_step = train.jit_eval_step(mesh, model.apply, tuple(config.data.modalities))
     return {"train_step": train_step.lower(state, abstract_batch(config, shapes, train_batch, rows)),
             "eval_step": eval_step.lower(state.params, abstract_batch(config, shapes, eval_batch, rows))}
 

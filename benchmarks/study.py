@@ -5,7 +5,6 @@ A study is a list of runs (config file, variant, overrides, seed), each trained 
 same configuration is reused instead of retrained (so studies share runs and a killed study resumes); the
 seeds change `config.seed` (initialisation, data order, dropout) while the synthetic data stay fixed.
 """
-import importlib.util
 import json
 import math
 import os
@@ -36,11 +35,9 @@ PRESETS = {
 
 def load_config(config_file="configs/synthetic.py", variant=None):
     """get_config([variant]) of a configs/*.py file, path relative to the repository root."""
-    path = config_file if os.path.isabs(config_file) else os.path.join(REPO, config_file)
-    spec = importlib.util.spec_from_file_location(f"bench_config_{abs(hash(path))}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config() if variant is None else module.get_config(variant)
+    from alignmamba_jax import config as config_lib
+    return config_lib.load_config(config_file if os.path.isabs(config_file) else os.path.join(REPO, config_file),
+                                  variant)
 
 
 def parse_value(text):

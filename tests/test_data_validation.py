@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from alignmamba_jax.data import layouts, load_splits, save_features_npz
-from alignmamba_jax.data import synthetic as synthetic_data
+from alignmamba_jax.config import default_synthetic_config
 from alignmamba_jax.errors import UserError
 
 MODALITIES = ("text", "audio", "vision")
@@ -102,7 +102,7 @@ def test_empty_split_is_an_error_naming_the_split(tmp_path, name, split):
 
 def test_empty_synthetic_split_is_an_error():
     config = ml_collections.ConfigDict(dict(name="synthetic", modalities=MODALITIES, task="regression",
-                                            synthetic=synthetic_data.default_config()))
+                                            synthetic=default_synthetic_config()))
     config.synthetic.update(n_train=8, n_valid=0, n_test=4, text_len=12, text_dim=16, audio_len=20, vision_len=24,
                             min_words=3, max_words=8)
     with pytest.raises(UserError, match=r"synthetic::valid: expected at least 1 example"):

@@ -46,7 +46,7 @@ CASES = {
                              "error: mmsa:{tmp}/unaligned_50.pkl:test: key 'audio': expected feature width 5 (as in "
                              "split 'train'), found 3"),
     "bad_model_choice": (lambda tmp: [f"--config={SYNTHETIC}", "--config.model.scan_backend=pallsa"],
-                         "error: cfg.scan_backend must be one of ('reference', 'associative', 'chunked', 'cpu_ffi', 'pallas',"),
+                         "error: cfg.scan_backend must be one of ('reference', 'associative', 'chunked', 'cpu_ffi', 'pallas_triton',"),
     "bad_model_value": (lambda tmp: [f"--config={SYNTHETIC}", "--config.model.dropout=1.5"],
                         "error: cfg.dropout must be in [0, 1), found 1.5"),
     "unknown_select_mode": (lambda tmp: [f"--config={SYNTHETIC}", "--config.eval.select_mode=minimum"],
