@@ -9,6 +9,7 @@ import os
 import pickle
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -80,6 +81,65 @@ def test_hostile_pickle_through_main_is_one_error_line(tmp_path, cached):
     errors = [line for line in output.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and errors[0].startswith(f"error: {path}: refused to load posix.system"), output
     assert not marker.exists()
+
+
+def build_attack_pickle(path, victim):
+    """A pickle whose BUILD rewrites the spill object of its 64 KiB byte string to point at `victim`, then has
+    numpy's _frombuffer make it an array: the round-2 spill unpickler then wrote a .npy header into `victim` and
+    mapped it writable."""
+    def text(s):
+        data = s.encode()
+        return pickle.SHORT_BINUNICODE + bytes([len(data)]) + data
+    n = 64 << 10
+    state = (pickle.NONE + pickle.EMPTY_DICT + pickle.MARK + text("path") + text(str(victim)) + text("nbytes")
+             + pickle.BININT + struct.pack("<i", 8) + pickle.SETITEMS + pickle.TUPLE2)
+    path.write_bytes(pickle.PROTO + b"\x04" + pickle.GLOBAL + b"numpy.core.numeric\n_frombuffer\n" + pickle.MARK
+                     + pickle.BINBYTES + struct.pack("<I", n) + b"\0" * n + state + pickle.BUILD
+                     + text("u1") + pickle.BININT + struct.pack("<i", 8) + pickle.TUPLE1 + text("C")
+                     + pickle.TUPLE + pickle.REDUCE + pickle.STOP)
+
+
+def test_a_build_that_points_a_spill_file_outside_the_cache_changes_nothing(tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_bytes(b"precious bytes, not to be overwritten\n")
+    path = tmp_path / "attack.pkl"
+    build_attack_pickle(path, victim)
+    with pytest.raises(UserError) as error:
+        load_mmsa_pickle(path, cache_dir=tmp_path / "cache")
+    assert str(error.value) == (f"{path}: refused to set the state of a OnDisk: a data pickle sets state only on "
+                                f"numpy arrays and dtypes")
+    assert victim.read_bytes() == b"precious bytes, not to be overwritten\n"
+    assert not [p for p in (tmp_path / "cache").iterdir() if p.name.startswith(".tmp-")]
+
+
+def nested_pickle(path, depth):
+    """`depth` lists nested in one another, in one pickle's opcodes (pickle.dumps itself would recurse)."""
+    path.write_bytes(pickle.PROTO + b"\x04" + (pickle.EMPTY_LIST + pickle.MARK) * depth
+                     + pickle.APPENDS * depth + pickle.STOP)
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_absurd_sizes_and_nesting_are_refused_with_the_reason(tmp_path, cached):
+    cache = tmp_path / "cache" if cached else None
+    deep = tmp_path / "deep.pkl"
+    nested_pickle(deep, 200_000)
+    expected = (f"{deep}: refused: containers nested more than 64 deep" if cached else
+                f"{deep}: expected a dict of splits")
+    with pytest.raises(UserError, match="^" + expected):
+        load_mmsa_pickle(deep, cache_dir=cache)
+    huge = tmp_path / "huge.pkl"
+    huge.write_bytes(pickle.PROTO + b"\x04" + pickle.GLOBAL + b"builtins\nbytearray\n" + pickle.MARK
+                     + pickle.LONG1 + bytes([9]) + (2 ** 70).to_bytes(9, "little") + pickle.TUPLE + pickle.REDUCE
+                     + pickle.STOP)
+    with pytest.raises(UserError, match=f"^{huge}: refused bytearray\\(int\\): pickle writes a bytearray from its "
+                                        f"bytes, never from a size$"):
+        load_mmsa_pickle(huge, cache_dir=cache)
+    huge.write_bytes(pickle.PROTO + b"\x04" + pickle.GLOBAL + b"builtins\ncomplex\n" + pickle.MARK
+                     + pickle.LONG4 + struct.pack("<i", 200) + b"\x01" * 200 + pickle.TUPLE + pickle.REDUCE
+                     + pickle.STOP)
+    with pytest.raises(UserError, match=f"^{huge}: refused: a value too large or containers nested too deep for "
+                                        f"feature data \\(OverflowError: "):
+        load_mmsa_pickle(huge, cache_dir=cache)
 
 
 def test_refused_names_are_checked_before_import():

@@ -47,8 +47,11 @@ def _unpickle(path, spill_dir=None):
             return load_spilled(path, spill_dir)
         with open(path, "rb") as f:
             return safe_pickle.load(f)
-    except safe_pickle.RefusedGlobal as e:
+    except safe_pickle.Refused as e:
         raise UserError(f"{path}: {e}") from None
+    except (OverflowError, RecursionError) as e:
+        raise UserError(f"{path}: refused: a value too large or containers nested too deep for feature data "
+                        f"({type(e).__name__}: {str(e)[:200]})") from None
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError,
             IndexError, KeyError, MemoryError) as e:
         raise UserError(f"{path}: not a readable pickle ({type(e).__name__}: {e}); the file may be truncated "
