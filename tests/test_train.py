@@ -194,6 +194,7 @@ def assert_resumes_like_the_reference(config_file, reference_run, workdir):
         (reference_run / "results.json").read_text())
     timing = ("train/samples_per_second",)
     assert read_jsonl(workdir, drop=timing) == read_jsonl(reference_run, drop=timing)
+    assert not [p for p in workdir.rglob("*") if ".orbax-checkpoint-tmp" in p.name]   # the killed save's
 
 
 def test_sigkill_in_the_first_save_and_after_a_checkpoint_then_resume_ends_like_an_uninterrupted_run(
