@@ -106,7 +106,8 @@ def test_aot_without_the_aot_extra_is_one_line(target, reason):
     ("hlo_dir", lambda tmp: tmp / "a_file", "error: --hlo_dir={tmp}/a_file is a file; expected a directory"),
     ("json", lambda tmp: tmp / "a_file" / "aot.json", "error: --json={tmp}/a_file/aot.json: {tmp}/a_file is a file, "
                                                       "not a directory"),
-], ids=["json_directory", "hlo_dir_file", "json_under_a_file"])
+    ("json", lambda tmp: "/proc/aot.json", "error: --json=/proc/aot.json: cannot write in /proc: "),
+], ids=["json_directory", "hlo_dir_file", "json_under_a_file", "json_not_writable"])
 def test_aot_output_paths_are_checked_before_compiling(tmp_path, flag, make, expected):
     (tmp_path / "a_file").write_text("x")
     rc, output = run("-m", "alignmamba_jax.aot", *AOT_ARGS, "--target=v5e-4", f"--{flag}={make(tmp_path)}")
