@@ -3,6 +3,8 @@ for two processes at once and cleans up after a killed conversion.
 
 Hostile pickles call `os.system` with a harmless marker command (it creates a file); the tests check that the
 load is refused with one line naming the file and the refused name, and that the marker was never created.
+Others use only allowed names: a BUILD that points the cache's spill file at another file, absurd sizes and
+nesting; each is one line and changes no file outside the cache.
 """
 import multiprocessing
 import os

@@ -1,5 +1,6 @@
-"""The workdir: refused when it cannot hold a run, locked while a run lives (and not after a kill -9), files
-replaced whole (a failed write keeps the old file), a torn metrics line tolerated, SIGTERM/SIGINT caught."""
+"""The workdir: refused when it cannot hold a run, locked while a run lives (and not after a kill -9), removed
+only by the run holding its lock (a race loser removes nothing), a removal mid-run noticed, files replaced whole
+(a failed write keeps the old file), a torn metrics line tolerated, SIGTERM/SIGINT caught."""
 import errno
 import fcntl
 import os
