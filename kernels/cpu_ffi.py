@@ -16,13 +16,15 @@ The cache heals: a library is compiled to a temporary name, loaded in a child pr
 load, or kills its loader, is refused there and never cached), renamed into place, and recorded in a sidecar
 `<library>.sha256` (its size and checksum, also written through a temporary name). A process loads a cached
 library only if it matches its sidecar; a truncated or otherwise changed library, or one without a sidecar, is
-built again. Loading a truncated library in this process could kill it with SIGBUS, hence the checks first. `make test`'s install step builds it there
-(`build_report()`). Building it in setup.py instead would compile against whatever jax pip's isolated build
-environment resolved, not the one installed beside it (pip builds the package before it installs the
-dependencies), so the headers could be newer than the XLA that loads the library; a pyproject `build-system` on
-jaxlib would also download jaxlib into every build. Compiling against the running jax needs no build
-dependency, works the same for an editable install and a wheel (the source ships as package data) and never
-fails an install: where no compiler or no `jax.ffi` exists, `available()` says why and `auto` uses `chunked`.
+built again (loading a truncated library could kill the process with SIGBUS, hence the checks first). Every
+cache error names the directory and `ALIGNMAMBA_CACHE_DIR`.
+
+`make test`'s install step builds it there (`build_report()`). Building it in setup.py instead would compile
+against whatever jax pip's isolated build environment resolved, not the one installed beside it (pip builds the
+package before it installs the dependencies), so the headers could be newer than the XLA that loads the library;
+a pyproject `build-system` on jaxlib would also download jaxlib into every build. Compiling against the running
+jax needs no build dependency, works the same for an editable install and a wheel (the source ships as package
+data) and never fails an install: where no compiler or no `jax.ffi` exists, `available()` says why and `auto` uses `chunked`.
 
 Portability: no `-march` flag; the kernels carry AVX-512, AVX2+FMA and baseline x86-64 versions chosen at load
 time (`target_clones`), so a cache directory shared between machines holds a library that runs on each.
@@ -92,7 +94,7 @@ def _sidecar(path):
     return path.with_name(path.name + ".sha256")
 
 
-def cached_library_valid(path) -> bool:
+def _matches_sidecar(path) -> bool:
     """Whether the library at `path` is the one its sidecar records (size and checksum)."""
     try:
         return _sidecar(path).read_text().strip() == _checksum(path)
@@ -100,7 +102,7 @@ def cached_library_valid(path) -> bool:
         return False
 
 
-def load_test(path):
+def _load_test(path):
     """None if the library at `path` loads and has the kernels' symbols, in a child process (a truncated
     library can kill its loader with SIGBUS); else the reason, in one line."""
     code = "import ctypes, sys\nlibrary = ctypes.CDLL(sys.argv[1])\nfor name in sys.argv[2:]: getattr(library, name)"
@@ -112,12 +114,12 @@ def load_test(path):
     if result.returncode == 0:
         return None
     if result.returncode < 0:
-        return f"loading it killed the process ({signal_name(-result.returncode)})"
+        return f"loading it killed the process ({_signal_name(-result.returncode)})"
     lines = result.stderr.strip().splitlines()
     return f"it does not load ({lines[-1] if lines else f'exit status {result.returncode}'})"
 
 
-def signal_name(signum):
+def _signal_name(signum):
     try:
         return signal.Signals(signum).name
     except ValueError:
@@ -148,7 +150,7 @@ def build():
     if not hasattr(jax, "ffi"):
         raise RuntimeError(f"jax {jax.__version__} has no jax.ffi (needs jax >= 0.4.38)")
     target = library_path()
-    if target.exists() and cached_library_valid(target):
+    if target.exists() and _matches_sidecar(target):
         return target
     compiler = _compiler()
     try:
@@ -160,10 +162,13 @@ def build():
         raise RuntimeError(_in_cache(f"cannot write the kernel library: {error}")) from error
     command = [compiler, *FLAGS, "-I", jax.ffi.include_dir(), str(SOURCE), "-o", partial]
     try:
-        result = subprocess.run(command, capture_output=True, text=True)
+        try:
+            result = subprocess.run(command, capture_output=True, text=True)
+        except OSError as error:
+            raise RuntimeError(f"cannot run the compiler {compiler}: {error.strerror}") from error
         if result.returncode != 0:
             raise RuntimeError(_compile_error(compiler, result.stderr))
-        broken = load_test(partial)
+        broken = _load_test(partial)
         if broken:
             raise RuntimeError(f"the library {compiler} built is unusable: {broken}; nothing was cached")
         checksum = _checksum(partial)
