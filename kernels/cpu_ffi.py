@@ -24,7 +24,8 @@ against whatever jax pip's isolated build environment resolved, not the one inst
 package before it installs the dependencies), so the headers could be newer than the XLA that loads the library;
 a pyproject `build-system` on jaxlib would also download jaxlib into every build. Compiling against the running
 jax needs no build dependency, works the same for an editable install and a wheel (the source ships as package
-data) and never fails an install: where no compiler or no `jax.ffi` exists, `available()` says why and `auto` uses `chunked`.
+data) and never fails an install: where no compiler or no `jax.ffi` exists, `available()` says why and `auto`
+uses `chunked`.
 
 Portability: no `-march` flag; the kernels carry AVX-512, AVX2+FMA and baseline x86-64 versions chosen at load
 time (`target_clones`), so a cache directory shared between machines holds a library that runs on each.
