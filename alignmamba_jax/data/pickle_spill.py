@@ -113,8 +113,8 @@ class _SpillingUnpickler(pickle._Unpickler):  # the pure-Python unpickler: its o
         unpickler built, refused on anything else (a spill file's `OnDisk` above all)."""
         target = self.stack[-2]
         if not isinstance(target, (_SpilledArray, np.dtype)):
-            raise Refused(f"refused to set the state of a {type(target).__name__}: a data pickle "
-                                         f"sets state only on numpy arrays and dtypes")
+            raise Refused(f"refused to set the state of a {type(target).__name__}: a data pickle sets state only "
+                          f"on numpy arrays and dtypes")
         pickle._Unpickler.load_build(self)
 
     dispatch[pickle.BINBYTES[0]] = load_binbytes
@@ -137,8 +137,8 @@ class _SpillingUnpickler(pickle._Unpickler):  # the pure-Python unpickler: its o
 
 def _resolve(obj, depth=0):
     if depth > MAX_DEPTH:
-        raise Refused(f"refused: containers nested more than {MAX_DEPTH} deep (a feature pickle is a dict "
-                                     f"of splits of arrays)")
+        raise Refused(f"refused: containers nested more than {MAX_DEPTH} deep (a feature pickle is a dict of "
+                      f"splits of arrays)")
     if isinstance(obj, _SpilledArray):
         obj = obj.value
     if isinstance(obj, OnDisk):
