@@ -21,6 +21,7 @@ import math  # noqa: E402
 import os  # noqa: E402
 import re  # noqa: E402
 import sys  # noqa: E402
+import tempfile  # noqa: E402
 import time  # noqa: E402
 
 from absl import app, flags  # noqa: E402
@@ -285,14 +286,36 @@ def _gib(n) -> str:
     return f"{n / 2 ** 30:.2f} GiB"
 
 
+def check_output(flag, path, kind) -> None:
+    """A UserError unless `path` can be written as a `kind` ("file" or "directory"): checked before compiling,
+    which can take minutes."""
+    path = os.path.abspath(path)
+    if os.path.exists(path) and os.path.isdir(path) != (kind == "directory"):
+        raise UserError(f"--{flag}={path} is a {'directory' if os.path.isdir(path) else 'file'}; expected a {kind}")
+    existing = path if kind == "directory" else os.path.dirname(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UserError(f"--{flag}={path}: {existing} is a file, not a directory")
+    try:  # a real write: permissions, read-only mounts and root on special file systems all show here
+        tempfile.TemporaryFile(dir=existing).close()
+    except OSError as error:
+        raise UserError(f"--{flag}={path}: cannot write in {existing}: {error.strerror}") from None
+    if kind == "file" and os.path.exists(path) and not os.access(path, os.W_OK):
+        raise UserError(f"--{flag}={path}: this file is not writable")
+
+
 def run(config, target_name, json_path=None, hlo_dir=None, max_batch=False) -> dict:
+    for flag, path, kind in (("json", json_path, "file"), ("hlo_dir", hlo_dir, "directory")):
+        if path:
+            check_output(flag, path, kind)
     target = targets.get_target(target_name)
-    devices = targets.target_devices(target)
     shapes = input_shapes(config.data)
     batch = config.train.batch_size
-    if batch % len(devices) or config.eval.batch_size % len(devices):
+    if batch % target.chips or config.eval.batch_size % target.chips:   # before libtpu or XLA:GPU starts up
         raise UserError(f"train.batch_size={batch} and eval.batch_size={config.eval.batch_size} must divide by "
-                        f"the {len(devices)} devices of {target.name}")
+                        f"the {target.chips} devices of {target.name}")
+    devices = targets.target_devices(target)
     try:
         report = compile_programs(config, target, devices, shapes, batch, hlo_dir)
     except DoesNotFit as error:

@@ -14,6 +14,7 @@ configs/*.py files; and the checks a config passes before anything runs.
 """
 import copy
 import importlib.util
+import math
 import os
 
 import ml_collections
@@ -252,6 +253,16 @@ def resolve_selection(config: ml_collections.ConfigDict) -> ml_collections.Confi
     return config
 
 
+# optimiser settings: (train key, lowest, highest, (lowest allowed, highest allowed)); outside them AdamW
+# ascends, diverges or never moves
+OPTIMIZER_RANGES = (("learning_rate", 0.0, math.inf, (False, False)),
+                    ("end_learning_rate_factor", 0.0, 1.0, (True, True)),
+                    ("weight_decay", 0.0, math.inf, (True, False)),
+                    ("b1", 0.0, 1.0, (True, False)),
+                    ("b2", 0.0, 1.0, (True, False)),
+                    ("grad_clip_norm", 0.0, math.inf, (False, False)))
+
+
 def validate_config(config: ml_collections.ConfigDict) -> None:
     """Config values that cannot define a run, refused before the workdir or the data is touched."""
     positive = ("train.batch_size", "train.log_every", "train.eval_every", "train.checkpoint_every",
@@ -264,6 +275,16 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     for key, value in (("train.steps", config.train.steps), ("seed", config.seed)):
         if not isinstance(value, int) or value < 0:
             raise UserError(f"{key}={value!r}: expected an integer of at least 0")
+    if not isinstance(config.train.warmup_steps, int) or config.train.warmup_steps < 0:
+        raise UserError(f"train.warmup_steps={config.train.warmup_steps!r}: expected an integer of at least 0")
+    for key, lowest, highest, closed in OPTIMIZER_RANGES:
+        value = config.train[key]
+        inside = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and (
+            value >= lowest if closed[0] else value > lowest) and (value <= highest if closed[1] else value < highest)
+        if not inside:
+            bounds = (f"{'>=' if closed[0] else '>'} {lowest:g}" if highest == math.inf else
+                      f"in {'[' if closed[0] else '('}{lowest:g}, {highest:g}{']' if closed[1] else ')'}")
+            raise UserError(f"train.{key}={value!r}: expected a finite number {bounds}")
     outside = [r for r in config.eval.missing_rates if not 0.0 <= float(r) <= 1.0]
     if outside:
         raise UserError(f"eval.missing_rates={tuple(config.eval.missing_rates)}: rates must lie in [0, 1], found "

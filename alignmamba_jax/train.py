@@ -267,6 +267,12 @@ def validate_run(config, splits) -> None:
         if value % n:
             raise UserError(f"{key}={value} must be divisible by the number of devices ({n})")
     input_pipeline.steps_per_epoch(input_pipeline.split_size(splits["train"]), config.train.batch_size)
+    if config.model.scan_backend == "cpu_ffi":
+        from alignmamba_jax.kernels import cpu_ffi
+        ok, reason = cpu_ffi.available()
+        if not ok:
+            raise UserError(f"model.scan_backend='cpu_ffi' is unavailable here: {reason}; use 'chunked', or 'auto' "
+                            f"(which falls back to it)")
     if config.eval.missing_rates:
         unknown = set(config.eval.missing_protocols) - set(data_lib.missing.PROTOCOLS)
         if unknown:
@@ -290,18 +296,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     config = resolve_selection(config)
     validate_config(config)
     workdir = workdir_lib.check_workdir(workdir)
-    created = workdir_lib.is_local(workdir) and not os.path.exists(workdir)
     try:
-        with workdir_lib.WorkdirLock(workdir):
-            return _train_and_evaluate(config, workdir)
+        with workdir_lib.WorkdirLock(workdir) as lock:
+            return _train_and_evaluate(config, workdir, lock)
     except Exception as error:
         if workdir_lib.disk_full_in(error):
             raise UserError(f"disk full while writing to workdir {workdir}; every checkpoint written before is "
                             f"intact: free some space and rerun the same command to resume") from None
+        if isinstance(error, FileNotFoundError) and workdir_lib.is_local(workdir) and not os.path.isdir(workdir):
+            raise workdir_lib.removed_error(workdir) from None   # removed between the last check and a write
         raise
-    finally:
-        if created:
-            workdir_lib.remove_if_unused(workdir)
 
 
 def restore_or_skip(manager, abstract_state, workdir, problem, changes, is_chief):
@@ -319,7 +323,7 @@ def restore_or_skip(manager, abstract_state, workdir, problem, changes, is_chief
     return found
 
 
-def _train_and_evaluate(config, workdir):
+def _train_and_evaluate(config, workdir, lock):
     is_chief = jax.process_index() == 0
     fingerprint = checkpoints.run_fingerprint(config)
     config_changes = checkpoints.check_fingerprint(workdir, fingerprint,
@@ -361,7 +365,8 @@ def _train_and_evaluate(config, workdir):
               f"evaluating its best checkpoint")
 
     step_fn = jit_train_step(config, mesh, state_shardings)
-    pending = []
+    pending = []   # (step, metrics on device) not yet fetched
+    window = []    # fetched metrics of the steps since the last logged line: its means
     last_good = latest.latest_step()
 
     def stop_non_finite(what):
@@ -370,13 +375,15 @@ def _train_and_evaluate(config, workdir):
             f"{'none' if last_good is None else f'step {last_good}'} in {latest.directory}")
 
     def drain():
-        """Fetches the metrics of the steps since the last drain; stops the run on a non-finite loss."""
+        """Fetches the metrics of the steps since the last drain into `window`; stops the run on a non-finite
+        loss. Also stops if the workdir was removed: every drain precedes a write into it."""
         fetched = jax.device_get([m for _, m in pending])
+        lock.check()
         for (s, _), m in zip(pending, fetched):
             if not np.isfinite(m["loss"]):
                 stop_non_finite(f"loss is {float(m['loss'])} at step {s}")
         pending.clear()
-        return fetched
+        window.extend(fetched)
 
     def save_checked(manager, done, meta):
         """Saves only a state whose outputs are finite: the next run resumes from a finite state."""
@@ -403,9 +410,10 @@ def _train_and_evaluate(config, workdir):
             if progress is not None:
                 progress.update(1)
             if done % tc.log_every == 0 or done == tc.steps or stopping:
-                fetched = drain()
+                drain()
                 elapsed = time.perf_counter() - window_start
-                scalars = {f"train/{k}": float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+                scalars = {f"train/{k}": float(np.mean([m[k] for m in window])) for k in window[0]}
+                window.clear()
                 scalars["train/samples_per_second"] = window_steps * tc.batch_size / elapsed
                 writer.write(done, scalars)
                 if progress is not None:
@@ -437,15 +445,26 @@ def _train_and_evaluate(config, workdir):
     best.wait_until_finished()
 
     final_step = int(state.step)
-    if best.latest_step() is not None:
-        state, _ = checkpoints.restore(best, best.latest_step(), abstract_state)
-    results = {"best_step": int(state.step), "final_step": final_step}
-    for name in ("valid", "test"):
-        results[name] = evaluator.evaluate(state.params, splits[name])
-    if config.eval.missing_rates:
-        results["missing"] = missing_sweep(config, evaluator, state.params, splits["test"])
-    if is_chief:
-        write_outputs(workdir, results, config)
+    after_training = "after this evaluation pass: training is complete and saved (send it again to stop at once)"
+    with preemption.StopSignals(stopping=after_training) as signals:
+        def stop_if_signalled():
+            if signals.signum is not None:
+                writer.close()
+                raise preemption.Preempted(signals.signum, f"{latest.directory}/{latest.latest_step()}",
+                                           during="the final evaluation")
+
+        if best.latest_step() is not None:
+            state, _ = checkpoints.restore(best, best.latest_step(), abstract_state)
+        results = {"best_step": int(state.step), "final_step": final_step}
+        for name in ("valid", "test"):
+            results[name] = evaluator.evaluate(state.params, splits[name])
+            stop_if_signalled()
+        if config.eval.missing_rates:
+            results["missing"] = missing_sweep(config, evaluator, state.params, splits["test"])
+            stop_if_signalled()
+        lock.check()
+        if is_chief:
+            write_outputs(workdir, results, config)
     writer.close()
     return results
 
