@@ -41,7 +41,7 @@ device-suite:
 	PYTHON=$(PYTHON) bash benchmarks/device_suite.sh
 
 device-suite-dry: $(STAMP)
-	PYTHON=$(PY) bash benchmarks/device_suite.sh --dry-run
+	PYTHON=$(PY) bash benchmarks/device_suite.sh --dry_run
 
 clean:
 	rm -rf $(VENV) runs $(WHEELS)
