@@ -1,4 +1,4 @@
-"""Ablation study (the paper's Table 3) on the synthetic default: every row trained with several seeds.
+"""Ablation (the paper's Table 3): test metrics of AlignMamba and its ablated variants over seeds, synthetic data.
 
 Rows (model overrides from `alignmamba_jax.train.MODEL_VARIANTS`):
   full            OT local alignment + MMD global alignment + time-major interleave (as configured: on the

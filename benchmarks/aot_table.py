@@ -1,4 +1,6 @@
-"""RESULTS.md's "Compiled for hardware we do not have" tables, from one command.
+"""Per-device memory, FLOPs and collectives of the training step compiled for TPU slices and GPU nodes.
+
+RESULTS.md's "Compiled for hardware we do not have" tables, from one command.
 
     python benchmarks/aot_table.py --configs configs/mosi.py configs/mosei.py \
         --targets v4-8 v5e-16 v5p-32 v5e-256 h100x8 h200x8 h100x16 --json aot_table.json [--max_batch]

@@ -45,6 +45,13 @@ def parser(doc):
 
 def positive_int(text):
     if not text.isdigit() or int(text) <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, found {text!r}")
+    return int(text)
+
+
+def positive_ints(text):
+    """One value of a list flag (`--lengths 256 512`)."""
+    if not text.isdigit() or int(text) <= 0:
         raise argparse.ArgumentTypeError(f"expected positive integers separated by spaces, found {text!r}")
     return int(text)
 
@@ -63,7 +70,7 @@ def add_repeats(p, repeats, warmup=None):
 
 
 def add_lengths(p, default, help="sequence lengths"):
-    p.add_argument("--lengths", type=positive_int, nargs="+", default=default, metavar="L",
+    p.add_argument("--lengths", type=positive_ints, nargs="+", default=default, metavar="L",
                    help=f"{help} (default: {' '.join(map(str, default))})")
 
 

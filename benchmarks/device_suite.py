@@ -1,4 +1,6 @@
-"""The GPU test-and-benchmark suite: one command proves the accelerator path on a fresh GPU machine.
+"""The GPU suite: kernel tests, scan / efficiency / throughput benchmarks and a demo run, on a fresh GPU machine.
+
+One command proves the accelerator path.
 
     bash benchmarks/device_suite.sh [--dry_run] [--out DIR] [--budget_s S] [--steps STEP ...]
     (`make device-suite`; this file takes the same arguments)

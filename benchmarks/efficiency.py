@@ -277,7 +277,7 @@ def main(argv=None):
                         "GPU, xla elsewhere)")
     p.add_argument("--max_tokens", type=int, default=None,
                    help="skip the Transformers above this many fused tokens (memory guard)")
-    p.add_argument("--doubling_lengths", type=common.positive_int, nargs="+", default=[], metavar="L",
+    p.add_argument("--doubling_lengths", type=common.positive_ints, nargs="+", default=[], metavar="L",
                    help="AlignMamba and mamba_fusion_only at these lengths, timed in one round-robin loop")
     p.add_argument("--doubling_json", default=None)
     common.add_json(p, required=True, help='write {"rows": [...]} here (rewritten after every length)')

@@ -1,4 +1,4 @@
-"""Missing-modality robustness (the paper's Table 1 layout) on the synthetic default.
+"""Missing-modality robustness (the paper's Table 1 layout): test metrics as inputs are dropped, synthetic data.
 
 AlignMamba (full) and its no-alignment ablation (no OT: segment-mean resampling to the language length, and no
 MMD) are trained on complete data; their best-validation checkpoints are then evaluated on the test split with

@@ -1,4 +1,4 @@
-"""Selective-scan benchmark: every backend, forward and forward+backward, over sequence lengths.
+"""Selective-scan time and memory of every backend, forward and forward+backward, over sequence lengths.
 
 For each length it reports the median wall time of several runs after warm-up, the compiled temporary
 memory (XLA's `memory_analysis().temp_size_in_bytes`), and speed/memory ratios against `associative`,
