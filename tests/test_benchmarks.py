@@ -43,7 +43,8 @@ def test_efficiency_schema_and_flops(tmp_path):
     assert {(r["model"], r["text_len"]) for r in rows} == {
         (m, L) for m in ("alignmamba", "transformer_single", "transformer_multi") for L in (8, 16)}
     for r in rows:
-        assert set(r) == {"model", "text_len", "tokens", "time_ms", "memory_bytes", "flops"}
+        assert set(r) == {"model", "text_len", "tokens", "time_ms", "time_ms_repeats", "memory_bytes", "flops"}
+        assert len(r["time_ms_repeats"]) == 1                             # --repeats 1
         assert r["tokens"] == 3 * r["text_len"]  # --av_lengths equal
         assert r["time_ms"] > 0 and r["memory_bytes"] > 0 and r["flops"] > 0
     by = {(r["model"], r["text_len"]): r for r in rows}
