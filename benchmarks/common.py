@@ -2,14 +2,15 @@
 
     p = common.parser(__doc__)           # --help: the docstring, whose first line says what the script measures
     common.add_json(p); common.add_repeats(p, 5, warmup=1); common.add_lengths(p, [256, 512])
-    common.add_backends(p); common.add_device(p)
+    common.add_shapes(p, ["8,2048,2048,16,bfloat16"]); common.add_backends(p); common.add_device(p)
     args = p.parse_args(argv)
     common.select_device(args.device)    # before JAX starts a backend
     common.check_backends(p, args.backends)
 
 Spelling: multi-word flags take underscores (`--d_model`, `--sweep_budget_s`); lists are values separated by
-spaces (`--lengths 256 512`). A flag given in the old hyphenated spelling (`--torch-ref`) stops with one line
-naming the new one. A mistake on the command line is a usage line and one `error:` line, exit status 1.
+spaces (`--lengths 256 512`; `--shapes 8,2048,2048,16,bfloat16 1,8192,2048,16,bfloat16`, a shape being one
+value). A flag given in the old hyphenated spelling (`--torch-ref`) stops with one line naming the new one. A
+mistake on the command line is a usage line and one `error:` line, exit status 1.
 Scripts import the installed `alignmamba_jax` and their sibling modules by name (`python benchmarks/x.py` puts
 this folder first on the module search path).
 """
@@ -72,6 +73,21 @@ def add_repeats(p, repeats, warmup=None):
 def add_lengths(p, default, help="sequence lengths"):
     p.add_argument("--lengths", type=positive_ints, nargs="+", default=default, metavar="L",
                    help=f"{help} (default: {' '.join(map(str, default))})")
+
+
+def scan_shape(text):
+    """One value of `--shapes`: "batch,length,channels,state,dtype" -> ((batch, length, channels, state), dtype)."""
+    *dims, dtype = text.split(",")
+    if len(dims) != 4 or not all(d.isdigit() and int(d) > 0 for d in dims) or dtype not in ("float32", "bfloat16"):
+        raise argparse.ArgumentTypeError(f"expected batch,length,channels,state,dtype (positive integers, dtype "
+                                         f"float32 or bfloat16) separated by spaces, found {text!r}")
+    return tuple(int(d) for d in dims), dtype
+
+
+def add_shapes(p, default, help="scan shapes"):
+    """--shapes B,L,D,N,DTYPE [...]: `default` is a list of such strings."""
+    p.add_argument("--shapes", type=scan_shape, nargs="+", default=[scan_shape(s) for s in default],
+                   metavar="B,L,D,N,DTYPE", help=f"{help} (default: {' '.join(default)})")
 
 
 def add_backends(p, help="scan backends (default: every one that can run here)"):

@@ -1,5 +1,6 @@
 """Shared pytest setup: float64 available for finite-difference checks, the benchmark scripts importable by name
-(`import scan_bench`), CPU only unless JAX_PLATFORMS says otherwise (compiling for TPU and GPU targets needs no such device: test_aot.py); tests marked `gpu` skip, with the reason, where jax sees no GPU."""
+(`import scan_bench`), CPU only unless JAX_PLATFORMS says otherwise (compiling for TPU and GPU targets needs no
+such device: test_aot.py); tests marked `gpu` skip, with the reason, where jax sees no GPU."""
 import importlib.util
 import os
 import sys

@@ -44,6 +44,7 @@ def parse(*argv):
     common.add_json(p)
     common.add_repeats(p, 5, warmup=1)
     common.add_lengths(p, [256, 512])
+    common.add_shapes(p, ["8,2048,2048,16,bfloat16"])
     common.add_backends(p)
     common.add_device(p)
     p.add_argument("--no_backward", action="store_true")
@@ -52,18 +53,22 @@ def parse(*argv):
 
 def test_common_flags():
     args = parse("--lengths", "16", "32", "--backends", "chunked", "reference", "--repeats", "3", "--json", "x.json",
-                 "--device", "cpu")
-    assert (args.lengths, args.backends, args.repeats, args.warmup, args.json, args.device) == (
-        [16, 32], ["chunked", "reference"], 3, 1, "x.json", "cpu")
+                 "--device", "cpu", "--shapes", "1,64,32,4,float32", "2,16,8,4,bfloat16")
+    assert (args.lengths, args.backends, args.repeats, args.warmup, args.json, args.device, args.shapes) == (
+        [16, 32], ["chunked", "reference"], 3, 1, "x.json", "cpu",
+        [((1, 64, 32, 4), "float32"), ((2, 16, 8, 4), "bfloat16")])
     defaults = parse()
-    assert (defaults.lengths, defaults.backends, defaults.repeats, defaults.json, defaults.device) == (
-        [256, 512], None, 5, None, None)
+    assert (defaults.lengths, defaults.backends, defaults.repeats, defaults.json, defaults.device, defaults.shapes) == (
+        [256, 512], None, 5, None, None, [((8, 2048, 2048, 16), "bfloat16")])
 
 
 @pytest.mark.parametrize("argv, error", [
-    (("--lengths", "16,32"), "error: argument --lengths: expected positive integers separated by spaces, found '16,32'"),
+    (("--lengths", "16,32"), "error: argument --lengths: expected positive integers separated by spaces, found "
+                             "'16,32'"),
     (("--lengths", "0"), "error: argument --lengths: expected positive integers separated by spaces, found '0'"),
     (("--repeats", "0"), "error: argument --repeats: expected a positive integer, found '0'"),
+    (("--shapes", "8,2048,2048,16,bfloat16;1,64,32,4,float32"), "error: argument --shapes: expected batch,length,"),
+    (("--shapes", "8,2048,2048,bfloat16"), "error: argument --shapes: expected batch,length,"),
     (("--no-backward",), "error: --no-backward is spelled --no_backward"),
     (("--device", "npu"), "error: argument --device: invalid choice: 'npu'"),
 ])
