@@ -10,8 +10,9 @@ import sys
 
 import pytest
 
-pytest.importorskip("mkdocs", reason="needs the docs extra: pip install -e '.[docs]'")
-pytest.importorskip("mkdocstrings_handlers.python", reason="needs the docs extra: pip install -e '.[docs]'")
+NEEDS = "needs the docs extra (Python >= 3.11): pip install -e '.[docs]'"
+pytest.importorskip("mkdocs", reason=NEEDS)
+pytest.importorskip("mkdocstrings_handlers.python", reason=NEEDS)
 
 from alignmamba_jax.align import mmd, ot_align, sinkhorn  # noqa: E402
 from alignmamba_jax.kernels import selective_scan  # noqa: E402
