@@ -1,6 +1,7 @@
 """The benchmark scripts share one command line (benchmarks/common.py): each answers --help, whose first line says
 what it measures; the common flags parse alike everywhere; none edits Python's module search path."""
 import ast
+import os
 import pathlib
 import runpy
 import sys
@@ -87,3 +88,16 @@ def test_unknown_backend_names_the_registry(capsys):
     assert "error: --backends: unknown 'fast'; expected names from ('reference'," in capsys.readouterr().err
     common.check_backends(p, ["chunked"])
     common.check_backends(p, None)
+
+
+def test_select_device_sets_the_platform_before_jax_starts_a_backend(monkeypatch):
+    import jax
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    before = jax.config.jax_platforms
+    common.select_device(None)
+    assert jax.config.jax_platforms == before
+    try:
+        common.select_device("gpu")
+        assert (jax.config.jax_platforms, os.environ["JAX_PLATFORMS"]) == ("cuda", "cuda")
+    finally:
+        jax.config.update("jax_platforms", before)
