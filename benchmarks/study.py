@@ -8,14 +8,11 @@ seeds change `config.seed` (initialisation, data order, dropout) while the synth
 import json
 import math
 import os
-import sys
 import time
 
 import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
 
 DEFAULT_METRICS = ("Non0_acc_2", "Non0_F1_score", "MAE", "Corr")
 # The studies' CPU budget (a shared 2-core container) does not fit 24+ runs of configs/synthetic.py as is

@@ -203,7 +203,10 @@ def _convert_into(path, tmp):
 
 
 def load_mmsa_pickle(path, cache_dir=None, return_stats=False):
-    """MMSA pickle at `path` -> {"train","valid","test"} -> contract split dict (see module docstring).
+    """MMSA pickle at `path` -> {"train","valid","test"} -> contract split dict (see module docstring): per
+    modality m in text, audio, vision, m float32 (N, T_m, d_m) and m + "_mask" bool (N, T_m); "labels" float32
+    (N,); "ids" (N,). A missing file, a file of another layout or one holding anything but arrays and builtin
+    containers raises a UserError naming it.
 
     With `cache_dir`, converts once to memory-mappable .npy files in cache_dir/<file name>-<content digest>/ and
     returns read-only memory maps. The conversion is written to a .tmp-* folder renamed into place, under a lock:
