@@ -27,6 +27,7 @@ import time  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from alignmamba_jax import compile_report  # noqa: E402
 from alignmamba_jax.cli import parse_flags  # noqa: E402
 from alignmamba_jax.errors import UserError  # noqa: E402
 
@@ -42,14 +43,6 @@ def define_flags():
     flags.DEFINE_bool("max_batch", False, "Also find the largest batch per device that fits (a search over "
                                           "compiles, each reported as it finishes).")
     flags.mark_flags_as_required(["config", "target"])
-
-COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute",
-               "collective-broadcast", "ragged-all-to-all")
-KERNEL_TARGETS = ("tpu_custom_call", "mosaic_gpu", "mosaic_gpu_v2", "__gpu$xla.gpu.triton", "triton_kernel_call")
-_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2, "s32": 4, "u32": 4,
-                "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
-_SHAPE = re.compile(r"\b(pred|[suf]\d+|bf16|c64|c128)\[([\d,]*)\]")
-
 
 def input_shapes(data_config) -> dict:
     """{modality: (T, d)} of the data the config trains on, without reading it."""
@@ -92,117 +85,16 @@ def abstract_batch(config, shapes, global_batch, sharding) -> dict:
 
 def lower_programs(config, devices, shapes, train_batch, eval_batch) -> dict:
     """{"train_step": lowered, "eval_step": lowered} for the mesh over `devices`."""
-    import jax
-    import jax.numpy as jnp
-
-    from alignmamba_jax import models, train
+    from alignmamba_jax import train
     mesh = train.create_mesh(config.train.fsdp, devices)
-    modalities = tuple(config.data.modalities)
-    model = models.create_model(config.model, modalities=modalities, anchor=config.data.anchor,
-                                input_dims={m: shapes[m][1] for m in modalities}, task=config.data.task,
-                                num_classes=config.data.num_classes)
-    features = {m: jnp.zeros((2,) + shapes[m], jnp.float32) for m in modalities}
-    masks = {m: jnp.ones((2, shapes[m][0]), bool) for m in modalities}
+    model = train.create_model(config, shapes)
+    features, masks = train.shaped_example_inputs(config, shapes)
     _, state, state_shardings = train.abstract_train_state(config, model, features, masks, mesh)
     rows = train.batch_sharding(mesh)
     train_step = train.jit_train_step(config, mesh, state_shardings)
-    eval_step = train.jit_eval_step(mesh, model.apply, modalities)
+    eval_step = train.jit_eval_step(mesh, model.apply, tuple(config.data.modalities))
     return {"train_step": train_step.lower(state, abstract_batch(config, shapes, train_batch, rows)),
             "eval_step": eval_step.lower(state.params, abstract_batch(config, shapes, eval_batch, rows))}
-
-
-def _shape_bytes(dtype, dims) -> int:
-    n = 1
-    for d in filter(None, dims.split(",")):
-        n *= int(d)
-    return n * _DTYPE_BYTES.get(dtype, 4)
-
-
-def _shapes(text) -> list:
-    return [f"{dtype}[{dims}]" for dtype, dims in _SHAPE.findall(text)]
-
-
-def collectives(hlo: str) -> dict:
-    """{op: {"count", "bytes"}} of the collectives in optimized HLO text (bytes: the results', per device)."""
-    found = {}
-    for line in hlo.splitlines():
-        match = re.search(r"=\s*(.*?)\s+(" + "|".join(COLLECTIVES) + r")(-start)?\(", line)
-        if match is None:
-            continue
-        entry = found.setdefault(match.group(2), {"count": 0, "bytes": 0})
-        entry["count"] += 1
-        entry["bytes"] += sum(_shape_bytes(d, s) for d, s in _SHAPE.findall(match.group(1)))
-    return found
-
-
-def _definitions(hlo: str) -> dict:
-    """{instruction name: its result type text} of every instruction in optimized HLO text."""
-    return dict(re.findall(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.+?)\s+[\w\-]+\(", hlo, re.M))
-
-
-def kernel_calls(hlo: str) -> list:
-    """Each distinct Pallas / Mosaic kernel call in optimized HLO text: name, custom-call target, operand and
-    result shapes, how often it occurs."""
-    definitions = None
-    calls = {}
-    for line in hlo.splitlines():
-        target = re.search(r'custom_call_target="([^"]+)"', line)
-        if target is None or target.group(1) not in KERNEL_TARGETS:
-            continue
-        result, _, rest = line.partition("custom-call(")
-        operand_text = rest.split(")", 1)[0]
-        operands = _shapes(operand_text)
-        if not operands:  # scheduled HLO names its operands without their types
-            definitions = definitions if definitions is not None else _definitions(hlo)
-            operands = [shape for name in re.findall(r"%([\w.\-]+)", operand_text)
-                        for shape in _shapes(definitions.get(name, ""))[:1]]
-        names = re.findall(r"(selective_scan\w*)", line)   # the kernel's own name comes last in its op_name
-        op_name = re.search(r'op_name="([^"]+)"', line)
-        label = names[-1] if names else (op_name.group(1).rsplit("/", 1)[-1] if op_name else target.group(1))
-        label = re.sub(r"\.\d+$", "", label)
-        key = (label, target.group(1), tuple(operands), tuple(_shapes(result.split("=", 1)[-1])))
-        calls[key] = calls.get(key, 0) + 1
-    return [{"name": k[0], "target": k[1], "operands": list(k[2]), "results": list(k[3]), "count": n}
-            for k, n in calls.items()]
-
-
-def ptxas_reports(dump_dir) -> list:
-    """Registers, spills and shared memory per Mosaic GPU kernel from the ptxas reports Mosaic GPU dumped."""
-    kernels = []
-    for name in sorted(os.listdir(dump_dir)) if os.path.isdir(dump_dir) else []:
-        path = os.path.join(dump_dir, name)
-        if not name.endswith(".ptxas"):
-            continue
-        with open(path, errors="replace") as f:
-            text = f.read()
-        for function, body in re.findall(r"Compiling entry function '([^']+)'.*?\n(.*?)(?=Compiling entry|\Z)",
-                                         text, re.S):
-            registers = re.search(r"Used (\d+) registers", body)
-            spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", body)
-            smem = re.search(r"(\d+) bytes smem", body)
-            kernels.append({"kernel": function, "file": name,
-                            "registers": int(registers.group(1)) if registers else None,
-                            "spill_stores": int(spill.group(1)) if spill else None,
-                            "spill_loads": int(spill.group(2)) if spill else None,
-                            "smem_bytes": int(smem.group(1)) if smem else None})
-    return kernels
-
-
-@contextlib.contextmanager
-def mosaic_gpu_dumps():
-    """A directory that Mosaic GPU fills with its kernels' PTX and ptxas reports while compiling."""
-    with tempfile.TemporaryDirectory(prefix="mosaic_gpu_dump_") as directory:
-        saved = {k: os.environ.get(k) for k in ("MOSAIC_GPU_DUMP_PTX", "MOSAIC_GPU_DUMP_PTXAS",
-                                                 "MOSAIC_GPU_DUMP_TO")}
-        os.environ.update(MOSAIC_GPU_DUMP_PTX="1", MOSAIC_GPU_DUMP_PTXAS="1", MOSAIC_GPU_DUMP_TO=directory)
-        try:
-            yield directory
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
 
 
 def available_bytes(target) -> int:
@@ -285,11 +177,12 @@ def compile_program(lowered, target):
     return compiled, mem
 
 
-def compile_report(config, target, devices, shapes, train_batch, hlo_dir=None) -> dict:
+def compile_programs(config, target, devices, shapes, train_batch, hlo_dir=None) -> dict:
     """Compiles both programs at a global training batch of `train_batch`; raises DoesNotFit."""
     eval_batch = config.eval.batch_size
     start = time.perf_counter()
-    with (mosaic_gpu_dumps() if target.platform == "cuda" else contextlib.nullcontext()) as dump_dir:
+    dumps = compile_report.mosaic_gpu_dumps() if target.platform == "cuda" else contextlib.nullcontext()
+    with dumps as dump_dir:
         lowered = lower_programs(config, devices, shapes, train_batch, eval_batch)
         programs = {}
         for name, program in lowered.items():
@@ -300,10 +193,10 @@ def compile_report(config, target, devices, shapes, train_batch, hlo_dir=None) -
                 with open(os.path.join(hlo_dir, f"{name}.txt"), "w") as f:
                     f.write(hlo)
             flops = cost(compiled)
-            programs[name] = {"per_device": mem, **flops, "collectives": collectives(hlo),
-                              "kernels": kernel_calls(hlo),
+            programs[name] = {"per_device": mem, **flops, "collectives": compile_report.collectives(hlo),
+                              "kernels": compile_report.kernel_calls(hlo),
                               "roofline_s": roofline_s(flops, target)}
-        gpu_kernels = ptxas_reports(dump_dir) if dump_dir else []
+        gpu_kernels = compile_report.ptxas_reports(dump_dir) if dump_dir else []
     step = programs["train_step"]
     report = {"target": target.name, "platform": target.platform, "devices": len(devices),
               "hosts": target.hosts, "mesh": {"data": len(devices) // config.train.fsdp, "fsdp": config.train.fsdp},
@@ -393,16 +286,38 @@ def _gib(n) -> str:
     return f"{n / 2 ** 30:.2f} GiB"
 
 
+def check_output(flag, path, kind) -> None:
+    """A UserError unless `path` can be written as a `kind` ("file" or "directory"): checked before compiling,
+    which can take minutes."""
+    path = os.path.abspath(path)
+    if os.path.exists(path) and os.path.isdir(path) != (kind == "directory"):
+        raise UserError(f"--{flag}={path} is a {'directory' if os.path.isdir(path) else 'file'}; expected a {kind}")
+    existing = path if kind == "directory" else os.path.dirname(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UserError(f"--{flag}={path}: {existing} is a file, not a directory")
+    try:  # a real write: permissions, read-only mounts and root on special file systems all show here
+        tempfile.TemporaryFile(dir=existing).close()
+    except OSError as error:
+        raise UserError(f"--{flag}={path}: cannot write in {existing}: {error.strerror}") from None
+    if kind == "file" and os.path.exists(path) and not os.access(path, os.W_OK):
+        raise UserError(f"--{flag}={path}: this file is not writable")
+
+
 def run(config, target_name, json_path=None, hlo_dir=None, max_batch=False) -> dict:
+    for flag, path, kind in (("json", json_path, "file"), ("hlo_dir", hlo_dir, "directory")):
+        if path:
+            check_output(flag, path, kind)
     target = targets.get_target(target_name)
-    devices = targets.target_devices(target)
     shapes = input_shapes(config.data)
     batch = config.train.batch_size
-    if batch % len(devices) or config.eval.batch_size % len(devices):
+    if batch % target.chips or config.eval.batch_size % target.chips:   # before libtpu or XLA:GPU starts up
         raise UserError(f"train.batch_size={batch} and eval.batch_size={config.eval.batch_size} must divide by "
-                        f"the {len(devices)} devices of {target.name}")
+                        f"the {target.chips} devices of {target.name}")
+    devices = targets.target_devices(target)
     try:
-        report = compile_report(config, target, devices, shapes, batch, hlo_dir)
+        report = compile_programs(config, target, devices, shapes, batch, hlo_dir)
     except DoesNotFit as error:
         largest = (f"the largest batch per device that fits is "
                    f"{largest_batch_per_device(config, target, devices, shapes, batch // len(devices) // 2)}"

@@ -40,7 +40,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import study  # noqa: E402
-from alignmamba_jax.train import MODEL_VARIANTS  # noqa: E402
+from alignmamba_jax.config import MODEL_VARIANTS  # noqa: E402
 
 PAPER_OT = {f"model.{k}": v for k, v in MODEL_VARIANTS["paper_ot"].items()}
 TASKS = {

@@ -3,7 +3,7 @@
 `python benchmarks/kernel_report.py --target h100 --json runs/kernel_report.json` compiles the Mosaic GPU
 forward and backward kernels (`pallas_mosaic_gpu` through `make_backend(..., native_dtypes=True)`, the path
 `selective_scan` takes) deviceless for sm_90a: jit over one compile-only H100 / H200 of `targets.py`, with
-Mosaic GPU's dumps on (`aot.mosaic_gpu_dumps`). Needs the `aot` extra (the CUDA plugin and ptxas). For each
+Mosaic GPU's dumps on (`compile_report.mosaic_gpu_dumps`). Needs the `aot` extra (CUDA plugin, ptxas). For each
 kernel and shape it reports:
 
 - registers per thread and spill bytes (ptxas), dynamic shared memory per CTA and threads per CTA (the kernel's
@@ -26,15 +26,13 @@ Shapes (batch, length, channels, state): the goal shape (8, 2048, 2048, 16) and 
 channels = 2 x d_model 128, as configs/mosei.py trains). `--shapes` picks others (b,l,d,n,dtype;...).
 """
 import argparse
-import contextlib
 import json
 import os
-import re
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from alignmamba_jax import targets  # noqa: E402
+from alignmamba_jax import compile_report, targets  # noqa: E402
 
 targets.prepare_compile_host()  # before jax is imported
 
@@ -47,22 +45,6 @@ BLOCK_C = 64                              # pallas_mosaic_gpu's default channels
 CLOCK_HZ = 1.98e9                         # the SM clock of targets.py's GPU target configs
 THREADS_PER_SM, BLOCKS_PER_SM, REGISTERS_PER_SM = 2048, 32, 65536
 SHARED_MEMORY_PER_SM, SHARED_MEMORY_RESERVED_PER_BLOCK = 233472, 1024
-_LAUNCH = re.compile(r"gpu\.launch .*?blocks\(.*?\) in \(%\w+ = %c(\d+), %\w+ = %c(\d+), %\w+ = %c(\d+)\) "
-                     r"threads\(.*?\) in \(%\w+ = %c(\d+), %\w+ = %c(\d+), %\w+ = %c(\d+)\) "
-                     r"dynamic_shared_memory_size %c(\d+)_i32")
-# Per instruction set: a loop label, a branch to a label, the opcode of an instruction line, and the opcode
-# prefixes counted in the inner loops (SASS where nvdisasm is installed, else PTX).
-ISA = {
-    "sass": (r"^(\.L_x_\d+):", r"\bBRA `\((\.L_x_\d+)\)", r"\*/\s+(?:@!?U?P\w+\s+)?([A-Z][\w.]*)",
-             {"ex2": ("MUFU.EX2",), "ffma": ("FFMA",), "fmul": ("FMUL",), "fadd": ("FADD",), "shfl": ("SHFL",),
-              "ld_shared": ("LDS",), "st_shared": ("STS",), "ld_global": ("LDG",), "st_global": ("STG",)}),
-    "ptx": (r"^(\$L__BB\d+_\d+):", r"\bbra(?:\.uni)?\s+(\$L__BB\d+_\d+);", r"^\s*(?:@!?%?\w+\s+)?([a-z][\w.]*)",
-            {"ex2": ("ex2.",), "ffma": ("fma.rn.f32",), "fmul": ("mul.f32", "mul.rn.f32"),
-             "fadd": ("add.f32", "add.rn.f32", "sub.f32"), "shfl": ("shfl.",), "ld_shared": ("ld.shared",),
-             "st_shared": ("st.shared",), "ld_global": ("ld.global",), "st_global": ("st.global",)}),
-}
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--target", choices=sorted(GPU_TARGETS), default="h100")
@@ -82,54 +64,6 @@ def parse_shapes(text):
     return shapes
 
 
-def launch(dump_dir, kernel):
-    """(ctas, threads per CTA, dynamic shared memory bytes) of `kernel` from Mosaic GPU's pass log."""
-    for name in sorted(os.listdir(dump_dir)):
-        if name.startswith(kernel) and name.endswith("mlir-passes.log"):
-            with open(os.path.join(dump_dir, name), errors="replace") as f:
-                match = _LAUNCH.search(f.read())
-            if match:
-                grid, block, smem = match.groups()[:3], match.groups()[3:6], int(match.group(7))
-                return _product(grid), _product(block), smem
-    return None, None, None
-
-
-def _product(values):
-    n = 1
-    for v in values:
-        n *= int(v)
-    return n
-
-
-def inner_loops(code, isa):
-    """The lines of the innermost loops (a label and a later branch back to it) that hold an exponential."""
-    label, branch, _, opcodes = ISA[isa]
-    lines = code.splitlines()
-    labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(label, line))}
-    loops = []
-    for i, line in enumerate(lines):
-        m = re.search(branch, line)
-        if m and m.group(1) in labels and labels[m.group(1)] < i:
-            loops.append((labels[m.group(1)], i))
-    with_exp = [(a, b) for a, b in loops if any(opcodes["ex2"][0] in line for line in lines[a:b])]
-    innermost = [(a, b) for a, b in with_exp if not any(a < c and d < b for c, d in with_exp if (c, d) != (a, b))]
-    return [lines[a:b + 1] for a, b in innermost]
-
-
-def instruction_counts(code, isa, elements_per_iteration):
-    """{opcode class: count per element} over the inner loops; an iteration of a thread takes one token of
-    `elements_per_iteration` (channel, state) elements of the CTA's block."""
-    _, _, opcode, opcodes = ISA[isa]
-    counts = dict.fromkeys(opcodes, 0)
-    for loop in inner_loops(code, isa):
-        for line in loop:
-            m = re.search(opcode, line)
-            for name, prefixes in opcodes.items():
-                if m and m.group(1).startswith(prefixes):
-                    counts[name] += 1
-    return {k: round(v / elements_per_iteration, 3) for k, v in counts.items()}
-
-
 def ctas_per_sm(registers, threads, smem_bytes):
     warps = -(-threads // 32)
     registers_per_warp = -(-registers * 32 // 256) * 256          # allocated in units of 256 per warp
@@ -142,15 +76,13 @@ def kernel_launches(kernel_calls, pass_name):
     """(launches, HBM bytes of their operands and results, each read or written once, time steps per CTA, padded
     state size) of the `pass_name` kernel in the compiled HLO: the split scan launches each kernel twice. The
     backward kernel is the one with six results (du, ddelta, dA, dB, dC, dh0), the forward has two or three."""
-    from alignmamba_jax import aot
     launches, n_bytes, steps, state = 0, 0, None, None
     for call in kernel_calls:
         if call["target"].startswith("mosaic_gpu") and (len(call["results"]) == 6) == (pass_name == "bwd"):
             launches += call["count"]
-            n_bytes += call["count"] * sum(aot._shape_bytes(d, s) for text in call["operands"] + call["results"]
-                                           for d, s in aot._SHAPE.findall(text))
-            (_, steps, _), (_, state) = (tuple(int(x) for x in aot._SHAPE.findall(text)[0][1].split(","))
-                                         for text in call["operands"][:3:2])
+            n_bytes += call["count"] * sum(compile_report.shape_bytes(text)
+                                           for text in call["operands"] + call["results"])
+            (_, steps, _), (_, state) = (compile_report.shapes_in(text)[0][1] for text in call["operands"][:3:2])
     return launches, n_bytes, steps, state
 
 
@@ -173,49 +105,25 @@ def build(shape, dtype, device, sm_count):
     return {"fwd": (jax.jit(fn), args), "bwd": (jax.jit(grad), args)}
 
 
-@contextlib.contextmanager
-def _sass_dump():
-    """Mosaic GPU also dumps SASS where nvdisasm sits next to ptxas (the nvidia-cuda-nvdisasm wheel)."""
-    ptxas = targets.ptxas_path()
-    if ptxas is None or not os.path.exists(os.path.join(os.path.dirname(ptxas), "nvdisasm")):
-        yield
-        return
-    saved = os.environ.get("MOSAIC_GPU_DUMP_SASS")
-    os.environ["MOSAIC_GPU_DUMP_SASS"] = "1"
-    try:
-        yield
-    finally:
-        if saved is None:
-            os.environ.pop("MOSAIC_GPU_DUMP_SASS")
-        else:
-            os.environ["MOSAIC_GPU_DUMP_SASS"] = saved
-
-
 def report_kernel(target, device, shape, dtype, pass_name, dump_root=None, sm_count=None):
-    from alignmamba_jax import aot
     sms = targets.GPU_SPECS[target.gpu][1]
     fn, args = build(shape, dtype, device, sms if sm_count is None else sm_count)[pass_name]
     kernel = f"selective_scan_{pass_name}_mosaic_gpu"
-    with aot.mosaic_gpu_dumps() as dump_dir, _sass_dump():
+    with compile_report.mosaic_gpu_dumps(targets.ptxas_path()) as dump_dir:
         start = time.perf_counter()
         compiled = fn.lower(*args).compile()
         compile_s = time.perf_counter() - start
-        ptxas = [k for k in aot.ptxas_reports(dump_dir) if k["kernel"].startswith(kernel)]
-        ctas, threads, smem = launch(dump_dir, kernel)
-        code = {}
-        for isa, suffix in (("sass", ".sass_ctrl"), ("ptx", ".ptx")):
-            found = sorted(f for f in os.listdir(dump_dir) if f.startswith(kernel) and f.endswith(suffix))
-            if found:
-                with open(os.path.join(dump_dir, found[0])) as f:
-                    code[isa] = f.read()
+        ptxas = [k for k in compile_report.ptxas_reports(dump_dir) if k["kernel"].startswith(kernel)]
+        ctas, threads, smem = compile_report.mosaic_gpu_launch(dump_dir, kernel)
+        code = compile_report.kernel_code(dump_dir, kernel)
         if dump_root:
             import shutil
             shutil.copytree(dump_dir, os.path.join(dump_root, f"{pass_name}_{'x'.join(map(str, shape))}_{dtype}"),
                             dirs_exist_ok=True)
     b, l, d, n = shape
-    launches, n_bytes, steps, state = kernel_launches(aot.kernel_calls(compiled.as_text()), pass_name)
+    launches, n_bytes, steps, state = kernel_launches(compile_report.kernel_calls(compiled.as_text()), pass_name)
     isa = "sass" if "sass" in code else "ptx"
-    counts = instruction_counts(code[isa], isa, BLOCK_C * state // threads)      # one thread's code
+    counts = compile_report.instruction_counts(code[isa], isa, BLOCK_C * state // threads)      # one thread's code
     ptxas = ptxas[0] if ptxas else {}
     registers = ptxas.get("registers")
     resident = ctas_per_sm(registers, threads, smem)
@@ -241,9 +149,9 @@ def report_kernel(target, device, shape, dtype, pass_name, dump_root=None, sm_co
 
 
 def table(report):
-    lines = [f"| pass | shape (b, l, d, n) | dtype | registers | spills | smem B | CTAs | CTAs/SM | waves | "
-             f"ex2 / FP32 per element | bound us (exp / fp32 / hbm) | static bound us | floor us | bound/floor | "
-             f"compile s |", "|" + "---|" * 15]
+    lines = ["| pass | shape (b, l, d, n) | dtype | registers | spills | smem B | CTAs | CTAs/SM | waves | "
+             "ex2 / FP32 per element | bound us (exp / fp32 / hbm) | static bound us | floor us | bound/floor | "
+             "compile s |", "|" + "---|" * 15]
     for k in report["kernels"]:
         c, bound = k["instructions_per_element"], k["bound_us"]
         lines.append(f"| {k['pass']} | {tuple(k['shape'])} | {k['dtype']} | {k['registers']} | {k['spills']} | "

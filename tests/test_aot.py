@@ -19,7 +19,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from alignmamba_jax import aot, targets
+from alignmamba_jax import aot, compile_report, targets
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # the synthetic default at a size that compiles in seconds: 12 text tokens, 24 audio and video frames, 1 layer
@@ -122,9 +122,9 @@ def test_collectives_and_kernel_calls_are_read_from_optimized_hlo():
   %ag = bf16[8,128]{1,0} all-gather-start(bf16[2,128]{1,0} %y), dimensions={0}
   %k = (f32[2,64,32]{2,1,0}, f32[2,32,16]{2,1,0}) custom-call(%p, %p), custom_call_target="tpu_custom_call", metadata={op_name="jit(f)/selective_scan_fwd_tpu/pallas_call"}
 """
-    assert aot.collectives(hlo) == {"all-reduce": {"count": 1, "bytes": 16 * 8 * 4},
+    assert compile_report.collectives(hlo) == {"all-reduce": {"count": 1, "bytes": 16 * 8 * 4},
                                     "all-gather": {"count": 1, "bytes": 8 * 128 * 2}}
-    assert aot.kernel_calls(hlo) == [{"name": "selective_scan_fwd_tpu", "target": "tpu_custom_call",
+    assert compile_report.kernel_calls(hlo) == [{"name": "selective_scan_fwd_tpu", "target": "tpu_custom_call",
                                       "operands": ["f32[2,64,32]", "f32[2,64,32]"],
                                       "results": ["f32[2,64,32]", "f32[2,32,16]"], "count": 1}]
 

@@ -46,7 +46,7 @@ CASES = {
                              "error: mmsa:{tmp}/unaligned_50.pkl:test: key 'audio': expected feature width 5 (as in "
                              "split 'train'), found 3"),
     "bad_model_choice": (lambda tmp: [f"--config={SYNTHETIC}", "--config.model.scan_backend=pallsa"],
-                         "error: cfg.scan_backend must be one of ('reference', 'associative', 'chunked', 'cpu_ffi', 'pallas',"),
+                         "error: cfg.scan_backend must be one of ('reference', 'associative', 'chunked', 'cpu_ffi', 'pallas_triton',"),
     "bad_model_value": (lambda tmp: [f"--config={SYNTHETIC}", "--config.model.dropout=1.5"],
                         "error: cfg.dropout must be in [0, 1), found 1.5"),
     "unknown_select_mode": (lambda tmp: [f"--config={SYNTHETIC}", "--config.eval.select_mode=minimum"],
@@ -58,6 +58,11 @@ CASES = {
                      "error: train.log_every=0: expected an integer of at least 1"),
     "negative_seed": (lambda tmp: [f"--config={SYNTHETIC}", "--config.seed=-1"],
                       "error: seed=-1: expected an integer of at least 0"),
+    "negative_learning_rate": (lambda tmp: [f"--config={SYNTHETIC}", "--config.train.learning_rate=-1"],
+                               "error: train.learning_rate=-1.0: expected a finite number > 0"),
+    "override_of_the_wrong_type": (lambda tmp: [f"--config={SYNTHETIC}", "--config.train.steps=abc"],
+                                   "error: flag --config.train.steps=abc: invalid literal for int() with base 10: "
+                                   "'abc' (--helpshort or --helpfull lists the flags)"),
     "option_the_model_does_not_implement": (
         lambda tmp: [f"--config={REPO / 'configs' / 'alignmamba2_synthetic.py'}", "--config.model.ot_time_prior=0.5"],
         "error: model 'alignmamba2' does not implement cfg.ot_time_prior=0.5"),
@@ -82,14 +87,25 @@ def test_user_error_prints_one_message_without_traceback(tmp_path, case):
 def test_with_no_platform_set_and_no_accelerator_nothing_but_the_error_is_printed(tmp_path):
     """`make test` installs the aot extra (libtpu, the CUDA plugin): started with JAX_PLATFORMS unset on a
     machine without TPU or GPU, they must not print a cuDNN traceback or libtpu warnings before the run."""
-    from alignmamba_jax.main import accelerator_present
-    if accelerator_present() is not False:
-        pytest.skip("this machine has an accelerator, or this JAX has no hardware probe")
+    from alignmamba_jax.targets import accelerator_present
+    if accelerator_present():
+        pytest.skip("this machine has an accelerator")
     make_args, expected = CASES["directory_as_data_path"]  # fails after JAX has started its backends
     env = {key: value for key, value in os.environ.items() if key != "JAX_PLATFORMS"}
     rc, output = run_main(*make_args(tmp_path), f"--workdir={tmp_path / 'run'}", env=env)
     assert_one_error_line(rc, output, expected.format(tmp=tmp_path))
     assert "cuDNN" not in output and "TPU" not in output, output
+
+
+def test_cpu_ffi_asked_for_without_a_compiler_is_one_line(tmp_path):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", CXX=str(tmp_path / "no-such-compiler"),
+               ALIGNMAMBA_CACHE_DIR=str(tmp_path / "cache"))
+    rc, output = run_main(f"--config={SYNTHETIC}", "--config.model.scan_backend=cpu_ffi",
+                          f"--workdir={tmp_path / 'run'}", env=env)
+    assert_one_error_line(rc, output, f"error: model.scan_backend='cpu_ffi' is unavailable here: CXX="
+                                      f"'{tmp_path}/no-such-compiler' is not an executable; use 'chunked', or 'auto' "
+                                      f"(which falls back to it)")
+    assert not (tmp_path / "run").exists()
 
 
 def test_unexpected_error_keeps_its_traceback(tmp_path):

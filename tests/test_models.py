@@ -451,12 +451,12 @@ CONFIG_VARIANTS = {  # config file -> variants its model implements (every other
 @pytest.mark.parametrize("config_file", list(CONFIG_VARIANTS))
 def test_shipped_configs_carry_no_option_their_model_ignores(config_file):
     import pathlib
-    from alignmamba_jax import train
+    from alignmamba_jax import config as config_lib
     path = pathlib.Path(__file__).resolve().parents[1] / "configs" / config_file
     for variant in CONFIG_VARIANTS[config_file]:
-        config = train.sibling_config(str(path), config_file, variant)
+        config = config_lib.sibling_config(str(path), config_file, variant)
         create_model(config.model, MODS, "text", DIMS)
-    am1_refuses = train.sibling_config(str(path), config_file, "wo_sinkhorn")
+    am1_refuses = config_lib.sibling_config(str(path), config_file, "wo_sinkhorn")
     if am1_refuses.model.name == "alignmamba":
         with pytest.raises(ValueError, match="model 'alignmamba' does not implement cfg.use_sinkhorn=False"):
             create_model(am1_refuses.model, MODS, "text", DIMS)
