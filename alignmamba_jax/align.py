@@ -560,8 +560,11 @@ def sinkhorn_distance(cost, x_mask=None, y_mask=None, *, epsilon: float = 0.1, m
     if not (isinstance(max_iters, (int, np.integer)) and max_iters >= 0):
         raise ValueError(f"max_iters must be an int >= 0, found {max_iters!r}")
     _check_positive("tolerance", tolerance)
-    if isinstance(epsilon, jax.core.Tracer):
-        raise ValueError("sinkhorn_distance needs a concrete epsilon (a Python number); use sinkhorn for a traced one")
+    try:
+        epsilon = float(epsilon)
+    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError, TypeError) as error:
+        raise ValueError("sinkhorn_distance needs a concrete epsilon (a Python number); use sinkhorn for a traced "
+                         "one") from error
     problem = _SinkhornProblem.build(cost, x_mask, y_mask, epsilon)
     distance, error = _converged_distance(problem.cost, problem.allowed, problem.xm, problem.ym, float(epsilon),
                                           int(max_iters), float(tolerance))

@@ -881,3 +881,9 @@ def test_forward_mode_autodiff_works_where_the_readme_says_and_fails_where_it_sa
             jax.jvp(f, (x,), (direction,))
     readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md"), encoding="utf-8").read()
     assert "Forward-mode autodiff (`jax.jvp`, `jax.jacfwd`) works through" in readme
+
+
+def test_sinkhorn_distance_refuses_a_traced_epsilon():
+    cost = np.ones((1, 3, 2), np.float32)
+    with pytest.raises(ValueError, match="concrete epsilon"):
+        jax.jit(lambda e: sinkhorn_distance(cost, epsilon=e))(0.1)
