@@ -24,6 +24,29 @@ kernel and shape it reports:
 Shapes (batch, length, channels, state): the goal shape (8, 2048, 2048, 16) and the inference shape
 (1, 8192, 2048, 16) in bfloat16, and the MOSEI model's (16, 150, 256, 16) in float32 (150 fused tokens,
 channels = 2 x d_model 128, as configs/mosei.py trains). `--shapes` picks others (b,l,d,n,dtype;...).
+
+`--target v5e|v6e|v5p|v4` reports the TPU kernels instead: `selective_scan(..., backend=B)` for each of
+`--backends` (default pallas_tpu; `chunked` is the XLA formulation) jitted over the libtpu compile-only
+topology of one chip, traced under its mesh as a training step is, with libtpu's LLO and Mosaic dumps on
+(`compile_report.libtpu_dump_env`, set before libtpu initialises, so run this in a fresh process). From the
+dumps (`compile_report`'s libtpu section), per Mosaic kernel of the pass (pallas_tpu: the backward row is the
+backward kernel; the gradient program also runs the forward kernel that saves the chunk states):
+
+- `grid_steps` (the kernel's grid), `bundles_per_grid_step` (the bundles of one iteration of its grid loop,
+  inner loop bodies times their trip counts), `static_bundles` (its size: each loop body once), vector spill
+  stores and fills per grid step (`spills` their sum), `unit_busy_pct` (the slots used per unit over one grid
+  step: XLU, VALU, EUP, loads, stores, ...), `scoped_vmem_bytes` and `vmem_limit_bytes` (the kernel's own or,
+  `vmem_limit_set` false, the generation's default), `code_bytes` (the compiled program's);
+- `static_bound_us`: bundles executed (grid steps x bundles per step, plus the bundles outside the grid loop)
+  over the TensorCore clock (`targets.TPU_CORE`; megacore chips split the grid over 2 cores), an upper bound
+  where predicated regions are skipped; `floor_us`: the larger of the least HBM traffic at the chip's bandwidth
+  and the exponentials at one (8, 128) vreg per clock (`scan_traffic`; the backward's floor is forward+backward
+  minus forward); their ratio;
+- `program_bound_us`: the same count over the whole compiled program (every fusion and kernel; for bwd the
+  gradient program, forward included), the figure to compare backends by. A `chunked` row is its program:
+  no grid, its `static_bound_us` is `program_bound_us`, and its backward floor is forward+backward.
+
+A compile that fails (e.g. scoped VMEM exhausted) gets a row with its `error` and the others go on.
 """
 import argparse
 import json
@@ -39,6 +62,8 @@ targets.prepare_compile_host()  # before jax is imported
 from scan_bench import EXP_PER_CLOCK_PER_SM, scan_traffic  # noqa: E402
 
 GPU_TARGETS = {"h100": "h100x8", "h200": "h200x8"}
+TPU_TARGETS = {"v4": "v4-2", "v5e": "v5e-1", "v5p": "v5p-2", "v6e": "v6e-1"}     # one chip each
+TPU_SHAPES = "1,8192,1024,16,float32;8,2048,2048,16,bfloat16;16,150,256,16,float32"
 SHAPES = "8,2048,2048,16,bfloat16;1,8192,2048,16,bfloat16;16,150,256,16,float32"
 FP32_LANES_PER_SM = 128                   # FP32 results per clock per SM (Hopper)
 BLOCK_C = 64                              # pallas_mosaic_gpu's default channels per CTA
@@ -47,12 +72,15 @@ THREADS_PER_SM, BLOCKS_PER_SM, REGISTERS_PER_SM = 2048, 32, 65536
 SHARED_MEMORY_PER_SM, SHARED_MEMORY_RESERVED_PER_BLOCK = 233472, 1024
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--target", choices=sorted(GPU_TARGETS), default="h100")
+    p.add_argument("--target", choices=sorted(GPU_TARGETS) + sorted(TPU_TARGETS), default="h100")
     p.add_argument("--json", help="write the report here")
-    p.add_argument("--shapes", default=SHAPES, help="b,l,d,n,dtype;... (default: goal, inference, MOSEI)")
+    p.add_argument("--shapes", help="b,l,d,n,dtype;... (default: goal, inference, MOSEI; TPU: "
+                                    "1,8192,1024,16,float32, the goal and MOSEI)")
     p.add_argument("--passes", default="fwd,bwd")
     p.add_argument("--sm_count", type=int, help="SMs the sequence split fills (default: the target's; 0: no split)")
-    p.add_argument("--dump_dir", help="keep Mosaic GPU's dumps (PTX, ptxas reports) here, one folder a kernel")
+    p.add_argument("--dump_dir", help="keep the compilers' dumps here (Mosaic GPU: one folder a kernel; TPU: llo/ "
+                                      "and mosaic/ for every compile)")
+    p.add_argument("--backends", default="pallas_tpu", help="TPU targets: backends to compile, e.g. pallas_tpu,chunked")
     return p.parse_args(argv)
 
 
@@ -162,8 +190,194 @@ def table(report):
     return "\n".join(lines)
 
 
+# --- TPU ------------------------------------------------------------------------------------------------------
+
+def build_tpu(backend, shape, dtype, device):
+    """{pass: (jitted function, abstract arguments)} of `selective_scan(..., backend=backend)` on one TPU device;
+    the functions are traced under the device's mesh, so `selective_scan` lowers for the TPU as in training."""
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+
+    from alignmamba_jax.kernels import selective_scan
+    from alignmamba_jax.train import under_mesh
+    b, l, d, n = shape
+    mesh = jax.sharding.Mesh([device], ("batch",))
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    dt = jnp.dtype(dtype)
+    args = [jax.ShapeDtypeStruct(s, t, sharding=sharding)
+            for s, t in [((b, l, d), dt), ((b, l, d), dt), ((d, n), jnp.float32), ((b, l, n), dt), ((b, l, n), dt)]]
+    fn = functools.partial(selective_scan, backend=backend)
+    grad = jax.grad(lambda *a: fn(*a).astype(jnp.float32).sum(), argnums=(0, 1, 2, 3, 4))
+    return {"fwd": (jax.jit(under_mesh(fn, mesh)), args), "bwd": (jax.jit(under_mesh(grad, mesh)), args)}
+
+
+class _Dumps:
+    """The files libtpu adds to the dump folders (`compile_report.libtpu_dump_env`) during one compile."""
+
+    def __init__(self, llo_dir, mosaic_dir, keep):
+        self.dirs, self.keep = (llo_dir, mosaic_dir), keep
+
+    def _files(self):
+        return [{os.path.join(d, f) for f in os.listdir(d)} if os.path.isdir(d) else set() for d in self.dirs]
+
+    def __enter__(self):
+        self.before = self._files()
+        return self
+
+    def __exit__(self, *exc):
+        self.llo, self.mosaic = (sorted(after - before) for after, before in zip(self._files(), self.before))
+        return False
+
+    def remove(self):
+        if not self.keep:
+            for path in self.llo + self.mosaic:
+                os.remove(path)
+
+
+def _kernel_rows(programs, dumps, hlo, pass_name, core, limits):
+    """One row of Mosaic kernel figures per kernel program of the pass."""
+    rows = []
+    cores, clock = core["cores"], core["clock_hz"]
+    for name in sorted(p for p in programs if p.startswith(f"selective_scan_{pass_name}")):
+        step = compile_report.program_cost(programs, name, scope_outermost=True)
+        whole = compile_report.program_cost(programs, name)
+        grid = compile_report.mosaic_grid(dumps.mosaic, name.rsplit(".", 1)[0]) or ()
+        grid_steps = 1
+        for g in grid:
+            grid_steps *= g
+        if step["trips"] is None:          # no grid loop: the whole kernel is one step
+            executed, per_step = whole["bundles"], whole["bundles"]
+        else:
+            per_step = step["bundles"]
+            executed = whole["bundles"] - step["trips"] * per_step + grid_steps * per_step
+        spill_stores, fills = step["units"].get("VSTORE:SPILL", 0), step["units"].get("VLOAD:FILL", 0)
+        passes = programs[name]
+        rows.append({
+            "kernel": name, "grid": list(grid), "grid_steps": grid_steps, "bundles_per_grid_step": per_step,
+            "static_bundles": compile_report.total_scheduled_bundles(
+                compile_report._read(passes["schedule-analysis_final_bundles"])),
+            "spill_stores": spill_stores, "fills": fills, "spills": spill_stores + fills,
+            "unit_busy_pct": compile_report.busy_percent(step),
+            "scoped_vmem_bytes": compile_report.scoped_vmem_bytes(compile_report._read(passes["original"])),
+            "vmem_limit_bytes": limits.get(name, core["default_vmem_limit_bytes"]), "vmem_limit_set": name in limits,
+            "executed_bundles": executed, "static_bound_s": executed / (clock * cores)})
+    return rows
+
+
+def report_tpu(generation, device, backend, shape, dtype, pass_name, dumps_dirs, keep):
+    """The rows of one backend's pass at one shape (one per Mosaic kernel; one for an XLA-only backend)."""
+    fn, args = build_tpu(backend, shape, dtype, device)[pass_name]
+    base = {"backend": backend, "pass": pass_name, "shape": list(shape), "dtype": dtype}
+    with _Dumps(*dumps_dirs, keep) as dumps:
+        start = time.perf_counter()
+        try:
+            compiled = fn.lower(*args).compile()
+        except Exception as error:          # a compiler error is a finding: report it, go on
+            compiled = error
+        compile_s = time.perf_counter() - start
+    try:
+        if isinstance(compiled, Exception):
+            lines = [line for line in str(compiled).splitlines() if line.strip()]
+            return [{**base, "error": next((line for line in lines if "rror" in line), lines[0] if lines else
+                                           type(compiled).__name__)[:300]}]
+        return _tpu_rows(generation, compiled, compile_s, dumps, base, shape, dtype, pass_name)
+    finally:
+        dumps.remove()
+
+
+def _tpu_rows(generation, compiled, compile_s, dumps, base, shape, dtype, pass_name):
+    core = targets.TPU_CORE[generation]
+    programs = compile_report.llo_programs(dumps.llo)
+    if "TLP" not in programs:
+        raise SystemExit("error: libtpu wrote no LLO dumps: LIBTPU_INIT_ARGS must be set before libtpu initialises "
+                         "(run kernel_report.py in a fresh process)")
+    hlo = compiled.as_text()
+    cores, clock = core["cores"], core["clock_hz"]
+    program = compile_report.program_cost(programs, "TLP")
+    program_s = program["bundles"] / (clock * cores)
+    target = targets.get_target(TPU_TARGETS[generation])
+    b, l, d, n = shape
+    traffic = scan_traffic(b, l, d, n, 2 if dtype == "bfloat16" else 4)
+    floor_bytes, floor_exps = traffic["forward"]
+    kernels = _kernel_rows(programs, dumps, hlo, pass_name, core, compile_report.vmem_limits(hlo))
+    if pass_name == "bwd" and kernels:
+        floor_bytes, floor_exps = (x - y for x, y in zip(traffic["forward_backward"], traffic["forward"]))
+    elif pass_name == "bwd":
+        floor_bytes, floor_exps = traffic["forward_backward"]
+    floor_s = max(floor_bytes / target.hbm_bytes_per_s, floor_exps / (core["eup_per_clock"] * clock * cores))
+    common = {"compile_s": round(compile_s, 1), "code_bytes": compiled.memory_analysis().generated_code_size_in_bytes,
+              "program_bound_us": round(program_s * 1e6, 3), "floor_us": round(floor_s * 1e6, 3)}
+    if not kernels:                         # an XLA formulation: the program is the kernel
+        spill_stores, fills = program["units"].get("VSTORE:SPILL", 0), program["units"].get("VLOAD:FILL", 0)
+        kernels = [{"kernel": None, "grid": None, "grid_steps": None, "bundles_per_grid_step": None,
+                    "static_bundles": None, "spill_stores": spill_stores, "fills": fills,
+                    "spills": spill_stores + fills, "unit_busy_pct": compile_report.busy_percent(program),
+                    "scoped_vmem_bytes": None, "vmem_limit_bytes": None, "vmem_limit_set": False,
+                    "executed_bundles": program["bundles"], "static_bound_s": program_s}]
+    rows = []
+    for kernel in kernels:
+        bound_s = kernel.pop("static_bound_s")
+        rows.append({**base, **kernel, **common, "static_bound_us": round(bound_s * 1e6, 3),
+                     "bound_over_floor": round(bound_s / floor_s, 2)})
+    return rows
+
+
+def tpu_table(report):
+    lines = ["| backend | pass | shape (b, l, d, n) | dtype | grid steps | bundles / step | spills (st + fill) | "
+             "busy % XLU / VALU / EUP | scoped VMEM / limit MiB | code KiB | static bound us | floor us | "
+             "bound/floor | program bound us | compile s |", "|" + "---|" * 15]
+    for k in report["kernels"]:
+        head = f"| {k['backend']} | {k['pass']} | {tuple(k['shape'])} | {k['dtype']} |"
+        if "error" in k:
+            lines.append(f"{head} error: {k['error']} |" + " |" * 10)
+            continue
+        busy = k["unit_busy_pct"]
+        vmem = (f"{k['scoped_vmem_bytes'] / 2 ** 20:.2f} / {k['vmem_limit_bytes'] / 2 ** 20:g}"
+                + ("" if k["vmem_limit_set"] else " (default)")) if k["scoped_vmem_bytes"] is not None else "-"
+        lines.append(f"{head} {k['grid_steps'] or '-'} | {k['bundles_per_grid_step'] or '-'} | "
+                     f"{k['spill_stores']} + {k['fills']} | {busy.get('XLU', 0)} / {busy.get('VALU', 0)} / "
+                     f"{busy.get('EUP', 0)} | {vmem} | {k['code_bytes'] / 1024:.0f} | {k['static_bound_us']} | "
+                     f"{k['floor_us']} | {k['bound_over_floor']} | {k['program_bound_us']} | {k['compile_s']} |")
+    return "\n".join(lines)
+
+
+def tpu_main(args):
+    """The TPU report: dumps on before libtpu starts, then every backend, shape and pass compiled in turn."""
+    import tempfile
+    root = args.dump_dir or tempfile.mkdtemp(prefix="kernel_report_tpu_")
+    dumps_dirs = (os.path.join(root, "llo"), os.path.join(root, "mosaic"))
+    os.environ.update(compile_report.libtpu_dump_env(*dumps_dirs))
+    target = targets.get_target(TPU_TARGETS[args.target])
+    device = targets.target_devices(target)[0]
+    report = {"target": args.target, "kernels": []}
+    try:
+        for shape, dtype in parse_shapes(args.shapes or TPU_SHAPES):
+            for backend in args.backends.split(","):
+                for pass_name in args.passes.split(","):
+                    rows = report_tpu(args.target, device, backend, shape, dtype, pass_name, dumps_dirs,
+                                      keep=bool(args.dump_dir))
+                    report["kernels"].extend(rows)
+                    for line in tpu_table({"kernels": rows}).splitlines()[2:]:
+                        print(line, flush=True)
+                    if args.json:
+                        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+                        with open(args.json, "w") as f:
+                            json.dump(report, f, indent=1)
+    finally:
+        if not args.dump_dir:
+            import shutil
+            shutil.rmtree(root, ignore_errors=True)
+    print(tpu_table(report))
+    return report
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.target in TPU_TARGETS:
+        return tpu_main(args)
+    args.shapes = args.shapes or SHAPES
     target = targets.get_target(GPU_TARGETS[args.target])
     device = targets.target_devices(target)[0]
     report = {"target": args.target, "kernels": []}
