@@ -8,9 +8,14 @@ and `benchmarks/kernel_report.py` (the scan kernels alone):
 - Mosaic GPU: `mosaic_gpu_dumps` (a folder the compiler fills with PTX, ptxas reports and, where nvdisasm is
   installed, SASS), `ptxas_reports` (registers, spills, shared memory), `mosaic_gpu_launch` (grid, threads and
   dynamic shared memory of a kernel's launch) and `instruction_counts` (per-element instruction classes of a
-  kernel's inner loops, from SASS or PTX).
+  kernel's inner loops, from SASS or PTX);
+- libtpu (XLA:TPU and Mosaic TPU): `libtpu_dump_env` (the LIBTPU_INIT_ARGS that make libtpu dump every program's
+  LLO passes and every Mosaic kernel), `llo_programs` (the dump files by program and pass), `program_cost`
+  (the VLIW bundles a program executes, loop bodies times their trip counts and called fusions included, and
+  the slots it uses per unit: XLU, VALU, EUP, loads, stores, vector spills and fills), `busy_percent`,
+  `total_scheduled_bundles`, `scoped_vmem_bytes`, `vmem_limits` and `mosaic_grid`.
 
-Nothing here compiles; every function takes text or a folder of dumps.
+Nothing here compiles; every function takes text, file paths or a folder of dumps.
 """
 import contextlib
 import os
@@ -455,3 +460,27 @@ def mosaic_grid(paths, kernel):
             if match:
                 return tuple(int(x) for x in (match.group(1) or "").replace(" ", "").split(",") if x)
     return None
+
+
+def mosaic_kernel(programs, mosaic_paths, name) -> dict:
+    """The static figures of Mosaic kernel program `name` (an HLO instruction such as "selective_scan_fwd_tpu.1")
+    from `llo_programs(...)` and the Mosaic dump files: its grid and grid steps, the bundles of one grid step
+    (inner loops times their trip counts), the bundles executed in all (grid steps x one step, plus those
+    outside the grid loop; the pipeline's extra prologue and epilogue iterations, which skip the body, are not
+    counted), its static size in bundles, vector spill stores and fills per grid step, per-unit busy percent over
+    a grid step and its scoped VMEM bytes."""
+    passes = programs[name]
+    step = program_cost(programs, name, scope_outermost=True)
+    whole = program_cost(programs, name)
+    grid = mosaic_grid(mosaic_paths, re.sub(r"\.\d+$", "", name)) or ()
+    grid_steps = _product(grid)
+    if step["trips"] is None:          # no grid loop: the whole kernel is one step
+        per_step = executed = whole["bundles"]
+    else:
+        per_step = step["bundles"]
+        executed = whole["bundles"] + (grid_steps - step["trips"]) * per_step
+    return {"grid": list(grid), "grid_steps": grid_steps, "bundles_per_grid_step": per_step,
+            "executed_bundles": executed,
+            "static_bundles": total_scheduled_bundles(_read(passes["schedule-analysis_final_bundles"])),
+            "spill_stores": step["units"].get("VSTORE:SPILL", 0), "fills": step["units"].get("VLOAD:FILL", 0),
+            "unit_busy_pct": busy_percent(step), "scoped_vmem_bytes": scoped_vmem_bytes(_read(passes["original"]))}

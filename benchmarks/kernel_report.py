@@ -236,33 +236,15 @@ class _Dumps:
                 os.remove(path)
 
 
-def _kernel_rows(programs, dumps, hlo, pass_name, core, limits):
+def _kernel_rows(programs, dumps, pass_name, core, limits):
     """One row of Mosaic kernel figures per kernel program of the pass."""
     rows = []
-    cores, clock = core["cores"], core["clock_hz"]
     for name in sorted(p for p in programs if p.startswith(f"selective_scan_{pass_name}")):
-        step = compile_report.program_cost(programs, name, scope_outermost=True)
-        whole = compile_report.program_cost(programs, name)
-        grid = compile_report.mosaic_grid(dumps.mosaic, name.rsplit(".", 1)[0]) or ()
-        grid_steps = 1
-        for g in grid:
-            grid_steps *= g
-        if step["trips"] is None:          # no grid loop: the whole kernel is one step
-            executed, per_step = whole["bundles"], whole["bundles"]
-        else:
-            per_step = step["bundles"]
-            executed = whole["bundles"] - step["trips"] * per_step + grid_steps * per_step
-        spill_stores, fills = step["units"].get("VSTORE:SPILL", 0), step["units"].get("VLOAD:FILL", 0)
-        passes = programs[name]
-        rows.append({
-            "kernel": name, "grid": list(grid), "grid_steps": grid_steps, "bundles_per_grid_step": per_step,
-            "static_bundles": compile_report.total_scheduled_bundles(
-                compile_report._read(passes["schedule-analysis_final_bundles"])),
-            "spill_stores": spill_stores, "fills": fills, "spills": spill_stores + fills,
-            "unit_busy_pct": compile_report.busy_percent(step),
-            "scoped_vmem_bytes": compile_report.scoped_vmem_bytes(compile_report._read(passes["original"])),
-            "vmem_limit_bytes": limits.get(name, core["default_vmem_limit_bytes"]), "vmem_limit_set": name in limits,
-            "executed_bundles": executed, "static_bound_s": executed / (clock * cores)})
+        kernel = compile_report.mosaic_kernel(programs, dumps.mosaic, name)
+        rows.append({"kernel": name, **kernel, "spills": kernel["spill_stores"] + kernel["fills"],
+                     "vmem_limit_bytes": limits.get(name, core["default_vmem_limit_bytes"]),
+                     "vmem_limit_set": name in limits,
+                     "static_bound_s": kernel["executed_bundles"] / (core["clock_hz"] * core["cores"])})
     return rows
 
 
@@ -301,7 +283,7 @@ def _tpu_rows(generation, compiled, compile_s, dumps, base, shape, dtype, pass_n
     b, l, d, n = shape
     traffic = scan_traffic(b, l, d, n, 2 if dtype == "bfloat16" else 4)
     floor_bytes, floor_exps = traffic["forward"]
-    kernels = _kernel_rows(programs, dumps, hlo, pass_name, core, compile_report.vmem_limits(hlo))
+    kernels = _kernel_rows(programs, dumps, pass_name, core, compile_report.vmem_limits(hlo))
     if pass_name == "bwd" and kernels:
         floor_bytes, floor_exps = (x - y for x, y in zip(traffic["forward_backward"], traffic["forward"]))
     elif pass_name == "bwd":
