@@ -47,7 +47,7 @@ from alignmamba_jax.kernels.validation import BACKENDS, validate_scan_inputs, va
 # each module also defines TUNABLES, the defaults of its core's keywords.
 _PALLAS = {"pallas_triton": ("pallas_triton", "pallas_triton_core", False),
            "pallas_mosaic_gpu": ("pallas_mosaic_gpu", "pallas_mosaic_gpu_core", True),
-           "pallas_tpu": ("pallas_tpu", "pallas_tpu_core", False)}
+           "pallas_tpu": ("pallas_tpu", "pallas_tpu_core", True)}
 TUNABLE_BACKENDS = tuple(_PALLAS)
 CPU_KERNELS = ("cpu_ffi",)      # compiled kernels for XLA's CPU backend (benchmarks time every one of them)
 _MISSING_DIALECT = {
