@@ -116,15 +116,22 @@ def _dense_forward_kernel(u_ref, d_ref, A_ref, B_ref, C_ref, h0_ref, y_ref, star
         last_ref[...] = h_scratch[...]
 
 
-def _column(ref, t, state):
-    """Row t of a (chunk, state) VMEM block as a (state, 1) column."""
-    return ref[pl.ds(t, 1), :].reshape(state, 1)
+def _rows(i, group):
+    """The i-th aligned group of `group` time steps of a (chunk, width) block."""
+    return pl.ds(pl.multiple_of(i * group, group), group)
+
+
+def _column(rows, j, state):
+    """Row j of a (group, state) array of B or C values as a (state, 1) column."""
+    return rows[j:j + 1, :].reshape(state, 1)
 
 
 def _lanes_forward_kernel(u_ref, d_ref, A_ref, B_ref, C_ref, h0_ref, y_ref, starts_ref, last_ref, h_scratch,
-                          *, chunk, state, unroll):
+                          y_rows, *, chunk, state, group, unroll):
     """u, d, y: (chunk, block_c); A (log2 e scaled), h0, starts, last, h_scratch: (state, block_c);
-    B, C: (chunk, state)."""
+    B, C: (chunk, state). Each loop iteration reads and writes one aligned group of rows (16-bit rows come in
+    packed pairs, so single rows cannot be addressed dynamically); output rows are gathered in a float32 VMEM
+    buffer, y_rows (group, block_c), rather than in registers."""
     k = pl.program_id(2)
 
     @pl.when(k == 0)
@@ -133,14 +140,18 @@ def _lanes_forward_kernel(u_ref, d_ref, A_ref, B_ref, C_ref, h0_ref, y_ref, star
 
     starts_ref[...] = h_scratch[...]
 
-    def step(t, h):
-        d = d_ref[pl.ds(t, 1), :].astype(f32)
-        du = d * u_ref[pl.ds(t, 1), :].astype(f32)
-        h = jnp.exp2(d * A_ref[...]) * h + _column(B_ref, t, state) * du
-        y_ref[pl.ds(t, 1), :] = jnp.sum(h * _column(C_ref, t, state), axis=0, keepdims=True).astype(y_ref.dtype)
+    def steps(i, h):
+        rows = _rows(i, group)
+        d = d_ref[rows, :].astype(f32)
+        du = d * u_ref[rows, :].astype(f32)
+        B, C = B_ref[rows, :], C_ref[rows, :]
+        for j in range(group):
+            h = jnp.exp2(d[j:j + 1] * A_ref[...]) * h + _column(B, j, state) * du[j:j + 1]
+            y_rows[j:j + 1, :] = jnp.sum(h * _column(C, j, state), axis=0, keepdims=True)
+        y_ref[rows, :] = y_rows[...].astype(y_ref.dtype)
         return h
 
-    h = jax.lax.fori_loop(0, chunk, step, h_scratch[...], unroll=unroll)
+    h = jax.lax.fori_loop(0, chunk // group, steps, h_scratch[...], unroll=unroll)
     h_scratch[...] = h
 
     @pl.when(k == pl.num_programs(2) - 1)
@@ -149,11 +160,16 @@ def _lanes_forward_kernel(u_ref, d_ref, A_ref, B_ref, C_ref, h0_ref, y_ref, star
 
 
 def _backward_kernel(u_ref, d_ref, A_ref, B_ref, C_ref, h_start_ref, dy_ref, dh_last_ref,
-                     du_ref, dd_ref, dA_ref, dB_ref, dC_ref, dh0_ref, g_scratch, dA_scratch, work,
-                     *, chunk, state, unroll):
+                     du_ref, dd_ref, dA_ref, dB_ref, dC_ref, dh0_ref, g_scratch, dA_scratch, work, in_rows, c_rows,
+                     n_rows, *, chunk, state, group):
     """Lanes layout, block_c = 128. u, d, dy, du, dd: (chunk, 128); A, h_start, dh_last, dA, dh0 and the
-    scratch: (state, 128); B, C, dB, dC: (chunk, state); work: (chunk + 1, state, 128), work[t + 1] = h_t."""
+    scratch: (state, 128); B, C, dB, dC: (chunk, state); work: (chunk + 1, state, 128), work[t + 1] = h_t.
+    Rows are read and written in aligned groups, as in the lanes forward: a group's d, u, dy are staged as float32
+    in in_rows (3, group, 128), and its outputs gathered in c_rows (2, group, 128) for dd, du and n_rows
+    (2, group, state) for dB, dC. Within a group, a loop over parts of 8 steps keeps a part's values alone in
+    registers (16 steps unrolled spill)."""
     k = pl.program_id(2)
+    n_groups, parts = chunk // group, group // SUBLANES
 
     @pl.when(k == 0)
     def _():
@@ -163,32 +179,60 @@ def _backward_kernel(u_ref, d_ref, A_ref, B_ref, C_ref, h_start_ref, dy_ref, dh_
     A = A_ref[...]
     work[0] = h_start_ref[...]
 
-    def recompute(t, h):
-        d = d_ref[pl.ds(t, 1), :].astype(f32)
-        h = jnp.exp(d * A) * h + _column(B_ref, t, state) * (d * u_ref[pl.ds(t, 1), :].astype(f32))
-        work[t + 1] = h
-        return h
+    def stage(i, refs):
+        for r, ref in enumerate(refs):
+            in_rows[r] = ref[_rows(i, group), :].astype(f32)
 
-    jax.lax.fori_loop(0, chunk, recompute, work[0], unroll=unroll)
+    def recompute(i, h):
+        stage(i, (d_ref, u_ref))
+
+        def part(p, h):
+            d = in_rows[0, _rows(p, SUBLANES), :]
+            du = d * in_rows[1, _rows(p, SUBLANES), :]
+            B = B_ref[_rows(i * parts + p, SUBLANES), :]
+            for j in range(SUBLANES):
+                h = jnp.exp(d[j:j + 1] * A) * h + _column(B, j, state) * du[j:j + 1]
+                work[(i * parts + p) * SUBLANES + j + 1] = h
+            return h
+
+        return jax.lax.fori_loop(0, parts, part, h)
+
+    jax.lax.fori_loop(0, n_groups, recompute, work[0])
 
     def adjoint(i, carry):
-        g, dA = carry
-        t = chunk - 1 - i
-        d = d_ref[pl.ds(t, 1), :].astype(f32)
-        u = u_ref[pl.ds(t, 1), :].astype(f32)
-        dy = dy_ref[pl.ds(t, 1), :].astype(f32)
-        g = g + _column(C_ref, t, state) * dy
-        dC_ref[pl.ds(t, 1), :] = jnp.sum(work[t + 1] * dy, axis=1, keepdims=True).reshape(1, state)
-        a = jnp.exp(d * A)
-        g_a_hprev = g * a * work[t]
-        dA = dA + g_a_hprev * d
-        g_b = jnp.sum(g * _column(B_ref, t, state), axis=0, keepdims=True)
-        dd_ref[pl.ds(t, 1), :] = (jnp.sum(g_a_hprev * A, axis=0, keepdims=True) + u * g_b).astype(dd_ref.dtype)
-        du_ref[pl.ds(t, 1), :] = (d * g_b).astype(du_ref.dtype)
-        dB_ref[pl.ds(t, 1), :] = jnp.sum(g * (d * u), axis=1, keepdims=True).reshape(1, state)
-        return g * a, dA
+        i = n_groups - 1 - i
+        stage(i, (d_ref, u_ref, dy_ref))
 
-    g, dA = jax.lax.fori_loop(0, chunk, adjoint, (g_scratch[...], dA_scratch[...]), unroll=unroll)
+        def part(p, carry):
+            g, dA = carry
+            p = parts - 1 - p
+            rows = _rows(p, SUBLANES)
+            d, u, dy = in_rows[0, rows, :], in_rows[1, rows, :], in_rows[2, rows, :]
+            B, C = B_ref[_rows(i * parts + p, SUBLANES), :], C_ref[_rows(i * parts + p, SUBLANES), :]
+            for j in reversed(range(SUBLANES)):
+                t = (i * parts + p) * SUBLANES + j
+                out = pl.ds(p * SUBLANES + j, 1)
+                d_j, u_j, dy_j = d[j:j + 1], u[j:j + 1], dy[j:j + 1]
+                g = g + _column(C, j, state) * dy_j
+                n_rows[1, out, :] = jnp.sum(work[t + 1] * dy_j, axis=1, keepdims=True).reshape(1, state)
+                a = jnp.exp(d_j * A)
+                g_a_hprev = g * a * work[t]
+                dA = dA + g_a_hprev * d_j
+                g_b = jnp.sum(g * _column(B, j, state), axis=0, keepdims=True)
+                c_rows[0, out, :] = jnp.sum(g_a_hprev * A, axis=0, keepdims=True) + u_j * g_b
+                c_rows[1, out, :] = d_j * g_b
+                n_rows[0, out, :] = jnp.sum(g * (d_j * u_j), axis=1, keepdims=True).reshape(1, state)
+                g = g * a
+            return g, dA
+
+        carry = jax.lax.fori_loop(0, parts, part, carry)
+        rows = _rows(i, group)
+        for ref, buffer in ((dd_ref, c_rows.at[0]), (du_ref, c_rows.at[1]), (dB_ref, n_rows.at[0]),
+                            (dC_ref, n_rows.at[1])):
+            ref[rows, :] = buffer[...].astype(ref.dtype)
+        return carry
+
+    g, dA = jax.lax.fori_loop(0, n_groups, adjoint, (g_scratch[...], dA_scratch[...]))
     g_scratch[...] = g
     dA_scratch[...] = dA
 
@@ -207,13 +251,17 @@ class _Plan(NamedTuple):
     padded_channels: int
     dense: bool
     block_c: int
+    group: int
     unroll: int
 
 
-def _plan(length, channels, state, chunk, block_c, unroll):
-    work_chunk = max(SUBLANES, WORK_BYTES // ((state + 1) * LANES * 4) // SUBLANES * SUBLANES)
-    chunk = min(-(-chunk // SUBLANES) * SUBLANES, -(-length // SUBLANES) * SUBLANES, work_chunk)
-    n_chunks = -(-length // chunk)
+def _plan(length, channels, state, chunk, block_c, unroll, dtypes):
+    """`dtypes`: of the arrays the kernels read and write per step; 16-bit ones make the row groups 16."""
+    group = SUBLANES * 4 // min(jnp.dtype(d).itemsize for d in dtypes)
+    work_chunk = max(group, WORK_BYTES // ((state + 1) * LANES * 4) // group * group)
+    steps = -(-length // group) * group
+    n_chunks = -(-steps // min(-(-chunk // group) * group, work_chunk))
+    chunk = -(-steps // n_chunks // group) * group     # equal chunks: the length pads to a group per chunk at most
     dense = channels >= DENSE_CHANNELS
     if dense:
         block_c = DENSE_CHANNELS
@@ -221,7 +269,7 @@ def _plan(length, channels, state, chunk, block_c, unroll):
         wide = max(LANES, min(block_c, REGISTER_STATES * 4 * LANES // state) // LANES * LANES)
         block_c = min(-(-channels // LANES) * LANES, wide)
     return _Plan(state, chunk, n_chunks, n_chunks * chunk, -(-channels // block_c) * block_c, dense, block_c,
-                 max(1, min(unroll, chunk)))
+                 group, max(1, min(unroll, chunk)))
 
 
 def _seq(plan, width, reverse=False):
@@ -236,7 +284,11 @@ def _forward(u, delta, A2t, B, C, h0t, plan, y_dtype, interpret):
     batch, length, channels = u.shape
     state, chunk, n_chunks, bc = plan.state, plan.chunk, plan.n_chunks, plan.block_c
     grid = (batch, channels // bc, n_chunks)
-    kernel_args = dict(chunk=chunk, state=state, unroll=plan.unroll)
+    if plan.dense:   # 16-bit inputs are unpacked in registers: unrolled as far as float32 they spill
+        unroll = plan.unroll if max(u.dtype.itemsize, delta.dtype.itemsize) == 4 else max(1, plan.unroll // 2)
+        kernel_args = dict(chunk=chunk, state=state, unroll=unroll)
+    else:
+        kernel_args = dict(chunk=chunk, state=state, group=plan.group, unroll=max(1, plan.unroll // plan.group))
     if plan.dense:
         rows = SUBLANES
         tiles = lambda x: x.reshape(*x.shape[:-1], channels // LANES, LANES)   # noqa: E731
@@ -251,6 +303,7 @@ def _forward(u, delta, A2t, B, C, h0t, plan, y_dtype, interpret):
         y_shape, s_shape = (batch, length, channels // LANES, LANES), (batch, n_chunks, state, channels // LANES,
                                                                        LANES)
         tile = (state, rows, LANES)
+        scratch = [(tile, f32)]
         kernel = _dense_forward_kernel
         step_blocks = [((chunk, rows, LANES), u.dtype), ((chunk, rows, LANES), delta.dtype),
                        ((chunk, rows, LANES), y_dtype)]
@@ -264,16 +317,17 @@ def _forward(u, delta, A2t, B, C, h0t, plan, y_dtype, interpret):
         in_specs, out_specs = [seq, seq, mat, bn, bn, st], (seq, starts, st)
         y_shape, s_shape = (batch, length, channels), (batch, n_chunks, state, channels)
         tile = (state, bc)
+        scratch = [(tile, f32), ((plan.group, bc), f32)]
         kernel = _lanes_forward_kernel
         step_blocks = [((chunk, bc), u.dtype), ((chunk, bc), delta.dtype), ((chunk, bc), y_dtype),
                        ((chunk, state), f32), ((chunk, state), f32)]
     out_shape = (jax.ShapeDtypeStruct(y_shape, y_dtype), jax.ShapeDtypeStruct(s_shape, f32),
                  jax.ShapeDtypeStruct(h0_.shape, f32))
     operands = (u_, d_, A_, B_, C_, h0_)
-    vmem = _vmem(step_blocks + [(tile, f32)] * 4, [(tile, f32)])
+    vmem = _vmem(step_blocks + [(tile, f32)] * 4, scratch)
     y, starts_, last = pl.pallas_call(
         functools.partial(kernel, **kernel_args), out_shape=out_shape, grid=grid, in_specs=in_specs,
-        out_specs=out_specs, scratch_shapes=[pltpu.VMEM(tile, f32)], compiler_params=_compiler_params(vmem),
+        out_specs=out_specs, scratch_shapes=[pltpu.VMEM(*x) for x in scratch], compiler_params=_compiler_params(vmem),
         interpret=_params(interpret), name="selective_scan_fwd_tpu",
         cost_estimate=scan_cost_estimate("fwd", batch, length, channels, state, operands, out_shape),
     )(*operands)
@@ -301,14 +355,15 @@ def _backward(u, delta, At, B, C, h_starts, dy, dh_last, plan, interpret):
                  jax.ShapeDtypeStruct((batch, state, channels), f32))
     operands = (u, delta, At, B, C, h_starts, dy, dh_last)
     tile = (state, LANES)
-    scratch = [(tile, f32), (tile, f32), ((chunk + 1, state, LANES), f32)]
+    scratch = [(tile, f32), (tile, f32), ((chunk + 1, state, LANES), f32), ((3, plan.group, LANES), f32),
+               ((2, plan.group, LANES), f32), ((2, plan.group, state), f32)]
     blocks = ([((chunk, LANES), x.dtype) for x in (u, delta, dy, u, delta)] + [((chunk, state), f32)] * 4
               + [(tile, f32)] * 5)
     du, ddelta, dAt, dB, dC, dh0t = pl.pallas_call(
-        functools.partial(_backward_kernel, chunk=chunk, state=state, unroll=plan.unroll), out_shape=out_shape,
+        functools.partial(_backward_kernel, chunk=chunk, state=state, group=plan.group), out_shape=out_shape,
         grid=(batch, n_blocks, n_chunks), in_specs=[seq, seq, mat, bn, bn, starts, seq, st],
         out_specs=(seq, seq, st, per_block_n, per_block_n, st),
-        scratch_shapes=[pltpu.VMEM(s, d) for s, d in scratch],
+        scratch_shapes=[pltpu.VMEM(*x) for x in scratch],
         compiler_params=_compiler_params(_vmem(blocks, scratch)), interpret=_params(interpret),
         name="selective_scan_bwd_tpu",
         cost_estimate=scan_cost_estimate("bwd", batch, length, channels, state, operands, out_shape),
@@ -341,14 +396,15 @@ _pallas_tpu_scan.defvjp(_pallas_tpu_scan_fwd, _pallas_tpu_scan_bwd)
 def pallas_tpu_core(u, delta, A, B, C, h0, *, chunk=TUNABLES["chunk"], unroll=TUNABLES["unroll"],
                     block_c=TUNABLES["block_c"], y_dtype=f32, interpret=None):
     """u, delta in their own dtype (float32 or bfloat16, read as such by the kernels); y written in `y_dtype`.
-    `chunk`: time steps per grid step (rounded up to a multiple of 8; smaller for large states, see
-    `WORK_BYTES`); `unroll`: time steps per `fori_loop` iteration; `block_c`: the lanes layout's channels per
+    `chunk`: time steps per grid step (rounded up to a multiple of the row group, 8 or 16 for 16-bit arrays;
+    smaller for large states, see `WORK_BYTES`); `unroll`: time steps per `fori_loop` iteration of the dense
+    forward (the lanes kernels take one row group an iteration); `block_c`: the lanes layout's channels per
     grid step (fewer for large states)."""
     if interpret is None:
         interpret = jax.default_backend() != "tpu"
     batch, length, channels = u.shape
     state = A.shape[1]
-    plan = _plan(length, channels, state, chunk, block_c, unroll)
+    plan = _plan(length, channels, state, chunk, block_c, unroll, (u.dtype, delta.dtype, y_dtype))
     pad_t, pad_c = plan.padded_length - length, plan.padded_channels - channels
     u, delta = (jnp.pad(x, ((0, 0), (0, pad_t), (0, pad_c))) for x in (u, delta))
     B, C = (jnp.pad(x.astype(f32), ((0, 0), (0, pad_t), (0, 0))) for x in (B, C))
