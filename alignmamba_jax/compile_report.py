@@ -388,7 +388,7 @@ def deduplication_map(text) -> dict:
     return mapping
 
 
-def program_cost(programs, name, scope_outermost=False, _dedup=None) -> dict:
+def program_cost(programs, name, scope_outermost=False, _dedup=None, _callees=None) -> dict:
     """What program `name` of `llo_programs(...)` executes: {"bundles", "units": {unit: slots used},
     "capacity": {unit: slots per bundle}, "loops"}, counting each loop body times its trip count and, for each
     `inlined_call` (the fusions and kernels a top-level program runs), the callee's own cost. Bundles behind a
@@ -413,10 +413,13 @@ def program_cost(programs, name, scope_outermost=False, _dedup=None) -> dict:
         for unit, used in zip(utilization["units"], row):
             units[unit] += count * used
     total = sum(counts)
+    _callees = {} if _callees is None else _callees
     for count, bundle in zip(counts, bundles):
         callee = _dedup.get(bundle["call"], bundle["call"])
         if count and callee in programs and callee != name:
-            inner = program_cost(programs, callee, _dedup=_dedup)
+            if callee not in _callees:
+                _callees[callee] = program_cost(programs, callee, _dedup=_dedup, _callees=_callees)
+            inner = _callees[callee]
             total += count * inner["bundles"]
             for unit, used in inner["units"].items():
                 units[unit] = units.get(unit, 0) + count * used
@@ -455,8 +458,8 @@ def mosaic_grid(paths, kernel):
     for path in sorted(paths):
         if path.endswith("-original.txt"):
             text = _read(path)
-            match = re.search(r"func\.func @" + re.escape(kernel) + r"\(.*?iteration_bounds = array<i64(?::\s*([\d,\s]*))?>",
-                              text, re.S)
+            match = re.search(r"func\.func @" + re.escape(kernel) +
+                              r"\(.*?iteration_bounds = array<i64(?::\s*([\d,\s]*))?>", text, re.S)
             if match:
                 return tuple(int(x) for x in (match.group(1) or "").replace(" ", "").split(",") if x)
     return None
