@@ -2,26 +2,32 @@
 
 Grid (batch, channel blocks, chunks of time): the chunk axis is sequential ("arbitrary") and carries the state in
 VMEM between grid steps, so Pallas pipelines the next chunk's HBM->VMEM copies behind the current chunk's work.
-Inside a chunk, time is a `lax.fori_loop` (unrolled `unroll` steps at a time) indexing the time axis of the VMEM
-blocks dynamically, so code size does not grow with the chunk or the length, and a chunk is any multiple of 8
-steps (a sequence of 150 steps runs as 152). u, delta and y keep their dtype in HBM (bfloat16 costs half the
-traffic); the kernels upcast on load and keep the state and all accumulation in float32.
+Inside a chunk, time is a `lax.fori_loop` over a few steps an iteration, indexing the VMEM blocks dynamically,
+so code size does not grow with the chunk or the length. A chunk is a multiple of 8 steps (16 where an array is
+16-bit: its rows come in packed pairs) and the chunks are made equal, so a sequence of 150 steps runs as 152
+(160 in bfloat16). u, delta and y keep their dtype in HBM (bfloat16 costs half the traffic); the kernels upcast
+on load and keep the state and all accumulation in float32; B and C are read as float32 (small).
 
 Two layouts, chosen by the channel count:
-- dense (channels >= 1024): 1024 channels fill an (8, 128) tile, one tile (one vreg) per state, so every vector
-  op works on full vregs; B_t and C_t are read as SMEM scalars, which broadcast into a vector op for free. The
-  state is carried in registers up to 16 states, in VMEM beyond. Forward only.
+- dense (channels >= 1024, forward only): 1024 channels fill an (8, 128) tile, one tile (one vreg) per state,
+  so every vector op works on full vregs; B_t and C_t are SMEM scalars, which broadcast into a vector op for
+  free. The blocks are the (batch, length, channels) array's own bytes, an (8, 128) HBM tile being 8 steps of
+  128 channels: a strided load gathers one step's 8 lane tiles (`_dense_load`), so XLA moves no data around the
+  kernel. States live in registers 8 at a time over the loop's 8 steps (`state_group`; more spill), in VMEM
+  above 16 states.
 - lanes (fewer channels, and every backward): channels on the 128 lanes, the state on sublanes, a (state,
-  block_c) tile; B_t and C_t are rows of (chunk, state) VMEM blocks, turned into columns per step. The
-  backward's sums over channels (dB, dC) are then lane reductions that give all states at once.
+  block_c) tile; B_t and C_t are rows of (chunk, state) VMEM blocks, turned into columns per step (XLU work).
+  The backward's sums over channels (dB, dC) are then lane reductions that give all states at once. Each loop
+  iteration reads and writes one aligned group of rows; outputs are gathered in VMEM, not in registers.
 The forward writes the state at the start of every chunk; the backward walks the chunks in reverse (reversed
 index maps), recomputes a chunk's states into a (chunk + 1, state, 128) VMEM buffer and runs the adjoint
 recurrence, accumulating dA in registers. The chunk shrinks with the state so that buffer stays within
-`WORK_BYTES`, and every kernel asks Mosaic for the VMEM its blocks and scratch need (`vmem_limit_bytes`).
-Nothing of size (batch, length, channels, state) is written.
+`WORK_BYTES`, and every kernel asks Mosaic for the VMEM its blocks and scratch need (`vmem_limit_bytes`; the
+default scoped limit, 16 MiB on v5e, stops the backward from state 128 on). Nothing of size (batch, length,
+channels, state) is written.
 
 Off TPU the kernels run under TPU interpret mode (`pltpu.InterpretParams`), which also checks the block/grid
-semantics; tests compile them for a compile-only TPU (libtpu) to check the Mosaic compiler's verdict.
+semantics; tests compile them for a compile-only TPU v5e (libtpu) and read Mosaic's verdict from its dumps.
 """
 import functools
 import math
@@ -42,7 +48,7 @@ DENSE_CHANNELS = LANES * SUBLANES   # channels of one (8, 128) tile: the dense l
 REGISTER_STATES = 16                # states carried in vregs (above, the dense forward keeps them in VMEM)
 WORK_BYTES = 8 * 2 ** 20            # the backward's recomputed states per grid step (bounds its chunk)
 VMEM_MARGIN = 4 * 2 ** 20           # Mosaic's own scratch and spills, above the blocks and scratch buffers
-VMEM_CAP = 96 * 2 ** 20             # below the 128 MiB of VMEM of v5e / v6e (v4, v5p: 32 / 95 MiB, see _vmem)
+VMEM_CAP = 96 * 2 ** 20             # a ceiling below v5e's and v6e's 128 MiB; state 256 asks for about 20 MiB
 LOG2E = math.log2(math.e)
 _HIGH_HALF = np.uint32(0xFFFF0000)
 KERNEL_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))   # others are read and written as float32
@@ -106,8 +112,8 @@ def _dense_load(ref, i, s, m, odd, emulate):
 
 
 def _dense_store(ref, i, s, m, odd, y, low, emulate):
-    """Writes step 8 i + s of y (see `_dense_load`; `odd`: whether s is odd, known statically); in bfloat16 (rounded to nearest even), an even step's
-    half is returned, then written with the next step's as one word."""
+    """Writes step 8 i + s of y (see `_dense_load`; `odd`: whether s is odd, known statically). In bfloat16
+    (rounded to nearest even) an even step's half is returned, then written with the next step's as one word."""
     if ref.dtype == f32:
         ref[0, i, _dense_rows(s), :] = y
         return None
@@ -129,7 +135,7 @@ def _dense_forward_kernel(u_ref, d_ref, A_ref, B_ref, C_ref, h0_ref, y_ref, star
                           y_part, *, chunk, state, state_group, unroll, emulate):
     """u, d, y: (1, chunk / 8, 64, 128), see `_dense_load`; A (log2 e scaled), h0, starts, last, h_scratch:
     (state, 8, 128); B, C: SMEM (1, chunk * state). The loop takes `unroll` steps (a divisor of 8, even for
-    bfloat16) an iteration: 8 spill at state 16."""
+    bfloat16) an iteration; y_part (unroll, 8, 128) holds their y summed over the state groups done."""
     k = pl.program_id(2)
 
     @pl.when(k == 0)
@@ -388,7 +394,8 @@ def _forward(u, delta, A2t, B, C, h0t, plan, y_dtype, interpret):
         A_, h0_ = (x.reshape(*x.shape[:-1], channels // LANES, LANES) for x in (A2t, h0t))
         B_, C_ = (x.reshape(batch, n_chunks, 1, chunk * state) for x in (B, C))
         seq = pl.BlockSpec((1, chunk // SUBLANES, rows, LANES), lambda b, c, k: (b, k, c, 0))
-        smem = pl.BlockSpec((None, None, 1, chunk * state), lambda b, c, k: (b, k, 0, 0), memory_space=pltpu.SMEM)
+        smem = pl.BlockSpec((None, None, 1, chunk * state), lambda b, c, k: (b, k, 0, 0),
+                            memory_space=pltpu.SMEM)
         mat = pl.BlockSpec((state, SUBLANES, LANES), lambda b, c, k: (0, c, 0))
         st = pl.BlockSpec((None, state, SUBLANES, LANES), lambda b, c, k: (b, 0, c, 0))
         starts = pl.BlockSpec((None, None, state, SUBLANES, LANES), lambda b, c, k: (b, k, 0, c, 0))
