@@ -40,18 +40,26 @@ def _check(shape, options, dtype=jnp.float32, **tunables):
                       **(dict(rtol=1e-3, atol=1e-3) if dtype == jnp.float32 else dict(rtol=5e-2, atol=1e-1)))
 
 
-@pytest.mark.parametrize("shape,options", [((1, 13, DENSE_CHANNELS + 6, 4), "all"),   # dense: 2 channel blocks
-                                           ((2, 19, 5, 3), "all")])                     # lanes
-def test_both_layouts_match_reference_with_every_option(shape, options):
-    _check(shape, options)
+def test_unroll_must_divide_a_row_of_tiles():
+    args, _ = make_inputs(0, 1, 8, 4, 2)
+    with pytest.raises(ValueError, match="unroll must divide 8"):
+        tuned_backend("pallas_tpu", unroll=3)(*args)
+
+
+def test_dense_layout_matches_reference_with_every_option():
+    """The lanes layout's cheap case is test_kernels_pallas.py's `pallas_tpu_small_chunks`."""
+    _check((1, 5, DENSE_CHANNELS, 2), "all")
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("shape,options,dtype,tunables", [
+    ((1, 13, DENSE_CHANNELS + 6, 4), "all", jnp.float32, {}),              # dense: 2 channel blocks, 2 chunks
+    ((2, 19, 5, 3), "all", jnp.float32, {}),                                # lanes
     ((1, 21, DENSE_CHANNELS, 16), "all", jnp.bfloat16, {}),                 # dense, bf16 in and out
     ((2, 12, 130, 16), "D_z", jnp.bfloat16, {}),                            # lanes, bf16, y in f32 (D, z)
-    ((1, 9, DENSE_CHANNELS, 20), "mask", jnp.float32, {"unroll": 3}),       # dense, state in VMEM
-    ((1, 11, 200, 40), "bias_softplus_h0", jnp.float32, {"bwd_unroll": 3}),  # lanes, a large state
+    ((1, 9, DENSE_CHANNELS, 20), "mask", jnp.float32, {"unroll": 2}),       # dense, state in VMEM
+    ((1, 21, DENSE_CHANNELS, 12), "plain", jnp.float32, {"state_group": 5}),  # dense, uneven state groups
+    ((1, 11, 200, 40), "bias_softplus_h0", jnp.float32, {}),                # lanes, a large state
     ((2, 17, 300, 16), "plain", jnp.bfloat16, {"block_c": 128}),            # lanes, 3 channel blocks
 ])
 def test_layouts_dtypes_and_large_states_match_reference(shape, options, dtype, tunables):
