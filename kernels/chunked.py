@@ -1,4 +1,4 @@
-"""The `chunked` backend, the default on CPU: a sequential scan over time, organised in chunks, with a
+"""The `chunked` backend, the XLA scan `auto` falls back to on CPU where cpu_ffi cannot be built: a sequential scan over time, organised in chunks, with a
 hand-written VJP that keeps only chunk-boundary states.
 
 Forward under differentiation: an outer `lax.scan` over chunks of `chunk` steps, an inner `lax.scan` over the
