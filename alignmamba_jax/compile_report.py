@@ -188,9 +188,9 @@ ISA = {
 }
 
 
-def inner_loops(code, isa):
-    """The lines of the innermost loops (a label and a later branch back to it) that hold an exponential."""
-    label, branch, _, opcodes = ISA[isa]
+def _loops(code, isa):
+    """(start, end) line ranges of every loop (a label and a later branch back to it) in `code`."""
+    label, branch, _, _ = ISA[isa]
     lines = code.splitlines()
     labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(label, line))}
     loops = []
@@ -198,20 +198,51 @@ def inner_loops(code, isa):
         m = re.search(branch, line)
         if m and m.group(1) in labels and labels[m.group(1)] < i:
             loops.append((labels[m.group(1)], i))
-    with_exp = [(a, b) for a, b in loops if any(opcodes["ex2"][0] in line for line in lines[a:b])]
-    innermost = [(a, b) for a, b in with_exp if not any(a < c and d < b for c, d in with_exp if (c, d) != (a, b))]
+    return lines, loops
+
+
+def _arithmetic(lines, isa):
+    _, _, opcode, opcodes = ISA[isa]
+    prefixes = tuple(p for name in ("ex2", "ffma", "fmul", "fadd") for p in opcodes[name])
+    return any((m := re.search(opcode, line)) and m.group(1).startswith(prefixes) for line in lines)
+
+
+def _per_token_loops(code, isa):
+    """(lines, innermost loops holding floating-point arithmetic (a kernel's per-token loops; barrier and
+    copy waits spin in loops without any), the loop directly around them (per chunk), if any)."""
+    lines, loops = _loops(code, isa)
+    with_math = [(a, b) for a, b in loops if _arithmetic(lines[a:b], isa)]
+    innermost = [(a, b) for a, b in with_math if not any(a < c and d < b for c, d in with_math if (c, d) != (a, b))]
+    around = [(a, b) for a, b in loops if innermost and all(a < c and d < b for c, d in innermost)]
+    outer = min(around, key=lambda ab: ab[1] - ab[0]) if around else None
+    return lines, innermost, outer
+
+
+def inner_loops(code, isa):
+    """The lines of the innermost loops that hold floating-point arithmetic: the per-token loops."""
+    lines, innermost, _ = _per_token_loops(code, isa)
     return [lines[a:b + 1] for a, b in innermost]
 
 
-def instruction_counts(code, isa, elements_per_iteration):
-    """{opcode class: count per element} over the inner loops; an iteration of a thread takes one token of
-    `elements_per_iteration` (channel, state) elements of the CTA's block."""
+def instruction_counts(code, isa, elements_per_iteration, iterations_per_outer=None):
+    """{opcode class: count per element} over the per-token loops (`inner_loops`); an iteration of a thread
+    takes one token of `elements_per_iteration` (channel, state) elements of the CTA's block. With
+    `iterations_per_outer` (tokens per chunk), the rest of the loop around them (the once-per-chunk work) is
+    added, divided by the tokens of a chunk."""
     _, _, opcode, opcodes = ISA[isa]
-    counts = dict.fromkeys(opcodes, 0)
-    for loop in inner_loops(code, isa):
-        for line in loop:
+    lines, innermost, outer = _per_token_loops(code, isa)
+    counts = dict.fromkeys(opcodes, 0.0)
+
+    def add(selected, weight):
+        for line in selected:
             m = re.search(opcode, line)
             for name, prefixes in opcodes.items():
                 if m and m.group(1).startswith(prefixes):
-                    counts[name] += 1
+                    counts[name] += weight
+
+    for a, b in innermost:
+        add(lines[a:b + 1], 1.0)
+    if iterations_per_outer and outer is not None:
+        inside = {i for a, b in innermost for i in range(a, b + 1)}
+        add([lines[i] for i in range(outer[0], outer[1] + 1) if i not in inside], 1.0 / iterations_per_outer)
     return {k: round(v / elements_per_iteration, 3) for k, v in counts.items()}

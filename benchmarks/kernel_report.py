@@ -75,10 +75,11 @@ def ctas_per_sm(registers, threads, smem_bytes):
 def kernel_launches(kernel_calls, pass_name):
     """(launches, HBM bytes of their operands and results, each read or written once, time steps per CTA, padded
     state size) of the `pass_name` kernel in the compiled HLO: the split scan launches each kernel twice. The
-    backward kernel is the one with six results (du, ddelta, dA, dB, dC, dh0), the forward has two or three."""
+    backward kernel is the one with five results (du, ddelta, dA, the dB/dC partials, dh0), the forward has two
+    or three (y, the final state, the chunks' start states)."""
     launches, n_bytes, steps, state = 0, 0, None, None
     for call in kernel_calls:
-        if call["target"].startswith("mosaic_gpu") and (len(call["results"]) == 6) == (pass_name == "bwd"):
+        if call["target"].startswith("mosaic_gpu") and (len(call["results"]) >= 5) == (pass_name == "bwd"):
             launches += call["count"]
             n_bytes += call["count"] * sum(compile_report.shape_bytes(text)
                                            for text in call["operands"] + call["results"])
@@ -106,6 +107,7 @@ def build(shape, dtype, device, sm_count):
 
 
 def report_kernel(target, device, shape, dtype, pass_name, dump_root=None, sm_count=None):
+    from alignmamba_jax.kernels.pallas_mosaic_gpu import TUNABLES
     sms = targets.GPU_SPECS[target.gpu][1]
     fn, args = build(shape, dtype, device, sms if sm_count is None else sm_count)[pass_name]
     kernel = f"selective_scan_{pass_name}_mosaic_gpu"
@@ -123,7 +125,8 @@ def report_kernel(target, device, shape, dtype, pass_name, dump_root=None, sm_co
     b, l, d, n = shape
     launches, n_bytes, steps, state = kernel_launches(compile_report.kernel_calls(compiled.as_text()), pass_name)
     isa = "sass" if "sass" in code else "ptx"
-    counts = compile_report.instruction_counts(code[isa], isa, BLOCK_C * state // threads)      # one thread's code
+    counts = compile_report.instruction_counts(code[isa], isa, BLOCK_C * state // threads,  # one thread's code
+                                               iterations_per_outer=TUNABLES["chunk"])
     ptxas = ptxas[0] if ptxas else {}
     registers = ptxas.get("registers")
     resident = ctas_per_sm(registers, threads, smem)

@@ -53,7 +53,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 # Defaults of the core's keyword arguments, so that a device run can sweep them (`kernels.tuned_backend`).
-TUNABLES = {"chunk": 16, "block_c": 64, "max_concurrent_steps": 2, "lowering_semantics": "warpgroup"}
+TUNABLES = {"chunk": 8, "block_c": 64, "max_concurrent_steps": 2, "lowering_semantics": "warpgroup",
+            "approx_math": True}
 SEMANTICS = {"lane": plgpu.LoweringSemantics.Lane, "warpgroup": plgpu.LoweringSemantics.Warpgroup}
 _TILE_ROWS, _TILE_COLS = 64, 8                                    # the WGMMA layout's (rows, cols) tile
 _SLOTS = 2                                                        # double-buffered output tiles
@@ -71,6 +72,7 @@ class _Config(NamedTuple):
     block_c: int
     max_concurrent_steps: int
     lowering_semantics: str
+    approx_math: bool
     interpret: bool
     y_dtype: jnp.dtype
 
@@ -87,7 +89,8 @@ class _Config(NamedTuple):
             interpret = params()
         return plgpu.kernel(
             body, out_type=out_type, scratch_types=scratch_types, grid=grid, grid_names=("batch", "block"),
-            compiler_params=plgpu.CompilerParams(lowering_semantics=SEMANTICS[self.lowering_semantics]),
+            compiler_params=plgpu.CompilerParams(lowering_semantics=SEMANTICS[self.lowering_semantics],
+                                                 approx_math=self.approx_math),
             interpret=interpret, kernel_name=name)
 
 
@@ -181,6 +184,120 @@ def _forward(u, delta, A, B, C, h0, cfg, save_starts):
                       "selective_scan_fwd_mosaic_gpu")(u, delta, A * _LOG2E, B, C, h0)
 
 
+def _lane_slots(state):
+    """Where the warp reduce-scatter of the channel sums (`reduce_scatter`) leaves each warp's sums: [(slot, lane)] -> (q, column),
+    q = 0 for dB's and 1 for dC's. A thread of the WGMMA layout starts with `state` values, one per quantity,
+    8-column tile j and vector element k (column 8j + 2 (lane % 4) + k), each already summed over its rows; each
+    butterfly step over lane bits 4, 3, 2 (the 8 row groups of a warp) keeps one half of them and sends the
+    other, so the steps cost state / 2 + state / 4 + ... shuffles and adds, not 3 x state (an odd count is
+    all-reduced instead). Returns
+    (values per lane, {(q, column): slot * 32 + lane}, [q * state + column for each slot * 32 + lane])."""
+    start = [(q, j, k) for q in range(2) for j in range(state // _TILE_COLS) for k in range(2)]
+    per_lane = {}
+    for lane in range(32):
+        values = start
+        for bit in (4, 3, 2):
+            if len(values) % 2 == 0:
+                half = len(values) // 2
+                values = values[half:] if (lane >> bit) & 1 else values[:half]
+        per_lane[lane] = [(q, 8 * j + 2 * (lane % 4) + k) for q, j, k in values]
+    n = len(per_lane[0])
+    source = [0] * (32 * n)
+    first = {}
+    for lane, values in per_lane.items():
+        for slot, (q, col) in enumerate(values):
+            source[slot * 32 + lane] = q * state + col
+            first.setdefault((q, col), slot * 32 + lane)
+    return n, first, source
+
+
+def reduce_scatter(values, lane_bit, shuffle, add, select):
+    """The butterfly of `_lane_slots` over lane bits 4, 3, 2, written once for any operations: `lane_bit(bit)`
+    (whether this lane has the bit set), `shuffle(x, distance)` (x of lane ^ distance), `add`, `select(p, x, y)`.
+    The compiled kernel passes Mosaic GPU's shfl.bfly and arith ops; the tests pass numpy over 32 lanes."""
+    for bit in (4, 3, 2):
+        if len(values) % 2:
+            values = [add(v, shuffle(v, 1 << bit)) for v in values]
+            continue
+        half, upper = len(values) // 2, lane_bit(bit)
+        values = [add(select(upper, hi, lo), shuffle(select(upper, lo, hi), 1 << bit))
+                  for lo, hi in zip(values[:half], values[half:])]
+    return values
+
+
+def _channel_sums_interpret(part, i, g, du, h, dy):
+    """`_channel_sums_compiled` in plain array ops (interpret mode has no inline Mosaic GPU): the same per-warp sums in
+    the same lane order, so the unscrambling of the partials is the one the compiled kernel needs."""
+    block_c, state = g.shape
+    _, _, source = _lane_slots(state)
+    per_warp = [(x * w[:, None]).reshape(block_c // _TILE_ROWS, 4, 16, state).sum((0, 2)) for x, w in
+                ((g, du), (h, dy))]
+    sums = jnp.concatenate(per_warp, axis=1)
+    part[:, i, :] = jnp.stack([sums[:, s] for s in source], axis=1)
+
+
+def _channel_sums_compiled(part, i, g, du, h, dy):
+    """Per warp, sum_c g[c, n] du[c] and sum_c h[c, n] dy[c] over the warp's 16 channels (x block_c / 64) for
+    every n, written to part[warp, i, slot * 32 + lane] (`_lane_slots`): products and the in-thread row sums as
+    fused multiply-adds, then a butterfly reduce-scatter over the lanes (state / 2 - 1 shuffles and adds per
+    thread at state 16: 7, against 24 for two all-reduces), no cross-warp step (that is once per chunk)."""
+    from jax.experimental.mosaic.gpu import utils as mgpu_utils
+    from jaxlib.mlir import ir
+    from jaxlib.mlir.dialects import arith, math as mlir_math, memref, vector
+
+    row = plgpu.Layout.WGMMA.reduce(1)
+
+    @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), plgpu.Layout.WG_SPLAT, plgpu.Layout.WGMMA, row,
+                                  plgpu.Layout.WGMMA, row))
+    def write(ctx, part_ref, step, g, du, h, dy):
+        del ctx
+        i32, index = ir.IntegerType.get_signless(32), ir.IndexType.get()
+        c32 = lambda v: arith.constant(i32, v)
+        tiles_m, tiles_n = g.registers.shape[0], g.registers.shape[1]
+        state = tiles_n * _TILE_COLS
+
+        def element(reg, k):
+            return vector.extract(reg, dynamic_position=[], static_position=ir.DenseI64ArrayAttr.get([k]))
+
+        values = []
+        for x, w in ((g, du), (h, dy)):
+            for j in range(tiles_n):
+                for k in range(2):
+                    acc = None
+                    for m in range(tiles_m):
+                        for half in range(2):
+                            xv = element(x.registers[m, j, 0, 0, half, 0, 0, 0, 0], k)
+                            wv = element(w.registers[m, 0, half, 0, 0], 0)
+                            acc = arith.mulf(xv, wv) if acc is None else mlir_math.fma(xv, wv, acc)
+                    values.append(acc)
+        tid = mgpu_utils.thread_idx()
+        lane = arith.andi(tid, c32(31))
+        warp = arith.andi(arith.shrui(tid, c32(5)), c32(3))
+        values = reduce_scatter(
+            values, lambda bit: arith.cmpi(arith.CmpIPredicate.ne, arith.andi(lane, c32(1 << bit)), c32(0)),
+            mgpu_utils.shfl_bfly, arith.addf, arith.select)
+        assert len(values) == _lane_slots(state)[0]
+        t = arith.index_cast(index, step.registers.item())
+        w = arith.index_cast(index, warp)
+        for slot, v in enumerate(values):
+            col = arith.index_cast(index, arith.addi(lane, c32(32 * slot)))
+            memref.store(v, part_ref, [w, t, col])
+
+    write(part, i, g, du, h, dy)
+
+
+def _warpgroup_barrier():
+    """All four warps' shared-memory stores so far are visible to every thread after this."""
+    from jax.experimental.mosaic.gpu import utils as mgpu_utils
+
+    @plgpu.inline_mgpu()
+    def sync(ctx):
+        del ctx
+        mgpu_utils.warpgroup_barrier()
+
+    sync()
+
+
 def _backward(u, delta, A, B, C, h_starts, dy, dh_last, cfg):
     batch, length, channels = u.shape
     state = A.shape[1]
@@ -188,13 +305,16 @@ def _backward(u, delta, A, B, C, h_starts, dy, dh_last, cfg):
     n_chunks, n_blocks = length // chunk, channels // block_c
     shape = (block_c, state)
     f32 = jnp.float32
+    n_slots, first, _ = _lane_slots(state)
+    width = 32 * n_slots
 
     def kernel(u_g, d_g, A_g, B_g, C_g, h_starts_g, dy_g, dh_last_g,
-               du_g, dd_g, dA_g, dB_g, dC_g, dh0_g, work, du_s, dd_s, bc_s, barriers):
+               du_g, dd_g, dA_g, dBC_g, dh0_g, work_h, work_a, du_s, dd_s, part, bc_s, barriers):
         b, c = lax.axis_index("batch"), lax.axis_index("block")
         cs = pl.ds(c * block_c, block_c)
         # A and dh_last pass through the state workspace before the chunks need it, dA and dh0 after.
-        A_r, g = _load_blocks(cfg, [A_g.at[cs], dh_last_g.at[b, cs]], work, barriers)
+        A_r, g = _load_blocks(cfg, [A_g.at[cs], dh_last_g.at[b, cs]], work_h, barriers)
+        A_ln2 = A_r * _LN2                                          # A itself: d exp2(delta A_r) / d delta = a A
 
         def chunk_body(indices, u_s, d_s, B_s, C_s, dy_s, h_start_s, carry):
             (k,), (g, dA) = indices, carry
@@ -202,39 +322,44 @@ def _backward(u, delta, A, B, C, h_starts, dy, dh_last, cfg):
             plgpu.wait_smem_to_gmem(_SLOTS - 1, wait_read_only=True)
 
             def recompute(i, h):
-                work[i] = h                                         # the state before step i
+                work_h[i] = h                                       # the state before step i
                 u, d, d_b, B_b = _step_inputs(cfg, i, u_s, d_s, B_s, shape)
-                return jnp.exp2(d_b * A_r) * h + lax.broadcast_in_dim(d * u, shape, [0]) * B_b
+                a = jnp.exp2(d_b * A_r)
+                work_a[i] = a                                       # its decay: one exponential per element
+                return a * h + lax.broadcast_in_dim(d * u, shape, [0]) * B_b
 
-            lax.fori_loop(0, chunk, recompute, cfg.layout(h_start_s[...], _STATE))
+            h_end = lax.fori_loop(0, chunk, recompute, cfg.layout(h_start_s[...], _STATE))
 
             def adjoint_step(j, carry):
-                g, dA = carry
+                g, dA, h = carry                                    # h: the state after step i
                 i = chunk - 1 - j
                 u, d, d_b, B_b = _step_inputs(cfg, i, u_s, d_s, B_s, shape)
                 _, C_b = _rows(cfg, C_s, i, shape, 0, _COL)
                 dy, dy_b = _rows(cfg, dy_s, i, shape, 1, _ROW)
-                h_prev = cfg.layout(work[i], _STATE)
-                a = jnp.exp2(d_b * A_r)
-                du_b = lax.broadcast_in_dim(d * u, shape, [0])
+                h_prev, a = cfg.layout(work_h[i], _STATE), cfg.layout(work_a[i], _STATE)
                 g = g + dy_b * C_b
-                g_a_hprev = g * a * h_prev
+                ga = g * a
+                g_a_hprev = ga * h_prev
                 dA = dA + g_a_hprev * d_b
                 g_b = jnp.sum(g * B_b, axis=1)
                 du_s[slot, i] = (d * g_b).astype(du_s.dtype)
-                dd_s[slot, i] = (jnp.sum(g_a_hprev * A_r, axis=1) * _LN2 + u * g_b).astype(dd_s.dtype)
-                bc_s[0, slot, i] = jnp.sum(g * du_b, axis=0)
-                bc_s[1, slot, i] = jnp.sum((a * h_prev + du_b * B_b) * dy_b, axis=0)
-                return g * a, dA
+                dd_s[slot, i] = (jnp.sum(g_a_hprev * A_ln2, axis=1) + u * g_b).astype(dd_s.dtype)
+                if cfg.interpret:
+                    _channel_sums_interpret(part, i, g, d * u, h, dy)
+                else:
+                    _channel_sums_compiled(part, i, g, d * u, h, dy)
+                return ga, dA, h_prev
 
-            carry = lax.fori_loop(0, chunk, adjoint_step, (g, dA))
+            g, dA, _ = lax.fori_loop(0, chunk, adjoint_step, (g, dA, h_end))
+            if not cfg.interpret:
+                _warpgroup_barrier()
+            bc_s[slot] = part[0] + part[1] + part[2] + part[3]     # the chunk's one cross-warp step
             plgpu.commit_smem()
             ts = pl.ds((n_chunks - 1 - k) * chunk, chunk)
-            for dst, src in ((du_g.at[b, ts, cs], du_s.at[slot]), (dd_g.at[b, ts, cs], dd_s.at[slot]),
-                             (dB_g.at[b, c, ts], bc_s.at[0, slot])):
+            for dst, src in ((du_g.at[b, ts, cs], du_s.at[slot]), (dd_g.at[b, ts, cs], dd_s.at[slot])):
                 plgpu.copy_smem_to_gmem(src, dst, commit_group=False)
-            plgpu.copy_smem_to_gmem(bc_s.at[1, slot], dC_g.at[b, c, ts])
-            return carry
+            plgpu.copy_smem_to_gmem(bc_s.at[slot], dBC_g.at[b, c, ts])
+            return g, dA
 
         reverse = lambda k: n_chunks - 1 - k
         per_channel = pl.BlockSpec((chunk, block_c), lambda k: (reverse(k), c))
@@ -246,20 +371,22 @@ def _backward(u, delta, A, B, C, h_starts, dy, dh_last, cfg):
             max_concurrent_steps=cfg.max_concurrent_steps, init_carry=(g, cfg.layout(jnp.zeros(shape, f32), _STATE)))
         g, dA = pipeline(u_g.at[b], d_g.at[b], B_g.at[b], C_g.at[b], dy_g.at[b], h_starts_g.at[b])
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-        _store_blocks([(dh0_g.at[b, cs], g), (dA_g.at[b, cs], dA)], work)
+        _store_blocks([(dh0_g.at[b, cs], g), (dA_g.at[b, cs], dA)], work_h)
 
     # du and ddelta in the dtypes of u and delta (their cotangents' dtypes); dA, dB, dC partials in float32.
-    per_block_state = jax.ShapeDtypeStruct((batch, n_blocks, length, state), f32)
     block_state = jax.ShapeDtypeStruct((batch, channels, state), f32)
     out_type = (jax.ShapeDtypeStruct(u.shape, u.dtype), jax.ShapeDtypeStruct(delta.shape, delta.dtype), block_state,
-                per_block_state, per_block_state, block_state)
-    scratch = [plgpu.SMEM((chunk, block_c, state), f32), plgpu.SMEM((_SLOTS, chunk, block_c), u.dtype),
-               plgpu.SMEM((_SLOTS, chunk, block_c), delta.dtype), plgpu.SMEM((2, _SLOTS, chunk, state), f32),
+                jax.ShapeDtypeStruct((batch, n_blocks, length, width), f32), block_state)
+    scratch = [plgpu.SMEM((chunk, block_c, state), f32), plgpu.SMEM((chunk, block_c, state), f32),
+               plgpu.SMEM((_SLOTS, chunk, block_c), u.dtype), plgpu.SMEM((_SLOTS, chunk, block_c), delta.dtype),
+               plgpu.SMEM((4, chunk, width), f32), plgpu.SMEM((_SLOTS, chunk, width), f32),
                plgpu.Barrier(num_barriers=2)]
-    du, ddelta, dA, dB, dC, dh0 = cfg.kernel(kernel, out_type, scratch, (batch, n_blocks),
-                                             "selective_scan_bwd_mosaic_gpu")(
+    du, ddelta, dA, dBC, dh0 = cfg.kernel(kernel, out_type, scratch, (batch, n_blocks),
+                                          "selective_scan_bwd_mosaic_gpu")(
         u, delta, A * _LOG2E, B, C, h_starts, dy, dh_last)
-    return du, ddelta, dA.sum(0), dB.sum(1), dC.sum(1), dh0
+    gather = jnp.array([first[(q, n)] for q in range(2) for n in range(state)])
+    dBC = dBC.sum(1)[..., gather]
+    return du, ddelta, dA.sum(0), dBC[..., :state], dBC[..., state:], dh0
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
@@ -332,8 +459,10 @@ def _segmented_scan(u, delta, A, B, C, h0, cfg, segments):
 def _check_shared_memory(chunk, block_c, state, max_concurrent_steps, itemsizes):
     """The backward kernel's shared memory (the larger of the two) must fit in a Hopper/Blackwell block."""
     u, delta, B, C, dy = itemsizes
+    width = 32 * _lane_slots(state)[0]
     per_stage = chunk * block_c * (u + delta + dy) + chunk * state * (B + C) + block_c * state * 4
-    scratch = 4 * (chunk * block_c * state + 2 * _SLOTS * chunk * state) + _SLOTS * chunk * block_c * (u + delta)
+    scratch = (4 * (2 * chunk * block_c * state + (4 + _SLOTS) * chunk * width)
+               + _SLOTS * chunk * block_c * (u + delta))
     barriers = 8 * (2 + max_concurrent_steps)
     need = max_concurrent_steps * per_stage + scratch + barriers + _REDUCTION_SCRATCH_BYTES
     if need > _SHARED_MEMORY_BYTES:
@@ -366,7 +495,8 @@ def _check_device():
 
 def pallas_mosaic_gpu_core(u, delta, A, B, C, h0, *, chunk=TUNABLES["chunk"], block_c=TUNABLES["block_c"],
                            max_concurrent_steps=TUNABLES["max_concurrent_steps"],
-                           lowering_semantics=TUNABLES["lowering_semantics"], y_dtype=jnp.float32,
+                           lowering_semantics=TUNABLES["lowering_semantics"], approx_math=TUNABLES["approx_math"],
+                           y_dtype=jnp.float32,
                            sm_count=None, interpret=None):
     """The recurrence core (see `common.py`); u, delta, B, C may be bfloat16/float16 (upcast in the kernel).
 
@@ -408,7 +538,8 @@ def pallas_mosaic_gpu_core(u, delta, A, B, C, h0, *, chunk=TUNABLES["chunk"], bl
     B, C = (jnp.pad(x, ((0, 0), (0, pad_t), (0, pad_n))) for x in (B, C))
     A = jnp.pad(A.astype(jnp.float32), ((0, pad_c), (0, pad_n)))
     h0 = jnp.pad(h0.astype(jnp.float32), ((0, 0), (0, pad_c), (0, pad_n)))
-    cfg = _Config(chunk, block_c, max_concurrent_steps, lowering_semantics, bool(interpret), kernel_y_dtype)
+    cfg = _Config(chunk, block_c, max_concurrent_steps, lowering_semantics, bool(approx_math), bool(interpret),
+                  kernel_y_dtype)
     if segments > 1:
         y, h_last = _segmented_scan(u, delta, A, B, C, h0, cfg, segments)
     else:

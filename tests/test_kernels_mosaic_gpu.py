@@ -132,8 +132,8 @@ def _export(fn, dtype, semantics):
 @pytest.mark.parametrize("semantics", sorted(SEMANTICS))
 def test_mosaic_gpu_kernels_lower_for_cuda_under_each_lowering_semantics(semantics):
     """The Pallas -> Mosaic GPU lowering (layouts, shared-memory budget, TMA copies) of forward and backward for
-    an sm_90 GPU, with bfloat16 inputs, padding of length, channels and state, and two chunks."""
-    fn = make_backend(functools.partial(pallas_mosaic_gpu_core, chunk=24, lowering_semantics=semantics,
+    an sm_90 GPU, with bfloat16 inputs, padding of length, channels and state, and three chunks."""
+    fn = make_backend(functools.partial(pallas_mosaic_gpu_core, chunk=16, lowering_semantics=semantics,
                                         interpret=False), "pallas_mosaic_gpu", native_dtypes=True)
     forward, backward = _export(fn, jnp.bfloat16, semantics)
     assert "mosaic_gpu" in forward and "selective_scan_fwd_mosaic_gpu" in forward
@@ -143,7 +143,7 @@ def test_mosaic_gpu_kernels_lower_for_cuda_under_each_lowering_semantics(semanti
 
 def test_mosaic_gpu_gradient_writes_no_full_state_array():
     """Every array the kernels write to HBM and every XLA temporary is smaller than (batch, length, channels,
-    state); the forward keeps one state per chunk of 16 steps."""
+    state); the forward keeps one state per chunk of 8 steps."""
     batch, length, channels, state = 2, 64, 64, 16
     args, _ = make_inputs(9, batch, length, channels, state)
     fn = make_backend(functools.partial(pallas_mosaic_gpu_core, interpret=False), "m", native_dtypes=True)
@@ -157,7 +157,7 @@ def test_mosaic_gpu_gradient_writes_no_full_state_array():
                     yield from shapes(param.jaxpr)
 
     found = list(shapes(jaxpr.jaxpr))
-    assert (batch, length // 16, channels, state) in found
+    assert (batch, length // 8, channels, state) in found
     assert max(np.prod(s) for s in found) < batch * length * channels * state
 
 
@@ -174,8 +174,8 @@ def test_mosaic_gpu_rejects_bad_settings_before_tracing():
 
 
 def test_mosaic_gpu_registry_and_tunables():
-    assert kernels.tunables("pallas_mosaic_gpu") == {"chunk": 16, "block_c": 64, "max_concurrent_steps": 2,
-                                                      "lowering_semantics": "warpgroup"}
+    assert kernels.tunables("pallas_mosaic_gpu") == {"chunk": 8, "block_c": 64, "max_concurrent_steps": 2,
+                                                      "lowering_semantics": "warpgroup", "approx_math": True}
     assert "pallas_mosaic_gpu" in kernels.TUNABLE_BACKENDS and "pallas_mosaic_gpu" in kernels.BACKENDS
     with pytest.raises(ValueError, match="unknown tunables \\['num_warps'\\]"):
         tuned_backend("pallas_mosaic_gpu", num_warps=4)
@@ -232,3 +232,23 @@ def test_mosaic_gpu_matches_reference_on_larger_shapes_and_settings(settings, sh
 def test_mosaic_gpu_bfloat16_on_larger_shapes(options):
     _check_bfloat16(functools.partial(selective_scan, backend="pallas_mosaic_gpu"), (2, 70, 100, 16),
                     OPTION_SETS[options])
+
+
+@pytest.mark.parametrize("state", [8, 16, 24, 32])
+def test_channel_sums_reduce_scatter_leaves_each_warp_sum_where_the_unscrambling_reads_it(state):
+    """The compiled backward's butterfly (`reduce_scatter`, the same code the kernel emits, here on numpy over
+    32 lanes): lane l of the WGMMA layout starts with its two rows' (l // 4, l // 4 + 8) products summed, per
+    quantity, 8-column tile and vector element; after the three steps the value in (slot, lane) must be the
+    warp's sum over all 16 rows of the (quantity, column) that `_lane_slots` says the XLA side reads there."""
+    from alignmamba_jax.kernels.pallas_mosaic_gpu import _lane_slots, reduce_scatter
+    rng = np.random.default_rng(state)
+    products = rng.normal(size=(2, 16, state))            # (quantity, row of the warp, column)
+    lanes = np.arange(32)
+    start = [products[q, lanes // 4, 8 * j + 2 * (lanes % 4) + k] + products[q, lanes // 4 + 8, 8 * j + 2 * (lanes % 4) + k]
+             for q in range(2) for j in range(state // 8) for k in range(2)]
+    final = reduce_scatter(start, lambda bit: (lanes >> bit) & 1 == 1, lambda x, d: x[lanes ^ d], np.add, np.where)
+    n_slots, first, source = _lane_slots(state)
+    assert len(final) == n_slots and sorted(first) == [(q, n) for q in range(2) for n in range(state)]
+    sums = products.sum(1).reshape(-1)
+    for slot, values in enumerate(final):
+        np.testing.assert_allclose(values, sums[source[32 * slot:32 * (slot + 1)]], rtol=1e-12)
