@@ -225,24 +225,33 @@ def inner_loops(code, isa):
 
 
 def instruction_counts(code, isa, elements_per_iteration, iterations_per_outer=None):
-    """{opcode class: count per element} over the per-token loops (`inner_loops`); an iteration of a thread
-    takes one token of `elements_per_iteration` (channel, state) elements of the CTA's block. With
-    `iterations_per_outer` (tokens per chunk), the rest of the loop around them (the once-per-chunk work) is
-    added, divided by the tokens of a chunk."""
+    """{opcode class: count per element} over the per-token loops (`inner_loops`); a token of a thread is
+    `elements_per_iteration` (channel, state) elements of the CTA's block. A loop that holds exponentials is
+    taken to compute one per element and token (true of every scan kernel here: exp(delta A) once per element
+    of a step), so where LLVM or ptxas unrolled it, its exponentials say how many tokens an iteration holds; a
+    loop without any is taken as one token an iteration. With `iterations_per_outer` (tokens per chunk), the
+    rest of the loop around them (the once-per-chunk work) is added, divided by the tokens of a chunk."""
     _, _, opcode, opcodes = ISA[isa]
     lines, innermost, outer = _per_token_loops(code, isa)
     counts = dict.fromkeys(opcodes, 0.0)
 
-    def add(selected, weight):
+    def count(selected):
+        found = dict.fromkeys(opcodes, 0)
         for line in selected:
             m = re.search(opcode, line)
             for name, prefixes in opcodes.items():
                 if m and m.group(1).startswith(prefixes):
-                    counts[name] += weight
+                    found[name] += 1
+        return found
 
     for a, b in innermost:
-        add(lines[a:b + 1], 1.0)
+        found = count(lines[a:b + 1])
+        tokens = max(1, round(found["ex2"] / elements_per_iteration))
+        for name, n in found.items():
+            counts[name] += n / tokens
     if iterations_per_outer and outer is not None:
         inside = {i for a, b in innermost for i in range(a, b + 1)}
-        add([lines[i] for i in range(outer[0], outer[1] + 1) if i not in inside], 1.0 / iterations_per_outer)
+        found = count([lines[i] for i in range(outer[0], outer[1] + 1) if i not in inside])
+        for name, n in found.items():
+            counts[name] += n / iterations_per_outer
     return {k: round(v / elements_per_iteration, 3) for k, v in counts.items()}

@@ -12,15 +12,22 @@ chunks load while this one computes. Each chunk's y goes from a double-buffered 
 by an asynchronous copy; under differentiation the state at the start of every chunk is written the same way.
 Those boundary states, (batch, n_chunks, channels, state), are all the backward pass keeps.
 
-Backward, same grid and pipeline with reversed index maps (chunks in reverse): a chunk's states are recomputed
-from its boundary state into a (chunk, block_c, state) shared-memory workspace, then the adjoint recurrence
-g_t = exp(delta_{t+1} A) g_{t+1} + C_t dy_t runs backwards through the chunk, giving du and ddelta per channel,
-dA accumulated in registers, and dB, dC per step reduced over the block's channels (a reduction across the
-warpgroup's four warps through shared memory, twice a step: the part most likely to cost on a device; Mosaic
-GPU cannot concatenate the two into one). dB and dC are summed over channel blocks by a second pass (XLA's
-sum of per-block partials, (batch, n_blocks, length, state)) rather than by atomic adds into HBM: the sum is
-deterministic (training runs repeat bit for bit) and costs 2 * state * 4 / block_c bytes per (batch, time,
-channel) element, written once and read once, small next to u, delta and du, ddelta.
+Backward, same grid and pipeline with reversed index maps (chunks in reverse): a chunk's states and decays
+exp(delta_t A) are recomputed from its boundary state into two (chunk, block_c, state) shared-memory
+workspaces (one exponential per element in the whole backward), then the adjoint recurrence
+g_t = exp(delta_{t+1} A) g_{t+1} + C_t dy_t runs backwards through the chunk, reading them, with the state
+after the step carried in registers (dC needs it, the next step's workspace read is the state before).
+It gives du and ddelta per channel (sums over the state within a warp), dA accumulated in registers, and per
+step the per-warp sums of dB and dC over the warp's channels: a butterfly reduce-scatter over the lanes
+written with `plgpu.inline_mgpu` (`reduce_scatter`, `_lane_slots`: 7 shuffles and adds a token at state 16,
+where two reductions through Mosaic GPU's `jnp.sum` take 24 and two cross-warp steps through shared memory),
+into a (4 warps, chunk, 32) shared-memory tile that the four warps add once per chunk. Interpret mode, which
+has no inline Mosaic GPU, computes the same per-warp sums in the same lane order with array ops. The chunk's
+sums go to HBM in that lane order, (batch, n_blocks, length, 32) float32, and XLA sums them over channel blocks
+and gathers dB and dC out of them, rather than atomic adds into HBM: the sum is deterministic (training runs
+repeat bit for bit) and costs 2 * state * 4 / block_c bytes per (batch, time, channel) element, written once
+and read once, small next to u, delta and du, ddelta. Two workspaces of the default chunk of 8 take 64 KiB, so
+two CTAs share an SM (at chunk 16 one would; a chunk of 8 doubles the boundary states the forward writes).
 Nothing of size (batch, length, channels, state) is ever written.
 
 u, delta, B and C are read in their own dtype (bfloat16 halves the HBM reads) and upcast in registers; y is
@@ -34,10 +41,14 @@ default, as JAX's own Mosaic GPU kernels pin it in jax 0.10 and as jax 0.11 defa
 default) also lowers, for state sizes whose float32 rows are not 128 bytes (state 32 and 64 fail there: no
 bank-conflict-free shared-memory transfer of the state tile).
 
-Both kernels take exp2(delta A log2(e)) with A pre-scaled outside them (the backward rescales ddelta by ln 2
-per channel): one MUFU.EX2 per element with no range reduction in FP32. Where batch x channel blocks would leave
+Both kernels take exp2(delta A log2(e)) with A pre-scaled outside them: one MUFU.EX2 per element with no range
+reduction in FP32. With `approx_math` (a tunable, on by default) Mosaic GPU emits it as ex2.approx.ftz.f32,
+which differs from the default ex2.approx.f32 only where the result is subnormal (below 2^-126, flushed to
+zero): a decay that small leaves nothing of the state either way, and ptxas drops the four instructions per
+exponential that handle subnormals. Where batch x channel blocks would leave
 SMs idle, the sequence is split into segments run as separate sequences and chained exactly
-(`sequence_segments`, `_segmented_scan`).
+(`sequence_segments`, `_segmented_scan`); its backward runs one full backward pass per segment after a light
+adjoint-only pass (`_segment_adjoints`) that gives every segment its end cotangent.
 
 Verified on CPU only: the kernels run in Mosaic GPU interpret mode (tests, against `reference`, values and
 gradients), lower for sm_90 through `jax.export(..., platforms=["cuda"])` under both lowering semantics, and
@@ -426,34 +437,126 @@ def sequence_segments(programs, n_chunks, sm_count):
     return max(1, min(best, n_chunks))
 
 
-def _segmented_scan(u, delta, A, B, C, h0, cfg, segments):
-    """The scan with each sequence cut into `segments` equal segments, run as batch x segments sequences, so
-    that small batches still give every SM a CTA. Exact: a first pass scans every segment from a zero state
-    for its end state; the decay of a whole segment is exp(A * sum of its deltas), since the decays of its
-    steps multiply; a `lax.scan` over the segments then gives each segment's true start state
-    (start_{s+1} = decay_s * start_s + end_s); a second pass rescans every segment from its start state for
-    y. Costs two kernel passes (and, under differentiation, two backward passes) at `segments` times the
-    parallelism; gradients come from autodiff through both passes and the chain."""
+def _segment_adjoints(delta, A, C, dy, cfg):
+    """Per sequence (here: segment), the adjoint that its outputs alone send back to its start state: the state
+    adjoint recurrence g <- exp(delta_t A) (g + C_t dy_t) run backwards from zero, nothing else (no states, no
+    gradients; one exponential and three FP32 operations per element). The split's backward chains these into
+    each segment's end cotangent before its one full backward pass."""
+    batch, length, channels = delta.shape
+    state = A.shape[1]
+    chunk, block_c = cfg.chunk, cfg.block_c
+    n_chunks = length // chunk
+    shape = (block_c, state)
+
+    def kernel(d_g, A_g, C_g, dy_g, g_out, tiles, barriers):
+        b, c = lax.axis_index("batch"), lax.axis_index("block")
+        cs = pl.ds(c * block_c, block_c)
+        A_r, = _load_blocks(cfg, [A_g.at[cs]], tiles, barriers)
+
+        def chunk_body(indices, d_s, C_s, dy_s, carry):
+            def step(j, g):
+                i = chunk - 1 - j
+                _, d_b = _rows(cfg, d_s, i, shape, 1, _ROW)
+                _, C_b = _rows(cfg, C_s, i, shape, 0, _COL)
+                _, dy_b = _rows(cfg, dy_s, i, shape, 1, _ROW)
+                return (g + dy_b * C_b) * jnp.exp2(d_b * A_r)
+
+            return (lax.fori_loop(0, chunk, step, carry[0]),)
+
+        reverse = lambda k: n_chunks - 1 - k
+        pipeline = plgpu.emit_pipeline(
+            chunk_body, grid=(n_chunks,),
+            in_specs=[pl.BlockSpec((chunk, block_c), lambda k: (reverse(k), c)),
+                      pl.BlockSpec((chunk, state), lambda k: (reverse(k), 0)),
+                      pl.BlockSpec((chunk, block_c), lambda k: (reverse(k), c))],
+            max_concurrent_steps=cfg.max_concurrent_steps,
+            init_carry=(cfg.layout(jnp.zeros(shape, jnp.float32), _STATE),))
+        g, = pipeline(d_g.at[b], C_g.at[b], dy_g.at[b])
+        _store_blocks([(g_out.at[b, cs], g)], tiles)
+
+    out_type = jax.ShapeDtypeStruct((batch, channels, state), jnp.float32)
+    scratch = [plgpu.SMEM((1, block_c, state), jnp.float32), plgpu.Barrier(num_barriers=1)]
+    return cfg.kernel(kernel, out_type, scratch, (batch, channels // block_c),
+                      "selective_scan_segment_adjoints_mosaic_gpu")(delta, A * _LOG2E, C, dy)
+
+
+def _split(x, segments):
+    batch, length = x.shape[:2]
+    return x.reshape(batch * segments, length // segments, x.shape[-1])
+
+
+def _segment_decays(delta, A, segments):
+    """exp(A * the sum of a segment's deltas), (batch, segments, channels, state): the decays of a segment's
+    steps multiply, so this carries a segment's start state to its end."""
+    batch, length, channels = delta.shape
+    sums = jnp.sum(delta.astype(jnp.float32).reshape(batch, segments, length // segments, channels), axis=2)
+    return jnp.exp(sums[..., None] * A)
+
+
+def _segmented_forward(u, delta, A, B, C, h0, cfg, segments, save_starts):
     batch, length, channels = u.shape
     state = A.shape[1]
-
-    def split(x):
-        return x.reshape(batch * segments, length // segments, x.shape[-1])
-
-    us, ds, Bs, Cs = map(split, (u, delta, B, C))
+    us, ds, Bs, Cs = (_split(x, segments) for x in (u, delta, B, C))
     zeros = jnp.zeros((batch * segments, channels, state), jnp.float32)
-    _, ends = _mosaic_scan(us, ds, A, Bs, Cs, zeros, cfg)
-    delta_sums = jnp.sum(ds.astype(jnp.float32), axis=1).reshape(batch, segments, channels)
-    decays = jnp.exp(delta_sums[..., None] * A)
+    _, ends = _forward(us, ds, A, Bs, Cs, zeros, cfg, save_starts=False)
 
     def link(start, decay_and_end):
         decay, end = decay_and_end
         return decay * start + end, start
 
-    h_last, starts = lax.scan(link, h0, (decays.swapaxes(0, 1), ends.reshape(batch, segments, channels, state)
-                                         .swapaxes(0, 1)))
-    y, _ = _mosaic_scan(us, ds, A, Bs, Cs, starts.swapaxes(0, 1).reshape(zeros.shape), cfg)
-    return y.reshape(batch, length, channels), h_last
+    h_last, starts = lax.scan(link, h0, (_segment_decays(delta, A, segments).swapaxes(0, 1),
+                                         ends.reshape(batch, segments, channels, state).swapaxes(0, 1)))
+    y, _, *h_starts = _forward(us, ds, A, Bs, Cs, starts.swapaxes(0, 1).reshape(zeros.shape), cfg, save_starts)
+    return y.reshape(batch, length, channels), h_last, h_starts
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def _segmented_scan(u, delta, A, B, C, h0, cfg, segments):
+    """The scan with each sequence cut into `segments` equal segments, run as batch x segments sequences, so
+    that small batches still give every SM a CTA. Exact: a first pass scans every segment from a zero state
+    for its end state; the decay of a whole segment is exp(A * sum of its deltas) (`_segment_decays`); a
+    `lax.scan` over the segments then gives each segment's true start state (start_{s+1} = decay_s * start_s +
+    end_s); a second pass rescans every segment from its start state for y.
+
+    Its VJP runs one full backward pass per segment, from the segment's true start state (saved by the second
+    forward pass) and its true end cotangent: the cotangent that reaches a segment's end is what the later
+    segments send back, which the light `_segment_adjoints` pass gives per segment and a reverse `lax.scan`
+    chains (G_{s-1} = adjoint_s + decay_s * G_s from G_last = the final state's cotangent; the initial state's
+    cotangent is the chain's last value). Differentiating the two forward passes instead would take two full
+    backward passes."""
+    y, h_last, _ = _segmented_forward(u, delta, A, B, C, h0, cfg, segments, save_starts=False)
+    return y, h_last
+
+
+def _segmented_scan_fwd(u, delta, A, B, C, h0, cfg, segments):
+    y, h_last, (h_starts,) = _segmented_forward(u, delta, A, B, C, h0, cfg, segments, save_starts=True)
+    return (y, h_last), (u, delta, A, B, C, h_starts)
+
+
+def _segmented_scan_bwd(cfg, segments, res, cotangents):
+    u, delta, A, B, C, h_starts = res
+    dy, dh_last = cotangents
+    batch, length, channels = u.shape
+    state = A.shape[1]
+    us, ds, Bs, Cs, dys = (_split(x, segments) for x in (u, delta, B, C, dy))
+    adjoints = _segment_adjoints(ds, A, Cs, dys, cfg).reshape(batch, segments, channels, state)
+
+    def link_back(end_cotangent, decay_and_adjoint):
+        decay, adjoint = decay_and_adjoint
+        return adjoint + decay * end_cotangent, end_cotangent
+
+    dh0, end_cotangents = lax.scan(link_back, dh_last.astype(jnp.float32),
+                                   (_segment_decays(delta, A, segments).swapaxes(0, 1), adjoints.swapaxes(0, 1)),
+                                   reverse=True)
+    du, ddelta, dA, dB, dC, _ = _backward(us, ds, A, Bs, Cs, h_starts, dys,
+                                          end_cotangents.swapaxes(0, 1).reshape(batch * segments, channels, state),
+                                          cfg)
+    grads = [g.reshape(batch, length, g.shape[-1]) for g in (du, ddelta)] + [dA] + [
+        g.reshape(batch, length, state) for g in (dB, dC)] + [dh0]
+    return tuple(grad.astype(x.dtype) for grad, x in zip(grads, (u, delta, A, B, C, dh_last)))
+
+
+_segmented_scan.defvjp(_segmented_scan_fwd, _segmented_scan_bwd)
 
 
 def _check_shared_memory(chunk, block_c, state, max_concurrent_steps, itemsizes):

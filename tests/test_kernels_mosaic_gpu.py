@@ -58,6 +58,28 @@ def test_mosaic_gpu_sequence_split_matches_reference_values_final_state_and_grad
     _check_against_reference(_split_backend(4), (1, 20, 64, 5), OPTION_SETS["all"])
 
 
+def _kernel_names(jaxpr):
+    """The names of the Mosaic GPU kernel calls in a jaxpr, nested jaxprs included, in order."""
+    for eqn in jaxpr.eqns:
+        if "name" in eqn.params and "mosaic_gpu" in str(eqn.params["name"]):
+            yield next(n for n in ("fwd", "bwd", "segment_adjoints") if f"selective_scan_{n}_" in str(eqn.params["name"]))
+        for param in eqn.params.values():
+            if isinstance(param, jax.extend.core.ClosedJaxpr):
+                yield from _kernel_names(param.jaxpr)
+            elif isinstance(param, jax.extend.core.Jaxpr):
+                yield from _kernel_names(param)
+
+
+def test_mosaic_gpu_sequence_split_backward_runs_one_full_backward_pass():
+    """The split's hand-written VJP: its gradient program holds the two forward passes, one light adjoint pass
+    and one backward kernel (differentiating both forward passes would hold two backward kernels)."""
+    args, _ = make_inputs(0, 1, 64, 64, 16)
+    fn = make_backend(functools.partial(pallas_mosaic_gpu_core, interpret=False, sm_count=8), "m",
+                      native_dtypes=True)
+    jaxpr = jax.make_jaxpr(jax.grad(lambda *a: jnp.sum(fn(*a)), argnums=(0, 1, 2, 3, 4)))(*args[:5])
+    assert sorted(_kernel_names(jaxpr.jaxpr)) == ["bwd", "fwd", "fwd", "segment_adjoints"]
+
+
 @pytest.mark.slow
 def test_mosaic_gpu_sequence_split_on_two_blocks_and_padded_segments():
     """batch 1 x 2 blocks on 8 SMs: 4 segments of 2 chunks (length 40 padded to 64, channels 70 to 128)."""
