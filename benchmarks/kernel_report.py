@@ -53,6 +53,8 @@ def parse_args(argv=None):
     p.add_argument("--passes", default="fwd,bwd")
     p.add_argument("--sm_count", type=int, help="SMs the sequence split fills (default: the target's; 0: no split)")
     p.add_argument("--dump_dir", help="keep Mosaic GPU's dumps (PTX, ptxas reports) here, one folder a kernel")
+    p.add_argument("--peer_json", action="append", default=[],
+                   help="a report of kernel_report_peer.py to print beside ours in one table (repeatable)")
     return p.parse_args(argv)
 
 
@@ -189,17 +191,38 @@ def report_kernel(target, device, shape, dtype, pass_name, dump_root=None, sm_co
 
 
 def table(report):
-    lines = ["| pass | shape (b, l, d, n) | dtype | registers | spills | smem B | CTAs | CTAs/SM | waves | "
+    lines = ["| backend | pass | shape (b, l, d, n) | dtype | registers | spills | smem B | CTAs | CTAs/SM | waves | "
              "ex2 / FP32 per element | bound us (exp / fp32 / hbm) | static bound us | floor us | bound/floor | "
-             "compile s |", "|" + "---|" * 15]
+             "compile s |", "|" + "---|" * 16]
     for k in report["kernels"]:
         c, bound = k["instructions_per_element"], k["bound_us"]
-        lines.append(f"| {k['pass']} | {tuple(k['shape'])} | {k['dtype']} | {k['registers']} | {k['spills']} | "
-                     f"{k['smem_bytes']} | {k['ctas']} | {k['ctas_per_sm']} | {k['waves']} | "
+        notes = (["+ split pre-pass %s us" % k["segment_adjoints"]["static_bound_us"]] if "segment_adjoints" in k
+                 else []) + (["softplus"] if k.get("softplus") else [])
+        lines.append(f"| {k['backend']} | {k['pass']} | {tuple(k['shape'])} | {k['dtype']} | {k['registers']} | "
+                     f"{k['spills']} | {k['smem_bytes']} | {k['ctas']} | {k['ctas_per_sm']} | {k['waves']} | "
                      f"{c['ex2']:g} / {c['ffma'] + c['fmul'] + c['fadd']:g} | "
-                     f"{bound['exp']} / {bound['fp32']} / {bound['hbm']} | {k['static_bound_us']} | "
-                     f"{k['floor_us']} | {k['bound_over_floor']} | {k['compile_s']} |")
+                     f"{bound['exp']} / {bound['fp32']} / {bound['hbm']} | {k['static_bound_us']}"
+                     f"{' (' + ', '.join(notes) + ')' if notes else ''} | {k['floor_us']} | "
+                     f"{k['bound_over_floor']} | {k['compile_s']} |")
     return "\n".join(lines)
+
+
+def side_by_side(report, others):
+    """`report`'s rows and those of other reports of the same target (`kernel_report_peer.py`'s JSON), ordered
+    by shape and pass, ours first: one table."""
+    rows = list(report["kernels"])
+    for other in others:
+        if other["target"] != report["target"]:
+            raise SystemExit(f"error: {other.get('peer', 'a report')} is for {other['target']}, this run for "
+                             f"{report['target']}")
+        rows += other["kernels"]
+    shapes = []
+    for k in rows:
+        if (tuple(k["shape"]), k["dtype"]) not in shapes:
+            shapes.append((tuple(k["shape"]), k["dtype"]))
+    rows.sort(key=lambda k: (shapes.index((tuple(k["shape"]), k["dtype"])), k["pass"] != "fwd",
+                             k["backend"] != "pallas_mosaic_gpu"))
+    return {"target": report["target"], "kernels": rows}
 
 
 def main(argv=None):
@@ -216,7 +239,11 @@ def main(argv=None):
                 os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
                 with open(args.json, "w") as f:
                     json.dump(report, f, indent=1)
-    print(table(report))
+    peers = []
+    for path in args.peer_json:
+        with open(path) as f:
+            peers.append(json.load(f))
+    print(table(side_by_side(report, peers)))
     return report
 
 

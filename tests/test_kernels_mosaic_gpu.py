@@ -274,3 +274,39 @@ def test_channel_sums_reduce_scatter_leaves_each_warp_sum_where_the_unscrambling
     sums = products.sum(1).reshape(-1)
     for slot, values in enumerate(final):
         np.testing.assert_allclose(values, sums[source[32 * slot:32 * (slot + 1)]], rtol=1e-12)
+
+
+def test_approx_math_exponential_flushing_subnormal_decays_stays_within_mamba_ssm_bf16_tolerances():
+    """`approx_math` (on by default) makes the kernels' exp2 ex2.approx.ftz.f32, which differs from
+    ex2.approx.f32 only where the result is subnormal (flushed to zero; a subnormal input gives 2^0 = 1 either
+    way). Interpret mode does not emulate it, so this measures the effect on the recurrence itself: the scan
+    with every decay below 2^-126 flushed (and, as on the device, no gradient through a flushed decay), on
+    inputs where a quarter or more of the decays are that small, against the exact scan, values and gradients of u,
+    delta, A, B and C, at mamba-ssm's bf16 tolerances (it is in fact equal to float32 rounding)."""
+    rng = np.random.default_rng(0)
+    length, channels, state = 64, 16, 8
+    u, B, C = (jnp.asarray(rng.normal(size=s), jnp.float32) for s in ((length, channels), (length, state),
+                                                                      (length, state)))
+    delta = jnp.asarray(rng.uniform(0.0, 10.0, (length, channels)), jnp.float32)
+    A = -jnp.asarray(rng.uniform(1.0, 30.0, (channels, state)), jnp.float32)
+
+    def scan(u, delta, A, B, C, flush):
+        def step(h, inputs):
+            u_t, d_t, B_t, C_t = inputs
+            a = jnp.exp2(d_t[:, None] * A * 1.4426950408889634)
+            a = jnp.where(a < 2.0 ** -126, 0.0, a) if flush else a
+            h = a * h + (d_t * u_t)[:, None] * B_t
+            return h, h @ C_t
+        return jax.lax.scan(step, jnp.zeros((channels, state)), (u, delta, B, C))[1]
+
+    decays = np.exp(np.asarray(delta)[:, :, None] * np.asarray(A))
+    assert (decays < 2.0 ** -126).mean() > 0.25
+    def loss(u, delta, A, B, C, flush):
+        y = scan(u, delta, A, B, C, flush)
+        return jnp.sum(y ** 2), y
+
+    value_and_grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4), has_aux=True), static_argnums=5)
+    ((_, y_exact), grads_exact), ((_, y), grads) = (value_and_grads(u, delta, A, B, C, f) for f in (False, True))
+    assert_close_tree([y], [y_exact], *_BF16, what="values")
+    for name, g, g_ref in zip(("u", "delta", "A", "B", "C"), grads, grads_exact):
+        assert_close_tree([g], [g_ref], *_BF16_GRADS[name], what=f"d{name}")
