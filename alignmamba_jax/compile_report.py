@@ -213,6 +213,13 @@ def _per_token_loops(code, isa):
     lines, loops = _loops(code, isa)
     with_math = [(a, b) for a, b in loops if _arithmetic(lines[a:b], isa)]
     innermost = [(a, b) for a, b in with_math if not any(a < c and d < b for c, d in with_math if (c, d) != (a, b))]
+    merged = []      # ptxas lays some loops out with two back edges: overlapping ranges, one loop
+    for a, b in sorted(innermost):
+        if merged and a <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(b, merged[-1][1]))
+        else:
+            merged.append((a, b))
+    innermost = merged
     around = [(a, b) for a, b in loops if innermost and all(a < c and d < b for c, d in innermost)]
     outer = min(around, key=lambda ab: ab[1] - ab[0]) if around else None
     return lines, innermost, outer
