@@ -55,22 +55,11 @@ def main(argv):
         raise SystemExit(128 + stopped.signum)
 
 
-def accelerator_present():
-    """True / False as JAX's own hardware probe (PCI ids for TPUs, device files for NVIDIA and AMD GPUs) finds
-    an accelerator or none; None if this JAX lacks the probe (it is private) or changed it."""
-    try:
-        from jax._src import hardware_utils
-        return bool(hardware_utils.num_available_tpu_chips_and_device_id()[0]
-                    or hardware_utils.has_visible_nvidia_gpu()
-                    or hardware_utils.num_available_amd_gpus())
-    except Exception:  # noqa: BLE001 - a JAX without this probe (or one that changed it): no opinion
-        return None
-
-
 def cpu_only_without_accelerators(jax):
-    """Sets jax_platforms to "cpu" when none is set and `accelerator_present()` is False; otherwise leaves
-    JAX's choice alone."""
-    if not jax.config.jax_platforms and accelerator_present() is False:
+    """Sets jax_platforms to "cpu" when none is set and `targets.accelerator_present()` finds no TPU or GPU;
+    otherwise leaves JAX's choice alone."""
+    from alignmamba_jax import targets
+    if not jax.config.jax_platforms and not targets.accelerator_present():
         jax.config.update("jax_platforms", "cpu")
 
 

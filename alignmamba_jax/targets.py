@@ -131,11 +131,27 @@ def get_target(name: str) -> Target:
                     f"a GPU node (h100xN, h200xN with N 1, 2, 4 or a multiple of 8), e.g. {', '.join(TARGETS)}")
 
 
+def accelerator_present() -> bool:
+    """Whether this machine has a TPU or a GPU, from the operating system alone (no jax import): a PCI device of
+    Google's vendor id or a TPU device file, NVIDIA's or AMD's GPU device files. The project's one probe."""
+    import glob
+
+    def vendor(device):
+        try:
+            with open(os.path.join(device, "vendor")) as f:
+                return f.read().strip()
+        except OSError:
+            return None
+
+    tpu = any(vendor(d) == "0x1ae0" for d in glob.glob("/sys/bus/pci/devices/*")) or \
+        bool(glob.glob("/dev/accel*")) or os.path.exists("/dev/vfio/0")
+    return tpu or os.path.exists("/dev/nvidia0") or os.path.exists("/dev/kfd")
+
+
 def prepare_compile_host() -> None:
     """Environment for compiling for targets this machine lacks; call before jax is imported. It changes
     nothing on a machine with an accelerator, or where the variables are already set."""
-    has_accelerator = any(os.path.exists(p) for p in ("/dev/nvidia0", "/dev/accel0", "/dev/vfio/0"))
-    if not has_accelerator:
+    if not accelerator_present():
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
         os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
         os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")   # no TPU here for libtpu's lockfile to guard

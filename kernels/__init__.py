@@ -1,28 +1,17 @@
 """Selective-scan kernels: one public `selective_scan` dispatching to interchangeable backends, and the
 single-step `selective_state_update` for decoding.
 
-Backends (all share the signature of `selective_scan_reference`):
-  reference          plain `lax.scan`, the ground truth                                      (reference.py)
-  associative        `lax.associative_scan`, the baseline; materialises (batch, length, channels, state)
-  chunked            sequential chunks + hand-written VJP keeping chunk-boundary states        (chunked.py)
-  pallas_triton      Pallas GPU kernel on Pallas's Triton backend, deprecated by JAX 0.11 (pallas_triton.py)
-  pallas_mosaic_gpu  Pallas GPU kernel on Mosaic GPU, sm_90+ (Hopper, Blackwell)       (pallas_mosaic_gpu.py)
-  pallas_tpu         Pallas TPU kernel (Mosaic)                                              (pallas_tpu.py)
-  pallas             the platform's Pallas kernel: pallas_tpu on TPU, pallas_mosaic_gpu on CUDA sm_90+,
-                     else pallas_triton where this JAX has Pallas's Triton dialect
-  cpu_ffi            C++ kernel on XLA's CPU backend through XLA's FFI, built on first use     (cpu_ffi.py)
-  auto               cpu -> cpu_ffi (chunked where it cannot be built), gpu -> pallas, tpu -> pallas
+Backends (all share the signature of `selective_scan_reference`) are listed once, in `registry.py`:
+reference (plain `lax.scan`, the ground truth), associative, chunked, cpu_ffi (C++ through XLA's FFI),
+pallas_triton, pallas_mosaic_gpu (sm_90+) and pallas_tpu. Two names choose among them per platform:
+  pallas   the platform's Pallas kernel: pallas_tpu on TPU, pallas_mosaic_gpu on CUDA sm_90+, else
+           pallas_triton where this JAX has Pallas's Triton dialect
+  auto     cpu -> cpu_ffi (chunked where it cannot be built), gpu -> pallas (chunked where none runs),
+           tpu -> pallas_tpu
 `backends()` says which backends can run here, why the others cannot, and what `auto` picks.
-On CUDA `pallas` (and so `auto`) is the Mosaic GPU kernel where it can run (sm_90+; also when compiling for cuda
-from a host without a GPU): compiled for H100 it has no spills and a static bound of 1.03x the roofline floor in
-the forward (`benchmarks/kernel_report.py`, RESULTS), and it emits none of the Triton backend's deprecation
-warnings. On an older GPU it is the Triton kernel while JAX has it, else `auto` falls back to `chunked` (and
-`pallas` says why the Mosaic kernel cannot run); on ROCm the Triton kernel. On a CPU `pallas` interprets the
-Triton kernel (tests).
 Off their platform the Pallas kernels run in interpret mode (slow; for tests). The Pallas backends import their
 Pallas dialect only when asked for, so a JAX without one (e.g. without Triton) still serves every other backend.
-`tuned_backend(name, **tunables)` builds a Pallas backend with non-default tunables (block and chunk sizes) for
-sweeps; `TUNABLE_BACKENDS` lists them.
+`tuned_backend(name, **tunables)` builds a Pallas backend with non-default tunables (sweeps).
 
 Which backend runs follows the platform being lowered for, never `jax.default_backend()` (`resolve_backend`):
 under a mesh its devices' platform, elsewhere one `lax.platform_dependent` branch per platform, so a program
@@ -30,56 +19,27 @@ compiled ahead of time for a TPU or GPU from a CPU host gets that platform's ker
 (Pallas and cpu_ffi) run on each device's batch shard (`sharding.py`).
 """
 import functools
-import importlib
 
 import jax
 import jax.numpy as jnp
 
-from alignmamba_jax.kernels import cpu_ffi
-from alignmamba_jax.kernels.associative import selective_scan_associative
-from alignmamba_jax.kernels.chunked import selective_scan_chunked
-from alignmamba_jax.kernels.common import make_backend
+from alignmamba_jax.kernels import registry
 from alignmamba_jax.kernels.reference import selective_scan_reference
+from alignmamba_jax.kernels.registry import BACKENDS, CPU_KERNELS, PLATFORMS, TUNABLE_BACKENDS
 from alignmamba_jax.kernels.sharding import per_device_shard
-from alignmamba_jax.kernels.validation import BACKENDS, validate_scan_inputs, validate_step_inputs
-
-# Pallas backend -> (module, core, whether the core reads and writes the inputs' own dtypes, see `make_backend`);
-# each module also defines TUNABLES, the defaults of its core's keywords.
-_PALLAS = {"pallas_triton": ("pallas_triton", "pallas_triton_core", False),
-           "pallas_mosaic_gpu": ("pallas_mosaic_gpu", "pallas_mosaic_gpu_core", True),
-           "pallas_tpu": ("pallas_tpu", "pallas_tpu_core", False)}
-TUNABLE_BACKENDS = tuple(_PALLAS)
-CPU_KERNELS = ("cpu_ffi",)      # compiled kernels for XLA's CPU backend (benchmarks time every one of them)
-_MISSING_DIALECT = {
-    "pallas_triton": "JAX 0.11 deprecated Pallas's Triton backend and later versions remove it; on GPUs use "
-                     "backend='pallas' (the platform's Pallas kernel), or 'chunked' / 'associative' anywhere",
-    "pallas_mosaic_gpu": "use backend 'pallas_triton', 'chunked' or 'associative'",
-    "pallas_tpu": "use backend 'chunked' or 'associative'",
-}
+from alignmamba_jax.kernels.validation import validate_scan_inputs, validate_step_inputs
 
 
-def _pallas_module(name):
-    module = _PALLAS[name][0]
-    try:
-        return importlib.import_module(f"alignmamba_jax.kernels.{module}")
-    except ImportError as error:
-        raise RuntimeError(f"backend={name!r} is unavailable with jax {jax.__version__}: its Pallas dialect does "
-                           f"not import ({error}). {_MISSING_DIALECT[name]}.") from error
+def _tunable(name):
+    if name not in TUNABLE_BACKENDS:
+        raise ValueError(f"backend: expected one of {TUNABLE_BACKENDS} (the tunable Pallas backends), "
+                         f"found {name!r}")
+    return registry.REGISTRY[name]
 
 
 def tunables(name):
     """The tunable keyword arguments of Pallas backend `name` with their defaults, e.g. {"chunk": 64, ...}."""
-    if name not in _PALLAS:
-        raise ValueError(f"backend: expected one of {TUNABLE_BACKENDS} (the tunable Pallas backends), "
-                         f"found {name!r}")
-    return dict(_pallas_module(name).TUNABLES)
-
-
-@functools.lru_cache(maxsize=None)
-def _tuned(name, items):
-    _, core_name, native_dtypes = _PALLAS[name]
-    core = getattr(_pallas_module(name), core_name)
-    return make_backend(functools.partial(core, **dict(items)) if items else core, name, native_dtypes)
+    return _tunable(name).tunables()
 
 
 def tuned_backend(name, **settings):
@@ -90,19 +50,14 @@ def tuned_backend(name, **settings):
     unknown = sorted(set(settings) - set(tunables(name)))
     if unknown:
         raise ValueError(f"{name}: unknown tunables {unknown}; expected some of {sorted(tunables(name))}")
-    return _tuned(name, tuple(sorted(settings.items())))
-
-
-# Where each Pallas kernel runs compiled; lowered for any other platform it runs in interpret mode.
-_KERNEL_PLATFORMS = {"pallas_triton": ("cuda", "rocm"), "pallas_mosaic_gpu": ("cuda",), "pallas_tpu": ("tpu",)}
-PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
+    return _tunable(name).implementation(**settings)
 
 
 def _mosaic_gpu_can_run() -> bool:
     """On a machine with a GPU its compute capability decides (sm_90+); compiling for cuda anywhere else (ahead of
     time, from a CPU host) targets a GPU the kernel supports."""
     try:
-        module = _pallas_module("pallas_mosaic_gpu")
+        module = registry.REGISTRY["pallas_mosaic_gpu"].load()
     except RuntimeError:
         return False
     device = jax.devices()[0]
@@ -114,11 +69,7 @@ def _gpu_pallas_backend(platform):
     else pallas_triton while this JAX has Pallas's Triton dialect; else None (see the module docstring)."""
     if platform == "cuda" and _mosaic_gpu_can_run():
         return "pallas_mosaic_gpu"
-    try:
-        _pallas_module("pallas_triton")
-    except RuntimeError:
-        return None
-    return "pallas_triton"
+    return "pallas_triton" if registry.REGISTRY["pallas_triton"].available()[0] else None
 
 
 def default_platform() -> str:
@@ -132,15 +83,15 @@ def default_platform() -> str:
 
 def resolve_backend(backend="auto", platform=None) -> str:
     """The backend that `selective_scan(..., backend=backend)` runs when lowered for `platform` (one of
-    `PLATFORMS`; default: `default_platform()`). `auto`: cpu -> cpu_ffi (chunked where it cannot be built), cuda/rocm -> the GPU Pallas kernel (or
-    chunked where none can run), tpu -> pallas_tpu. `pallas`: the platform's Pallas kernel (on cpu the GPU
-    kernel in interpret mode). Other names are themselves."""
+    `PLATFORMS`; default: `default_platform()`). `auto`: cpu -> cpu_ffi (chunked where it cannot be built),
+    cuda/rocm -> the GPU Pallas kernel (or chunked where none can run), tpu -> pallas_tpu. `pallas`: the
+    platform's Pallas kernel (on cpu the GPU kernel in interpret mode). Other names are themselves."""
     platform = platform or default_platform()
     if platform not in PLATFORMS:
         raise ValueError(f"platform: expected one of {PLATFORMS}, found {platform!r}")
     if backend == "auto":
         if platform == "cpu":
-            return "cpu_ffi" if cpu_ffi.available()[0] else "chunked"
+            return "cpu_ffi" if registry.REGISTRY["cpu_ffi"].available()[0] else "chunked"
         return "pallas_tpu" if platform == "tpu" else _gpu_pallas_backend(platform) or "chunked"
     if backend == "pallas":
         return "pallas_tpu" if platform == "tpu" else _gpu_pallas_backend(platform) or "pallas_mosaic_gpu"
@@ -148,15 +99,15 @@ def resolve_backend(backend="auto", platform=None) -> str:
 
 
 def _interpreted(name, platform) -> bool:
-    return name in _PALLAS and platform not in _KERNEL_PLATFORMS[name]
+    return registry.REGISTRY[name].interpreted(platform)
 
 
 def _platform_implementation(name, platform):
     """Backend `name` as lowered for `platform`: a Pallas kernel compiled on its own platform, else interpreted."""
-    if name in _PALLAS:
-        return _tuned(name, (("interpret", _interpreted(name, platform)),))
-    return {"reference": selective_scan_reference, "associative": selective_scan_associative,
-            "chunked": selective_scan_chunked, "cpu_ffi": cpu_ffi.selective_scan_cpu_ffi}[name]
+    backend = registry.REGISTRY[name]
+    if backend.tunable:
+        return backend.implementation(interpret=backend.interpreted(platform))
+    return backend.implementation()
 
 
 def _mesh_platform():
@@ -211,14 +162,7 @@ def _run_per_platform(implementations, arrays, static):
 def backends():
     """{backend: (True, what it is) or (False, why it cannot run here)} for every concrete backend, plus
     "auto": (True, the backend it picks on this platform). Builds cpu_ffi if it is not built yet."""
-    report = {name: (True, "XLA") for name in ("reference", "associative", "chunked")}
-    report["cpu_ffi"] = cpu_ffi.available()
-    for name in _PALLAS:
-        try:
-            _pallas_module(name)
-            report[name] = (True, "Pallas kernel (interpret mode off its platform)")
-        except RuntimeError as error:
-            report[name] = (False, str(error))
+    report = {name: backend.available() for name, backend in registry.REGISTRY.items()}
     report["auto"] = (True, resolve_backend("auto"))
     return report
 
@@ -243,7 +187,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, *, delta_
     def scan(arrays):
         return _run_per_platform(implementations, arrays, static)
 
-    if any(name in _PALLAS or name in CPU_KERNELS for name in backends.values()):
+    if any(registry.REGISTRY[name].per_device for name in backends.values()):
         scan = per_device_shard(scan, arrays)
     y, h_last = scan(arrays)
     return (y, h_last) if return_final_state else y

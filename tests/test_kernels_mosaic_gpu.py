@@ -7,6 +7,7 @@ Interpret mode is slow (seconds per call), so the default suite makes a few smal
 exercise several chunks and channel blocks and the padding of length, channels and state; larger shapes and
 more settings are marked slow.
 """
+import dataclasses
 import functools
 
 import jax
@@ -16,7 +17,7 @@ import pytest
 from jax import export
 
 import alignmamba_jax.kernels as kernels
-from alignmamba_jax.kernels import selective_scan, selective_scan_reference, tuned_backend
+from alignmamba_jax.kernels import registry, selective_scan, selective_scan_reference, tuned_backend
 from alignmamba_jax.kernels.common import make_backend
 from alignmamba_jax.kernels.pallas_mosaic_gpu import (SEMANTICS, device_supported, pallas_mosaic_gpu_core,
                                                       sequence_segments)
@@ -221,14 +222,8 @@ def test_pre_hopper_gpu_gets_a_clear_error_and_auto_falls_back_to_chunked(monkey
     """On an sm_80 GPU the Mosaic kernel says why it cannot run before tracing; with no Triton dialect either,
     `auto` takes `chunked` and `pallas` the Mosaic kernel (which then says why); on sm_90 both take Mosaic."""
     args, _ = make_inputs(0, 1, 16, 64, 8, [])
-    unpatched = kernels._pallas_module
-
-    def without_triton(name):
-        if name == "pallas_triton":
-            raise RuntimeError("no Triton dialect in this test")
-        return unpatched(name)
-
-    monkeypatch.setattr(kernels, "_pallas_module", without_triton)
+    without_triton = dataclasses.replace(registry.REGISTRY["pallas_triton"], module="no_triton_dialect_here")
+    monkeypatch.setitem(registry.REGISTRY, "pallas_triton", without_triton)
     monkeypatch.setattr(jax, "devices", lambda *backend: [_FakeGpu("8.0")])
     with pytest.raises(RuntimeError, match=r"needs a GPU of compute capability 9\.0 or later .* found "
                                            r"'NVIDIA A100-SXM4-80GB' of compute capability 8\.0\. Use backend "
