@@ -14,7 +14,8 @@ Those boundary states, (batch, n_chunks, channels, state), are all the backward 
 
 Backward, same grid and pipeline with reversed index maps (chunks in reverse): a chunk's states and decays
 exp(delta_t A) are recomputed from its boundary state into two (chunk, block_c, state) shared-memory
-workspaces (one exponential per element in the whole backward), then the adjoint recurrence
+workspaces (one exponential per element in the whole backward; where the two do not fit in a block, as at
+state 64, the adjoint recomputes the decay instead: `_keep_decays`), then the adjoint recurrence
 g_t = exp(delta_{t+1} A) g_{t+1} + C_t dy_t runs backwards through the chunk, reading them, with the state
 after the step carried in registers (dC needs it, the next step's workspace read is the state before).
 It gives du and ddelta per channel (sums over the state within a warp), dA accumulated in registers, and per
@@ -84,6 +85,7 @@ class _Config(NamedTuple):
     max_concurrent_steps: int
     lowering_semantics: str
     approx_math: bool
+    keep_decays: bool    # the backward keeps each step's decay in shared memory (where it fits)
     interpret: bool
     y_dtype: jnp.dtype
 
@@ -320,7 +322,9 @@ def _backward(u, delta, A, B, C, h_starts, dy, dh_last, cfg):
     width = 32 * n_slots
 
     def kernel(u_g, d_g, A_g, B_g, C_g, h_starts_g, dy_g, dh_last_g,
-               du_g, dd_g, dA_g, dBC_g, dh0_g, work_h, work_a, du_s, dd_s, part, bc_s, barriers):
+               du_g, dd_g, dA_g, dBC_g, dh0_g, work_h, *scratch):
+        work_a = scratch[0] if cfg.keep_decays else None
+        du_s, dd_s, part, bc_s, barriers = scratch[-5:]
         b, c = lax.axis_index("batch"), lax.axis_index("block")
         cs = pl.ds(c * block_c, block_c)
         # A and dh_last pass through the state workspace before the chunks need it, dA and dh0 after.
@@ -336,7 +340,8 @@ def _backward(u, delta, A, B, C, h_starts, dy, dh_last, cfg):
                 work_h[i] = h                                       # the state before step i
                 u, d, d_b, B_b = _step_inputs(cfg, i, u_s, d_s, B_s, shape)
                 a = jnp.exp2(d_b * A_r)
-                work_a[i] = a                                       # its decay: one exponential per element
+                if cfg.keep_decays:
+                    work_a[i] = a                                   # its decay: one exponential per element
                 return a * h + lax.broadcast_in_dim(d * u, shape, [0]) * B_b
 
             h_end = lax.fori_loop(0, chunk, recompute, cfg.layout(h_start_s[...], _STATE))
@@ -347,7 +352,8 @@ def _backward(u, delta, A, B, C, h_starts, dy, dh_last, cfg):
                 u, d, d_b, B_b = _step_inputs(cfg, i, u_s, d_s, B_s, shape)
                 _, C_b = _rows(cfg, C_s, i, shape, 0, _COL)
                 dy, dy_b = _rows(cfg, dy_s, i, shape, 1, _ROW)
-                h_prev, a = cfg.layout(work_h[i], _STATE), cfg.layout(work_a[i], _STATE)
+                h_prev = cfg.layout(work_h[i], _STATE)
+                a = cfg.layout(work_a[i], _STATE) if cfg.keep_decays else jnp.exp2(d_b * A_r)
                 g = g + dy_b * C_b
                 ga = g * a
                 g_a_hprev = ga * h_prev
@@ -388,7 +394,7 @@ def _backward(u, delta, A, B, C, h_starts, dy, dh_last, cfg):
     block_state = jax.ShapeDtypeStruct((batch, channels, state), f32)
     out_type = (jax.ShapeDtypeStruct(u.shape, u.dtype), jax.ShapeDtypeStruct(delta.shape, delta.dtype), block_state,
                 jax.ShapeDtypeStruct((batch, n_blocks, length, width), f32), block_state)
-    scratch = [plgpu.SMEM((chunk, block_c, state), f32), plgpu.SMEM((chunk, block_c, state), f32),
+    scratch = [plgpu.SMEM((chunk, block_c, state), f32)] * (2 if cfg.keep_decays else 1) + [
                plgpu.SMEM((_SLOTS, chunk, block_c), u.dtype), plgpu.SMEM((_SLOTS, chunk, block_c), delta.dtype),
                plgpu.SMEM((4, chunk, width), f32), plgpu.SMEM((_SLOTS, chunk, width), f32),
                plgpu.Barrier(num_barriers=2)]
@@ -559,20 +565,30 @@ def _segmented_scan_bwd(cfg, segments, res, cotangents):
 _segmented_scan.defvjp(_segmented_scan_fwd, _segmented_scan_bwd)
 
 
-def _check_shared_memory(chunk, block_c, state, max_concurrent_steps, itemsizes):
-    """The backward kernel's shared memory (the larger of the two) must fit in a Hopper/Blackwell block."""
+def _backward_shared_memory(chunk, block_c, state, max_concurrent_steps, itemsizes, keep_decays):
+    """Bytes of shared memory the backward kernel (the larger of the two) takes."""
     u, delta, B, C, dy = itemsizes
     width = 32 * _lane_slots(state)[0]
     per_stage = chunk * block_c * (u + delta + dy) + chunk * state * (B + C) + block_c * state * 4
-    scratch = (4 * (2 * chunk * block_c * state + (4 + _SLOTS) * chunk * width)
+    scratch = (4 * ((1 + keep_decays) * chunk * block_c * state + (4 + _SLOTS) * chunk * width)
                + _SLOTS * chunk * block_c * (u + delta))
     barriers = 8 * (2 + max_concurrent_steps)
-    need = max_concurrent_steps * per_stage + scratch + barriers + _REDUCTION_SCRATCH_BYTES
-    if need > _SHARED_MEMORY_BYTES:
+    return max_concurrent_steps * per_stage + scratch + barriers + _REDUCTION_SCRATCH_BYTES
+
+
+def _keep_decays(chunk, block_c, state, max_concurrent_steps, itemsizes, check):
+    """Whether the backward keeps each step's decay beside its state in shared memory (one exponential per
+    element, two workspaces) or recomputes it in the adjoint (two exponentials, one workspace): the former where
+    it fits in a Hopper/Blackwell block (at the defaults up to state 32 in float32). With `check`, an error
+    where neither fits."""
+    sizes = {keep: _backward_shared_memory(chunk, block_c, state, max_concurrent_steps, itemsizes, keep)
+             for keep in (True, False)}
+    if check and sizes[False] > _SHARED_MEMORY_BYTES:
         raise ValueError(
             f"chunk={chunk}, block_c={block_c}, max_concurrent_steps={max_concurrent_steps}: the backward kernel "
-            f"needs {need} bytes of shared memory at state size {state}, more than the {_SHARED_MEMORY_BYTES} "
-            f"of a block; use a smaller chunk or block_c")
+            f"needs {sizes[False]} bytes of shared memory at state size {state}, more than the "
+            f"{_SHARED_MEMORY_BYTES} of a block; use a smaller chunk or block_c")
+    return sizes[True] <= _SHARED_MEMORY_BYTES
 
 
 def device_supported(device) -> bool:
@@ -628,8 +644,9 @@ def pallas_mosaic_gpu_core(u, delta, A, B, C, h0, *, chunk=TUNABLES["chunk"], bl
     kernel_y_dtype = jnp.dtype(y_dtype) if jnp.dtype(y_dtype) in _KERNEL_DTYPES else jnp.dtype(jnp.float32)
     if not interpret:
         _check_device()
-        _check_shared_memory(chunk, block_c, _round_up(state, _TILE_COLS), max_concurrent_steps,
-                             [x.dtype.itemsize for x in (u, delta, B, C)] + [kernel_y_dtype.itemsize])
+    keep_decays = _keep_decays(chunk, block_c, _round_up(state, _TILE_COLS), max_concurrent_steps,
+                               [x.dtype.itemsize for x in (u, delta, B, C)] + [kernel_y_dtype.itemsize],
+                               check=not interpret)
     if sm_count is None and not interpret:
         sm_count = getattr(jax.devices()[0], "core_count", None) if jax.devices()[0].platform == "gpu" else None
     n_chunks = _round_up(length, chunk) // chunk
@@ -641,8 +658,8 @@ def pallas_mosaic_gpu_core(u, delta, A, B, C, h0, *, chunk=TUNABLES["chunk"], bl
     B, C = (jnp.pad(x, ((0, 0), (0, pad_t), (0, pad_n))) for x in (B, C))
     A = jnp.pad(A.astype(jnp.float32), ((0, pad_c), (0, pad_n)))
     h0 = jnp.pad(h0.astype(jnp.float32), ((0, 0), (0, pad_c), (0, pad_n)))
-    cfg = _Config(chunk, block_c, max_concurrent_steps, lowering_semantics, bool(approx_math), bool(interpret),
-                  kernel_y_dtype)
+    cfg = _Config(chunk, block_c, max_concurrent_steps, lowering_semantics, bool(approx_math), keep_decays,
+                  bool(interpret), kernel_y_dtype)
     if segments > 1:
         y, h_last = _segmented_scan(u, delta, A, B, C, h0, cfg, segments)
     else:

@@ -45,6 +45,14 @@ def test_mosaic_gpu_matches_reference_values_and_gradients_of_every_input():
     _check_against_reference(SMALL, (2, 20, 70, 5), OPTION_SETS["all"])
 
 
+def test_mosaic_gpu_state_64_recomputes_decays_in_the_adjoint_and_matches_reference():
+    """At state 64 the backward's two workspaces (states and decays) do not fit in a block, so the adjoint
+    recomputes each decay (`_keep_decays`): the other path of the backward, values and gradients."""
+    from alignmamba_jax.kernels.pallas_mosaic_gpu import _keep_decays
+    assert _keep_decays(8, 64, 16, 2, [4] * 5, check=True) and not _keep_decays(8, 64, 64, 2, [4] * 5, check=True)
+    _check_against_reference(SMALL, (1, 16, 64, 64), OPTION_SETS["bias_softplus_h0"])
+
+
 def _split_backend(sm_count):
     return make_backend(functools.partial(pallas_mosaic_gpu_core, chunk=8, sm_count=sm_count), "split",
                         native_dtypes=True)
