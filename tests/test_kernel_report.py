@@ -33,20 +33,21 @@ def _check(kernel, ctas):
 
 @needs_toolchain
 def test_kernel_report_compiles_the_forward_for_h100(tmp_path):
-    """Batch 4 x 2 channel blocks: 8 CTAs, no split (8 < 132 SMs, but a 16-step sequence is one chunk)."""
-    report = _report(tmp_path, "4,16,128,16,bfloat16", "fwd")
+    """Batch 4 x 2 channel blocks: 8 CTAs, no split (8 < 132 SMs, but an 8-step sequence is one chunk)."""
+    report = _report(tmp_path, "4,8,128,16,bfloat16", "fwd")
     assert report["target"] == "h100" and [k["pass"] for k in report["kernels"]] == ["fwd"]
     kernel = report["kernels"][0]
-    assert kernel["shape"] == [4, 16, 128, 16] and kernel["dtype"] == "bfloat16" and kernel["launches"] == 1
+    assert kernel["shape"] == [4, 8, 128, 16] and kernel["dtype"] == "bfloat16" and kernel["launches"] == 1
     _check(kernel, ctas=8)
 
 
 @needs_toolchain
 @pytest.mark.slow
 def test_kernel_report_backward_and_the_split_forward_for_h100(tmp_path):
-    """Batch 1 x 2 blocks over 64 chunks: the forward splits into 64 segments (at most one a chunk; 128 CTAs,
-    each kernel launched twice)."""
-    fwd, bwd = _report(tmp_path, "1,1024,128,16,bfloat16", "fwd,bwd")["kernels"]
+    """Batch 1 x 2 blocks over 64 chunks of 8: the forward splits into 64 segments (at most one a chunk; 128
+    CTAs, the forward launched twice); the split's backward launches the backward kernel once, after its light
+    adjoint pass."""
+    fwd, bwd = _report(tmp_path, "1,512,128,16,bfloat16", "fwd,bwd")["kernels"]
     _check(fwd, ctas=128)
     assert fwd["launches"] == 2
     _check(bwd, ctas=128)
