@@ -9,10 +9,12 @@ kernel and shape it reports:
 - registers per thread and spill bytes (ptxas), dynamic shared memory per CTA and threads per CTA (the kernel's
   launch in Mosaic GPU's pass log), CTAs (the grid), CTAs resident per SM (registers x threads against 64K
   registers, shared memory against 228 KiB, and the 2048-thread / 32-block limits) and waves;
-- instruction counts per (token x channel x state) element of the kernel's inner loops (the loops that hold
-  the exponentials): ex2, FP32 fma / mul / add, shuffles, shared and global loads and stores; from the SASS
-  where nvdisasm sits next to ptxas (the nvidia-cuda-nvdisasm wheel of the `aot` extra), else from the PTX
-  (`isa` says which; ptxas may still fuse or split PTX instructions);
+- instruction counts per (token x channel x state) element of the kernel's per-token loops (the innermost
+  loops with floating-point arithmetic, an unrolled one read as the tokens its exponentials say) plus the
+  once-per-chunk work around them divided by the chunk (`compile_report.instruction_counts`): ex2, FP32 fma /
+  mul / add, shuffles, shared and global loads and stores; from the SASS where nvdisasm sits next to ptxas (the
+  nvidia-cuda-nvdisasm wheel of the `aot` extra), else from the PTX (`isa` says which; ptxas may still fuse or
+  split PTX instructions);
 - `static_bound_us`: a lower bound on the kernel's time, the largest of (ex2 at 16 per clock per SM, FP32 at
   128 lanes per clock per SM, both for the busiest SM, ceil(CTAs / SMs) CTAs) and the kernel's HBM operands
   and results at the device bandwidth; `floor_us`, the roofline floor of the pass (`scan_bench.scan_traffic`:
@@ -20,6 +22,10 @@ kernel and shape it reports:
   forward), and their ratio;
 - `compile_s`: seconds to compile the program (the backward's program also holds the forward kernel that saves
   the chunk-boundary states).
+
+The split scan's backward also runs a light adjoint-only kernel before its backward kernel: its bound is added
+to the backward row's and its facts kept under `segment_adjoints`. `--peer_json` prints one table with the rows
+of `kernel_report_peer.py` (the peer's kernels, compiled from the peer's own venv) beside ours.
 
 Shapes (batch, length, channels, state): the goal shape (8, 2048, 2048, 16) and the inference shape
 (1, 8192, 2048, 16) in bfloat16, and the MOSEI model's (16, 150, 256, 16) in float32 (150 fused tokens,

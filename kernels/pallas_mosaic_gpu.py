@@ -198,9 +198,10 @@ def _forward(u, delta, A, B, C, h0, cfg, save_starts):
 
 
 def _lane_slots(state):
-    """Where the warp reduce-scatter of the channel sums (`reduce_scatter`) leaves each warp's sums: [(slot, lane)] -> (q, column),
-    q = 0 for dB's and 1 for dC's. A thread of the WGMMA layout starts with `state` values, one per quantity,
-    8-column tile j and vector element k (column 8j + 2 (lane % 4) + k), each already summed over its rows; each
+    """Where the warp reduce-scatter of the channel sums (`reduce_scatter`) leaves each warp's sums:
+    [(slot, lane)] -> (q, column), q = 0 for dB's and 1 for dC's. A thread of the WGMMA layout starts with
+    `state` values, one per quantity, 8-column tile j and vector element k (column 8j + 2 (lane % 4) + k), each
+    already summed over its rows; each
     butterfly step over lane bits 4, 3, 2 (the 8 row groups of a warp) keeps one half of them and sends the
     other, so the steps cost state / 2 + state / 4 + ... shuffles and adds, not 3 x state (an odd count is
     all-reduced instead). Returns

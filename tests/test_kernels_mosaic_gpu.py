@@ -71,7 +71,8 @@ def _kernel_names(jaxpr):
     """The names of the Mosaic GPU kernel calls in a jaxpr, nested jaxprs included, in order."""
     for eqn in jaxpr.eqns:
         if "name" in eqn.params and "mosaic_gpu" in str(eqn.params["name"]):
-            yield next(n for n in ("fwd", "bwd", "segment_adjoints") if f"selective_scan_{n}_" in str(eqn.params["name"]))
+            name = str(eqn.params["name"])
+            yield next(n for n in ("fwd", "bwd", "segment_adjoints") if f"selective_scan_{n}_" in name)
         for param in eqn.params.values():
             if isinstance(param, jax.extend.core.ClosedJaxpr):
                 yield from _kernel_names(param.jaxpr)
@@ -269,8 +270,8 @@ def test_channel_sums_reduce_scatter_leaves_each_warp_sum_where_the_unscrambling
     rng = np.random.default_rng(state)
     products = rng.normal(size=(2, 16, state))            # (quantity, row of the warp, column)
     lanes = np.arange(32)
-    start = [products[q, lanes // 4, 8 * j + 2 * (lanes % 4) + k] + products[q, lanes // 4 + 8, 8 * j + 2 * (lanes % 4) + k]
-             for q in range(2) for j in range(state // 8) for k in range(2)]
+    columns = [(q, 8 * j + 2 * (lanes % 4) + k) for q in range(2) for j in range(state // 8) for k in range(2)]
+    start = [products[q, lanes // 4, col] + products[q, lanes // 4 + 8, col] for q, col in columns]
     final = reduce_scatter(start, lambda bit: (lanes >> bit) & 1 == 1, lambda x, d: x[lanes ^ d], np.add, np.where)
     n_slots, first, source = _lane_slots(state)
     assert len(final) == n_slots and sorted(first) == [(q, n) for q in range(2) for n in range(state)]
