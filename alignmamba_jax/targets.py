@@ -11,10 +11,13 @@ Target names are the accelerator names users type: TPU `<generation>-<N>` (N chi
 for the megacore v4 / v5p, i.e. 2 per chip, as Cloud TPU names them), GPU `<model>x<N>` (8 GPUs a host). The
 figures (HBM, bandwidth, peak bf16 FLOP/s, SMs) are the vendors' published ones.
 """
+import contextlib
 import dataclasses
 import math
 import os
 import re
+import sys
+import tempfile
 from typing import Optional
 
 GIB = 2 ** 30
@@ -158,15 +161,23 @@ def prepare_compile_host() -> None:
     os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
 
 
+def installed(module: str) -> bool:
+    """Whether `module` (dotted) can be imported, without importing it; False, not ModuleNotFoundError, when a
+    parent package is absent (`find_spec("jax_plugins.xla_cuda13")` raises without `jax_plugins`)."""
+    import importlib.util
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
+
+
 def missing_toolchain(platform: str) -> Optional[str]:
     """Why this machine cannot compile for `platform` ("tpu" / "cuda"), or None if it can."""
-    import importlib.util
     if platform == "tpu":
-        if importlib.util.find_spec("libtpu") is None:
+        if not installed("libtpu"):
             return 'libtpu is not installed (pip install -e ".[aot]")'
         return None
-    if importlib.util.find_spec("jax_plugins.xla_cuda13") is None and \
-            importlib.util.find_spec("jax_plugins.xla_cuda12") is None:
+    if not installed("jax_plugins.xla_cuda13") and not installed("jax_plugins.xla_cuda12"):
         return 'the CUDA plugin is not installed (pip install -e ".[aot]")'
     if ptxas_path() is None:
         return 'ptxas is not installed (pip install -e ".[aot]" brings nvidia-cuda-nvcc)'
@@ -185,6 +196,26 @@ def ptxas_path() -> Optional[str]:
     return shutil.which("ptxas")
 
 
+@contextlib.contextmanager
+def _stderr_only_on_failure():
+    """Holds back what native code writes to file descriptor 2 in the block; lets it through if the block
+    raises."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            os.dup2(saved, 2)
+            held.seek(0)
+            os.write(2, held.read())
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
 def target_devices(target: Target) -> list:
     """The target's compile-only devices (importing jax: call `prepare_compile_host` first)."""
     from jax.experimental import topologies
@@ -193,9 +224,10 @@ def target_devices(target: Target) -> list:
     if reason:
         raise UserError(f"cannot compile for {target.name}: {reason}")
     if target.platform == "tpu":
-        topology = topologies.get_topology_desc(
-            platform="tpu", topology_name=target.topology, chip_config_name=target.chip_config,
-            chips_per_host_bounds=(2, 2, 1), num_slices=1)
+        with _stderr_only_on_failure():   # libtpu looks for a TPU VM's metadata and says at length it is none
+            topology = topologies.get_topology_desc(
+                platform="tpu", topology_name=target.topology, chip_config_name=target.chip_config,
+                chips_per_host_bounds=(2, 2, 1), num_slices=1)
     else:
         topology = topologies.get_topology_desc(platform="cuda", topology_name="", topology=target.topology,
                                                 target_config=gpu_target_config(target.gpu))
