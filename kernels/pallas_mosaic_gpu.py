@@ -269,6 +269,10 @@ def _channel_sums_compiled(part, i, g, du, h, dy):
         c32 = lambda v: arith.constant(i32, v)
         tiles_m, tiles_n = g.registers.shape[0], g.registers.shape[1]
         state = tiles_n * _TILE_COLS
+        # The WGMMA layout as `_lane_slots` reads it (pinned by a test): register [m, j, 0, 0, half, 0...] of a
+        # (block_c, state) array holds rows 64 m + 16 warp + 8 half + lane // 4, columns 8 j + 2 (lane % 4) + k.
+        assert g.registers.shape[2:] == h.registers.shape[2:] == (1, 1, 2, 1, 1, 1, 1), g.registers.shape
+        assert du.registers.shape == dy.registers.shape == (tiles_m, 1, 2, 1, 1), du.registers.shape
 
         def element(reg, k):
             return vector.extract(reg, dynamic_position=[], static_position=ir.DenseI64ArrayAttr.get([k]))

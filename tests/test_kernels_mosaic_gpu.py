@@ -286,6 +286,18 @@ def test_channel_sums_reduce_scatter_leaves_each_warp_sum_where_the_unscrambling
         np.testing.assert_allclose(values, sums[source[32 * slot:32 * (slot + 1)]], rtol=1e-12)
 
 
+def test_the_wgmma_layout_is_the_one_the_channel_sums_read():
+    """`_channel_sums_compiled` indexes the registers of Mosaic GPU's WGMMA layout (and of its per-row layout)
+    directly: thread (warp, lane) holds rows 16 warp + 8 half + lane // 4 of each 64-row tile and columns
+    8 j + 2 (lane % 4) + k, as PTX's wgmma accumulator fragment. A JAX that changes the layout fails here."""
+    import jax.experimental.mosaic.gpu as mgpu
+    layout = mgpu.WGMMA_LAYOUT
+    assert (layout.tiling.tiles, layout.warp_dims, layout.lane_dims, layout.vector_dim) == (
+        ((64, 8), (16, 8), (8, 8), (2,)), (-7,), (-3, -2), -1)
+    assert layout.registers_shape((128, 32)) == (2, 4, 1, 1, 2, 1, 1, 1, 1)
+    assert layout.reduce((1,)).registers_shape((128,)) == (2, 1, 2, 1, 1)
+
+
 def test_approx_math_exponential_flushing_subnormal_decays_stays_within_mamba_ssm_bf16_tolerances():
     """`approx_math` (on by default) makes the kernels' exp2 ex2.approx.ftz.f32, which differs from
     ex2.approx.f32 only where the result is subnormal (flushed to zero; a subnormal input gives 2^0 = 1 either
