@@ -193,9 +193,9 @@ ISA = {
 }
 
 
-def inner_loops(code, isa):
-    """The lines of the innermost loops (a label and a later branch back to it) that hold an exponential."""
-    label, branch, _, opcodes = ISA[isa]
+def _loops(code, isa):
+    """(start, end) line ranges of every loop (a label and a later branch back to it) in `code`."""
+    label, branch, _, _ = ISA[isa]
     lines = code.splitlines()
     labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(label, line))}
     loops = []
@@ -203,22 +203,69 @@ def inner_loops(code, isa):
         m = re.search(branch, line)
         if m and m.group(1) in labels and labels[m.group(1)] < i:
             loops.append((labels[m.group(1)], i))
-    with_exp = [(a, b) for a, b in loops if any(opcodes["ex2"][0] in line for line in lines[a:b])]
-    innermost = [(a, b) for a, b in with_exp if not any(a < c and d < b for c, d in with_exp if (c, d) != (a, b))]
+    return lines, loops
+
+
+def _arithmetic(lines, isa):
+    _, _, opcode, opcodes = ISA[isa]
+    prefixes = tuple(p for name in ("ex2", "ffma", "fmul", "fadd") for p in opcodes[name])
+    return any((m := re.search(opcode, line)) and m.group(1).startswith(prefixes) for line in lines)
+
+
+def _per_token_loops(code, isa):
+    """(lines, innermost loops holding floating-point arithmetic (a kernel's per-token loops; barrier and
+    copy waits spin in loops without any), the loop directly around them (per chunk), if any)."""
+    lines, loops = _loops(code, isa)
+    with_math = [(a, b) for a, b in loops if _arithmetic(lines[a:b], isa)]
+    innermost = [(a, b) for a, b in with_math if not any(a < c and d < b for c, d in with_math if (c, d) != (a, b))]
+    merged = []      # ptxas lays some loops out with two back edges: overlapping ranges, one loop
+    for a, b in sorted(innermost):
+        if merged and a <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(b, merged[-1][1]))
+        else:
+            merged.append((a, b))
+    innermost = merged
+    around = [(a, b) for a, b in loops if innermost and all(a < c and d < b for c, d in innermost)]
+    outer = min(around, key=lambda ab: ab[1] - ab[0]) if around else None
+    return lines, innermost, outer
+
+
+def inner_loops(code, isa):
+    """The lines of the innermost loops that hold floating-point arithmetic: the per-token loops."""
+    lines, innermost, _ = _per_token_loops(code, isa)
     return [lines[a:b + 1] for a, b in innermost]
 
 
-def instruction_counts(code, isa, elements_per_iteration):
-    """{opcode class: count per element} over the inner loops; an iteration of a thread takes one token of
-    `elements_per_iteration` (channel, state) elements of the CTA's block."""
+def instruction_counts(code, isa, elements_per_iteration, iterations_per_outer=None):
+    """{opcode class: count per element} over the per-token loops (`inner_loops`); a token of a thread is
+    `elements_per_iteration` (channel, state) elements of the CTA's block. A loop that holds exponentials is
+    taken to compute one per element and token (true of every scan kernel here: exp(delta A) once per element
+    of a step), so where LLVM or ptxas unrolled it, its exponentials say how many tokens an iteration holds; a
+    loop without any is taken as one token an iteration. With `iterations_per_outer` (tokens per chunk), the
+    rest of the loop around them (the once-per-chunk work) is added, divided by the tokens of a chunk."""
     _, _, opcode, opcodes = ISA[isa]
-    counts = dict.fromkeys(opcodes, 0)
-    for loop in inner_loops(code, isa):
-        for line in loop:
+    lines, innermost, outer = _per_token_loops(code, isa)
+    counts = dict.fromkeys(opcodes, 0.0)
+
+    def count(selected):
+        found = dict.fromkeys(opcodes, 0)
+        for line in selected:
             m = re.search(opcode, line)
             for name, prefixes in opcodes.items():
                 if m and m.group(1).startswith(prefixes):
-                    counts[name] += 1
+                    found[name] += 1
+        return found
+
+    for a, b in innermost:
+        found = count(lines[a:b + 1])
+        tokens = max(1, round(found["ex2"] / elements_per_iteration))
+        for name, n in found.items():
+            counts[name] += n / tokens
+    if iterations_per_outer and outer is not None:
+        inside = {i for a, b in innermost for i in range(a, b + 1)}
+        found = count([lines[i] for i in range(outer[0], outer[1] + 1) if i not in inside])
+        for name, n in found.items():
+            counts[name] += n / iterations_per_outer
     return {k: round(v / elements_per_iteration, 3) for k, v in counts.items()}
 
 

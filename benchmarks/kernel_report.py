@@ -9,10 +9,12 @@ kernel and shape it reports:
 - registers per thread and spill bytes (ptxas), dynamic shared memory per CTA and threads per CTA (the kernel's
   launch in Mosaic GPU's pass log), CTAs (the grid), CTAs resident per SM (registers x threads against 64K
   registers, shared memory against 228 KiB, and the 2048-thread / 32-block limits) and waves;
-- instruction counts per (token x channel x state) element of the kernel's inner loops (the loops that hold
-  the exponentials): ex2, FP32 fma / mul / add, shuffles, shared and global loads and stores; from the SASS
-  where nvdisasm sits next to ptxas (the nvidia-cuda-nvdisasm wheel of the `aot` extra), else from the PTX
-  (`isa` says which; ptxas may still fuse or split PTX instructions);
+- instruction counts per (token x channel x state) element of the kernel's per-token loops (the innermost
+  loops with floating-point arithmetic, an unrolled one read as the tokens its exponentials say) plus the
+  once-per-chunk work around them divided by the chunk (`compile_report.instruction_counts`): ex2, FP32 fma /
+  mul / add, shuffles, shared and global loads and stores; from the SASS where nvdisasm sits next to ptxas (the
+  nvidia-cuda-nvdisasm wheel of the `aot` extra), else from the PTX (`isa` says which; ptxas may still fuse or
+  split PTX instructions);
 - `static_bound_us`: a lower bound on the kernel's time, the largest of (ex2 at 16 per clock per SM, FP32 at
   128 lanes per clock per SM, both for the busiest SM, ceil(CTAs / SMs) CTAs) and the kernel's HBM operands
   and results at the device bandwidth; `floor_us`, the roofline floor of the pass (`scan_bench.scan_traffic`:
@@ -20,6 +22,10 @@ kernel and shape it reports:
   forward), and their ratio;
 - `compile_s`: seconds to compile the program (the backward's program also holds the forward kernel that saves
   the chunk-boundary states).
+
+The split scan's backward also runs a light adjoint-only kernel before its backward kernel: its bound is added
+to the backward row's and its facts kept under `segment_adjoints`. `--peer_json` prints one table with the rows
+of `kernel_report_peer.py` (the peer's kernels, compiled from the peer's own venv) beside ours.
 
 Shapes (batch, length, channels, state): the goal shape (8, 2048, 2048, 16) and the inference shape
 (1, 8192, 2048, 16) in bfloat16, and the MOSEI model's (16, 150, 256, 16) in float32 (150 fused tokens,
@@ -81,6 +87,8 @@ def parse_args(argv=None):
     p.add_argument("--dump_dir", help="keep the compilers' dumps here (Mosaic GPU: one folder a kernel; TPU: llo/ "
                                       "and mosaic/ for every compile)")
     p.add_argument("--backends", default="pallas_tpu", help="TPU targets: backends to compile, e.g. pallas_tpu,chunked")
+    p.add_argument("--peer_json", action="append", default=[],
+                   help="a report of kernel_report_peer.py to print beside ours in one table (repeatable)")
     return p.parse_args(argv)
 
 
@@ -100,18 +108,52 @@ def ctas_per_sm(registers, threads, smem_bytes):
     return min(limits)
 
 
-def kernel_launches(kernel_calls, pass_name):
+KERNELS = {"fwd": "selective_scan_fwd_mosaic_gpu", "bwd": "selective_scan_bwd_mosaic_gpu",
+           "segment_adjoints": "selective_scan_segment_adjoints_mosaic_gpu"}
+
+
+def _kind(call):
+    """Which of our kernels a Mosaic GPU call in the HLO is, by its results: the backward has five (du, ddelta,
+    dA, the dB/dC partials, dh0), the forward two or three (y, the final state, the chunks' start states), the
+    split's adjoint pass one (each segment's start adjoint)."""
+    return {1: "segment_adjoints", 2: "fwd", 3: "fwd", 5: "bwd"}.get(len(call["results"]))
+
+
+def kernel_launches(kernel_calls, kind):
     """(launches, HBM bytes of their operands and results, each read or written once, time steps per CTA, padded
-    state size) of the `pass_name` kernel in the compiled HLO: the split scan launches each kernel twice. The
-    backward kernel is the one with six results (du, ddelta, dA, dB, dC, dh0), the forward has two or three."""
+    state size) of our `kind` kernel (`_kind`) in the compiled HLO: the split scan launches the forward twice."""
     launches, n_bytes, steps, state = 0, 0, None, None
     for call in kernel_calls:
-        if call["target"].startswith("mosaic_gpu") and (len(call["results"]) == 6) == (pass_name == "bwd"):
+        if call["target"].startswith("mosaic_gpu") and _kind(call) == kind:
             launches += call["count"]
             n_bytes += call["count"] * sum(compile_report.shape_bytes(text)
                                            for text in call["operands"] + call["results"])
-            (_, steps, _), (_, state) = (compile_report.shapes_in(text)[0][1] for text in call["operands"][:3:2])
+            steps = compile_report.shapes_in(call["operands"][0])[0][1][1]
+            state = next(compile_report.shapes_in(text)[0][1][1] for text in call["operands"]
+                         if len(compile_report.shapes_in(text)[0][1]) == 2)          # A, (channels, state)
     return launches, n_bytes, steps, state
+
+
+def static_bound(target, sms, counts, registers, threads, smem, ctas, launches, steps, elements_per_token, n_bytes):
+    """A kernel's bound from its compiled code: (seconds, {unit: seconds}, CTAs resident per SM). `steps`: tokens
+    per CTA; `elements_per_token`: the (channel, state) elements of a CTA's token; `counts`: instructions per
+    element."""
+    busiest = launches * -(-ctas // sms) * steps * elements_per_token       # elements on the busiest SM
+    units = {"exp": busiest * counts["ex2"] / (EXP_PER_CLOCK_PER_SM * CLOCK_HZ),
+             "fp32": busiest * (counts["ffma"] + counts["fmul"] + counts["fadd"]) / (FP32_LANES_PER_SM * CLOCK_HZ),
+             "hbm": n_bytes / target.hbm_bytes_per_s}
+    return max(units.values()), units, ctas_per_sm(registers, threads, smem)
+
+
+def floor_seconds(target, sms, shape, dtype, pass_name):
+    """The roofline floor of the pass (`scan_bench.scan_traffic`): the least HBM traffic and one exponential per
+    element; the backward's is forward+backward minus forward."""
+    b, l, d, n = shape
+    traffic = scan_traffic(b, l, d, n, 2 if dtype == "bfloat16" else 4)
+    floor_bytes, floor_exps = traffic["forward"]
+    if pass_name == "bwd":
+        floor_bytes, floor_exps = (x - y for x, y in zip(traffic["forward_backward"], traffic["forward"]))
+    return max(floor_bytes / target.hbm_bytes_per_s, floor_exps / (EXP_PER_CLOCK_PER_SM * sms * CLOCK_HZ))
 
 
 def build(shape, dtype, device, sm_count):
@@ -133,60 +175,69 @@ def build(shape, dtype, device, sm_count):
     return {"fwd": (jax.jit(fn), args), "bwd": (jax.jit(grad), args)}
 
 
+def _kernel_stats(target, sms, dump_dir, calls, kind, chunk):
+    """The compiled facts and bound of our `kind` kernel, or None where the program does not launch it."""
+    kernel = KERNELS[kind]
+    launches, n_bytes, steps, state = kernel_launches(calls, kind)
+    if not launches:
+        return None
+    ptxas = [k for k in compile_report.ptxas_reports(dump_dir) if k["kernel"].startswith(kernel)]
+    ctas, threads, smem = compile_report.mosaic_gpu_launch(dump_dir, kernel)
+    code = compile_report.kernel_code(dump_dir, kernel)
+    isa = "sass" if "sass" in code else "ptx"
+    counts = compile_report.instruction_counts(code[isa], isa, BLOCK_C * state // threads,  # one thread's code
+                                               iterations_per_outer=chunk)
+    ptxas = ptxas[0] if ptxas else {}
+    registers = ptxas.get("registers")
+    bound_s, units, resident = static_bound(target, sms, counts, registers, threads, smem, ctas, launches, steps,
+                                            BLOCK_C * state, n_bytes)
+    return {"registers": registers, "spills": ptxas["spill_stores"] + ptxas["spill_loads"] if ptxas else None,
+            "smem_bytes": smem, "threads": threads, "ctas": ctas, "launches": launches, "ctas_per_sm": resident,
+            "waves": round(ctas / (resident * sms), 3), "isa": isa, "instructions_per_element": counts,
+            "bound_us": {k: round(v * 1e6, 3) for k, v in units.items()}, "static_bound_us": round(bound_s * 1e6, 3)}
+
+
 def report_kernel(target, device, shape, dtype, pass_name, dump_root=None, sm_count=None):
+    """One row: the `pass_name` kernel's compiled facts and bound. The split scan's backward also runs the light
+    adjoint pass (`segment_adjoints`): its bound is added to the row's and its facts are kept under that key."""
+    from alignmamba_jax.kernels.pallas_mosaic_gpu import TUNABLES
     sms = targets.GPU_SPECS[target.gpu][1]
     fn, args = build(shape, dtype, device, sms if sm_count is None else sm_count)[pass_name]
-    kernel = f"selective_scan_{pass_name}_mosaic_gpu"
     with compile_report.mosaic_gpu_dumps(targets.ptxas_path()) as dump_dir:
         start = time.perf_counter()
         compiled = fn.lower(*args).compile()
         compile_s = time.perf_counter() - start
-        ptxas = [k for k in compile_report.ptxas_reports(dump_dir) if k["kernel"].startswith(kernel)]
-        ctas, threads, smem = compile_report.mosaic_gpu_launch(dump_dir, kernel)
-        code = compile_report.kernel_code(dump_dir, kernel)
+        calls = compile_report.kernel_calls(compiled.as_text())
+        row = _kernel_stats(target, sms, dump_dir, calls, pass_name, TUNABLES["chunk"])
+        extra = _kernel_stats(target, sms, dump_dir, calls, "segment_adjoints", TUNABLES["chunk"])
         if dump_root:
             import shutil
             shutil.copytree(dump_dir, os.path.join(dump_root, f"{pass_name}_{'x'.join(map(str, shape))}_{dtype}"),
                             dirs_exist_ok=True)
-    b, l, d, n = shape
-    launches, n_bytes, steps, state = kernel_launches(compile_report.kernel_calls(compiled.as_text()), pass_name)
-    isa = "sass" if "sass" in code else "ptx"
-    counts = compile_report.instruction_counts(code[isa], isa, BLOCK_C * state // threads)      # one thread's code
-    ptxas = ptxas[0] if ptxas else {}
-    registers = ptxas.get("registers")
-    resident = ctas_per_sm(registers, threads, smem)
-    busiest = launches * -(-ctas // sms) * steps * BLOCK_C * state     # elements on the busiest SM
-    exp_s = busiest * counts["ex2"] / (EXP_PER_CLOCK_PER_SM * CLOCK_HZ)
-    fp32_s = busiest * (counts["ffma"] + counts["fmul"] + counts["fadd"]) / (FP32_LANES_PER_SM * CLOCK_HZ)
-    hbm_s = n_bytes / target.hbm_bytes_per_s
-    traffic = scan_traffic(b, l, d, n, 2 if dtype == "bfloat16" else 4)
-    exps_per_s = EXP_PER_CLOCK_PER_SM * sms * CLOCK_HZ
-    floor_bytes, floor_exps = traffic["forward"]
-    if pass_name == "bwd":
-        floor_bytes, floor_exps = (x - y for x, y in zip(traffic["forward_backward"], traffic["forward"]))
-    floor_s = max(floor_bytes / target.hbm_bytes_per_s, floor_exps / exps_per_s)
-    bound_s = max(exp_s, fp32_s, hbm_s)
-    return {"backend": "pallas_mosaic_gpu", "pass": pass_name, "shape": list(shape), "dtype": dtype,
-            "registers": registers, "spills": ptxas["spill_stores"] + ptxas["spill_loads"] if ptxas else None,
-            "smem_bytes": smem, "threads": threads, "ctas": ctas, "launches": launches, "ctas_per_sm": resident,
-            "waves": round(ctas / (resident * sms), 3),
-            "isa": isa, "instructions_per_element": counts,
-            "bound_us": {"exp": round(exp_s * 1e6, 3), "fp32": round(fp32_s * 1e6, 3), "hbm": round(hbm_s * 1e6, 3)},
-            "static_bound_us": round(bound_s * 1e6, 3), "floor_us": round(floor_s * 1e6, 3),
-            "bound_over_floor": round(bound_s / floor_s, 2), "compile_s": round(compile_s, 1)}
+    bound_us = row["static_bound_us"]
+    if pass_name == "bwd" and extra:
+        row["segment_adjoints"] = extra
+        bound_us += extra["static_bound_us"]
+    floor_us = floor_seconds(target, sms, shape, dtype, pass_name) * 1e6
+    row.update({"static_bound_us": round(bound_us, 3), "floor_us": round(floor_us, 3),
+                "bound_over_floor": round(bound_us / floor_us, 2), "compile_s": round(compile_s, 1)})
+    return {"backend": "pallas_mosaic_gpu", "pass": pass_name, "shape": list(shape), "dtype": dtype, **row}
 
 
 def table(report):
-    lines = ["| pass | shape (b, l, d, n) | dtype | registers | spills | smem B | CTAs | CTAs/SM | waves | "
+    lines = ["| backend | pass | shape (b, l, d, n) | dtype | registers | spills | smem B | CTAs | CTAs/SM | waves | "
              "ex2 / FP32 per element | bound us (exp / fp32 / hbm) | static bound us | floor us | bound/floor | "
-             "compile s |", "|" + "---|" * 15]
+             "compile s |", "|" + "---|" * 16]
     for k in report["kernels"]:
         c, bound = k["instructions_per_element"], k["bound_us"]
-        lines.append(f"| {k['pass']} | {tuple(k['shape'])} | {k['dtype']} | {k['registers']} | {k['spills']} | "
-                     f"{k['smem_bytes']} | {k['ctas']} | {k['ctas_per_sm']} | {k['waves']} | "
+        notes = (["+ split pre-pass %s us" % k["segment_adjoints"]["static_bound_us"]] if "segment_adjoints" in k
+                 else []) + (["softplus"] if k.get("softplus") else [])
+        lines.append(f"| {k['backend']} | {k['pass']} | {tuple(k['shape'])} | {k['dtype']} | {k['registers']} | "
+                     f"{k['spills']} | {k['smem_bytes']} | {k['ctas']} | {k['ctas_per_sm']} | {k['waves']} | "
                      f"{c['ex2']:g} / {c['ffma'] + c['fmul'] + c['fadd']:g} | "
-                     f"{bound['exp']} / {bound['fp32']} / {bound['hbm']} | {k['static_bound_us']} | "
-                     f"{k['floor_us']} | {k['bound_over_floor']} | {k['compile_s']} |")
+                     f"{bound['exp']} / {bound['fp32']} / {bound['hbm']} | {k['static_bound_us']}"
+                     f"{' (' + ', '.join(notes) + ')' if notes else ''} | {k['floor_us']} | "
+                     f"{k['bound_over_floor']} | {k['compile_s']} |")
     return "\n".join(lines)
 
 
@@ -355,6 +406,24 @@ def tpu_main(args):
     return report
 
 
+def side_by_side(report, others):
+    """`report`'s rows and those of other reports of the same target (`kernel_report_peer.py`'s JSON), ordered
+    by shape and pass, ours first: one table."""
+    rows = list(report["kernels"])
+    for other in others:
+        if other["target"] != report["target"]:
+            raise SystemExit(f"error: {other.get('peer', 'a report')} is for {other['target']}, this run for "
+                             f"{report['target']}")
+        rows += other["kernels"]
+    shapes = []
+    for k in rows:
+        if (tuple(k["shape"]), k["dtype"]) not in shapes:
+            shapes.append((tuple(k["shape"]), k["dtype"]))
+    rows.sort(key=lambda k: (shapes.index((tuple(k["shape"]), k["dtype"])), k["pass"] != "fwd",
+                             k["backend"] != "pallas_mosaic_gpu"))
+    return {"target": report["target"], "kernels": rows}
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.target in TPU_TARGETS:
@@ -372,7 +441,11 @@ def main(argv=None):
                 os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
                 with open(args.json, "w") as f:
                     json.dump(report, f, indent=1)
-    print(table(report))
+    peers = []
+    for path in args.peer_json:
+        with open(path) as f:
+            peers.append(json.load(f))
+    print(table(side_by_side(report, peers)))
     return report
 
 
