@@ -54,17 +54,15 @@ backward kernel; the gradient program also runs the forward kernel that saves th
 
 A compile that fails (e.g. scoped VMEM exhausted) gets a row with its `error` and the others go on.
 """
-import argparse
 import json
 import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from alignmamba_jax import compile_report, targets  # noqa: E402
+from alignmamba_jax import compile_report, targets
 
 targets.prepare_compile_host()  # before jax is imported
 
+import common  # noqa: E402
 from scan_bench import EXP_PER_CLOCK_PER_SM, scan_traffic  # noqa: E402
 
 GPU_TARGETS = {"h100": "h100x8", "h200": "h200x8"}
@@ -76,28 +74,36 @@ BLOCK_C = 64                              # pallas_mosaic_gpu's default channels
 CLOCK_HZ = 1.98e9                         # the SM clock of targets.py's GPU target configs
 THREADS_PER_SM, BLOCKS_PER_SM, REGISTERS_PER_SM = 2048, 32, 65536
 SHARED_MEMORY_PER_SM, SHARED_MEMORY_RESERVED_PER_BLOCK = 233472, 1024
+def _items(values, separator):
+    """The items of a list flag: space-separated values, each of which may hold several joined by `separator`
+    (DESIGN.md's spelling, `--shapes "b,l,d,n,dtype;..."`, `--passes fwd,bwd`)."""
+    return [item for value in values for item in value.split(separator) if item]
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = common.parser(__doc__)
     p.add_argument("--target", choices=sorted(GPU_TARGETS) + sorted(TPU_TARGETS), default="h100")
-    p.add_argument("--json", help="write the report here")
-    p.add_argument("--shapes", help="b,l,d,n,dtype;... (default: goal, inference, MOSEI; TPU: "
-                                    "1,8192,1024,16,float32, the goal and MOSEI)")
-    p.add_argument("--passes", default="fwd,bwd")
+    common.add_json(p, help="write the report here")
+    p.add_argument("--shapes", nargs="+", metavar="B,L,D,N,DTYPE",
+                   help="scan shapes (default: goal, inference, MOSEI; TPU: 1,8192,1024,16,float32, goal, MOSEI)")
+    p.add_argument("--passes", nargs="+", default=["fwd", "bwd"], metavar="PASS", help="fwd, bwd (default: both)")
     p.add_argument("--sm_count", type=int, help="SMs the sequence split fills (default: the target's; 0: no split)")
     p.add_argument("--dump_dir", help="keep the compilers' dumps here (Mosaic GPU: one folder a kernel; TPU: llo/ "
                                       "and mosaic/ for every compile)")
-    p.add_argument("--backends", default="pallas_tpu", help="TPU targets: backends to compile, e.g. pallas_tpu,chunked")
+    common.add_backends(p, help="TPU targets: backends to compile, e.g. pallas_tpu chunked (default: pallas_tpu)")
     p.add_argument("--peer_json", action="append", default=[],
                    help="a report of kernel_report_peer.py to print beside ours in one table (repeatable)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.passes = _items(args.passes, ",")
+    args.backends = _items(args.backends or ["pallas_tpu"], ",")
+    common.check_backends(p, args.backends)
+    args.shapes = ";".join(args.shapes) if args.shapes else None
+    return args
 
 
 def parse_shapes(text):
-    shapes = []
-    for item in filter(None, text.split(";")):
-        *dims, dtype = item.split(",")
-        shapes.append((tuple(int(x) for x in dims), dtype))
-    return shapes
+    """[(shape, dtype)] of "b,l,d,n,dtype;..." (each checked by `common.scan_shape`)."""
+    return [common.scan_shape(item) for item in text.split(";") if item]
 
 
 def ctas_per_sm(registers, threads, smem_bytes):
@@ -387,8 +393,8 @@ def tpu_main(args):
     report = {"target": args.target, "kernels": []}
     try:
         for shape, dtype in parse_shapes(args.shapes or TPU_SHAPES):
-            for backend in args.backends.split(","):
-                for pass_name in args.passes.split(","):
+            for backend in args.backends:
+                for pass_name in args.passes:
                     rows = report_tpu(args.target, device, backend, shape, dtype, pass_name, dumps_dirs,
                                       keep=bool(args.dump_dir))
                     report["kernels"].extend(rows)
@@ -433,7 +439,7 @@ def main(argv=None):
     device = targets.target_devices(target)[0]
     report = {"target": args.target, "kernels": []}
     for shape, dtype in parse_shapes(args.shapes):
-        for pass_name in args.passes.split(","):
+        for pass_name in args.passes:
             report["kernels"].append(report_kernel(target, device, shape, dtype, pass_name, args.dump_dir,
                                                     args.sm_count))
             print(table({"kernels": report["kernels"][-1:]}).splitlines()[-1], flush=True)

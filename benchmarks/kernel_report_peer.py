@@ -6,6 +6,7 @@ CUDA 13, so it lives in its own virtual environment, a benchmark-only dependency
 
     ~/.pyenv/versions/3.12.1/bin/python -m venv .venv-peer
     .venv-peer/bin/pip install jax-linear-attention==0.1.0 "jax[cuda13]==0.11.2" nvidia-cuda-nvdisasm
+    .venv-peer/bin/pip install --no-deps -e .        # this project's parsers, without its dependencies
     .venv-peer/bin/python benchmarks/kernel_report_peer.py --target h100 --json runs/kernel_report_jla.json
 
 This script installs nothing. It calls `jla`'s public op (`mamba1(C, B, u, delta, A)`, its argument order:
@@ -18,16 +19,14 @@ Its backward at small batch splits the sequence like ours and runs a pre-pass ke
 whose bound is added to the backward row as ours is. At a length that is not a multiple of its 32-token tile
 the op requires `dt_softplus=True` (it pads with delta = softplus(-1e4)); the row says so (`softplus`).
 """
-import argparse
 import json
 import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import kernel_report as ours  # noqa: E402  (prepares the compile host before jax is imported)
-from alignmamba_jax import compile_report, targets  # noqa: E402
+import common
+import kernel_report as ours  # prepares the compile host before jax is imported
+from alignmamba_jax import compile_report, targets
 
 PEERS = {"jla": "jax-linear-attention"}
 TILE = 32                                   # jla.ops.mosaic_gpu.mamba1.CHUNK: tokens per TMA tile
@@ -36,14 +35,17 @@ KERNELS = {"fwd": "mamba1_fwd", "bwd": "mamba1_bwd2", "segments": "mamba1_bwd_se
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = common.parser(__doc__)
     p.add_argument("--peer", choices=sorted(PEERS), default="jla")
     p.add_argument("--target", choices=sorted(ours.GPU_TARGETS), default="h100")
-    p.add_argument("--json", help="write the report here")
-    p.add_argument("--shapes", default=ours.SHAPES, help="b,l,d,n,dtype;... (default: kernel_report.py's)")
-    p.add_argument("--passes", default="fwd,bwd")
+    common.add_json(p, help="write the report here")
+    p.add_argument("--shapes", nargs="+", default=[ours.SHAPES], metavar="B,L,D,N,DTYPE",
+                   help="scan shapes (default: kernel_report.py's)")
+    p.add_argument("--passes", nargs="+", default=["fwd", "bwd"], metavar="PASS", help="fwd, bwd (default: both)")
     p.add_argument("--dump_dir", help="keep Mosaic GPU's dumps of the peer's kernels here")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.shapes, args.passes = ";".join(args.shapes), ours._items(args.passes, ",")
+    return args
 
 
 def peer_version():
@@ -158,7 +160,7 @@ def main(argv=None):
     device = targets.target_devices(target)[0]
     report = {"target": args.target, "peer": backend, "kernels": []}
     for shape, dtype in ours.parse_shapes(args.shapes):
-        for pass_name in args.passes.split(","):
+        for pass_name in args.passes:
             report["kernels"].append(report_kernel(target, device, shape, dtype, pass_name, backend, args.dump_dir))
             print(ours.table({"kernels": report["kernels"][-1:]}).splitlines()[-1], flush=True)
             if args.json:
