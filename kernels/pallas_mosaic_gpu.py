@@ -20,15 +20,14 @@ g_t = exp(delta_{t+1} A) g_{t+1} + C_t dy_t runs backwards through the chunk, re
 after the step carried in registers (dC needs it, the next step's workspace read is the state before).
 It gives du and ddelta per channel (sums over the state within a warp), dA accumulated in registers, and per
 step the per-warp sums of dB and dC over the warp's channels: a butterfly reduce-scatter over the lanes
-written with `plgpu.inline_mgpu` (`reduce_scatter`, `_lane_slots`: 7 shuffles and adds a token at state 16,
-where two reductions through Mosaic GPU's `jnp.sum` take 24 and two cross-warp steps through shared memory),
+written with `plgpu.inline_mgpu` (`reduce_scatter`, `_lane_slots`: 7 shuffles and adds a token at state 16),
 into a (4 warps, chunk, 32) shared-memory tile that the four warps add once per chunk. Interpret mode, which
 has no inline Mosaic GPU, computes the same per-warp sums in the same lane order with array ops. The chunk's
 sums go to HBM in that lane order, (batch, n_blocks, length, 32) float32, and XLA sums them over channel blocks
 and gathers dB and dC out of them, rather than atomic adds into HBM: the sum is deterministic (training runs
 repeat bit for bit) and costs 2 * state * 4 / block_c bytes per (batch, time, channel) element, written once
 and read once, small next to u, delta and du, ddelta. Two workspaces of the default chunk of 8 take 64 KiB, so
-two CTAs share an SM (at chunk 16 one would; a chunk of 8 doubles the boundary states the forward writes).
+two CTAs share an SM.
 Nothing of size (batch, length, channels, state) is ever written.
 
 u, delta, B and C are read in their own dtype (bfloat16 halves the HBM reads) and upcast in registers; y is
@@ -38,12 +37,10 @@ the state and all accumulation are float32. Lengths are padded to a multiple of 
 padding lives outside the `custom_vjp`, so autodiff drops its gradient.
 
 The lowering semantics is pinned in the compiler params (`lowering_semantics`, a tunable): Warpgroup by
-default, as JAX's own Mosaic GPU kernels pin it in jax 0.10 and as jax 0.11 defaults to it; Lane (jax 0.10's
-default) also lowers, for state sizes whose float32 rows are not 128 bytes (state 32 and 64 fail there: no
-bank-conflict-free shared-memory transfer of the state tile).
+default; Lane also lowers, except at state 32 and 64 (no bank-conflict-free shared-memory transfer of a state
+tile whose float32 rows are not 128 bytes).
 
-Both kernels take exp2(delta A log2(e)) with A pre-scaled outside them: one MUFU.EX2 per element with no range
-reduction in FP32. With `approx_math` (a tunable, on by default) Mosaic GPU emits it as ex2.approx.ftz.f32,
+Both kernels take exp2(delta A log2(e)) with A pre-scaled outside them. With `approx_math` (a tunable, on by default) Mosaic GPU emits it as ex2.approx.ftz.f32,
 which differs from the default ex2.approx.f32 only where the result is subnormal (below 2^-126, flushed to
 zero): a decay that small leaves nothing of the state either way, and ptxas drops the four instructions per
 exponential that handle subnormals. Where batch x channel blocks would leave
@@ -51,9 +48,7 @@ SMs idle, the sequence is split into segments run as separate sequences and chai
 (`sequence_segments`, `_segmented_scan`); its backward runs one full backward pass per segment after a light
 adjoint-only pass (`_segment_adjoints`) that gives every segment its end cotangent.
 
-Verified on CPU only: the kernels run in Mosaic GPU interpret mode (tests, against `reference`, values and
-gradients), lower for sm_90 through `jax.export(..., platforms=["cuda"])` under both lowering semantics, and
-compile through ptxas for sm_90a without spills (`benchmarks/kernel_report.py`). No GPU has run or timed them.
+Off a GPU the kernels run in Mosaic GPU interpret mode (tests check values and gradients against `reference`).
 """
 import functools
 from typing import NamedTuple
