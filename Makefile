@@ -4,12 +4,12 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test test-slow demo clean wheels device-suite device-suite-dry
+.PHONY: test test-slow demo docs clean wheels device-suite device-suite-dry
 
 $(STAMP): setup.py kernels/csrc/selective_scan_cpu.cc
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[test,aot]"
+	$(PY) -m pip install --quiet -e ".[test,aot,docs]"
 	JAX_PLATFORMS=cpu TPU_SKIP_MDS_QUERY=1 $(PY) -c "from alignmamba_jax.kernels import cpu_ffi; print(cpu_ffi.build_report())"
 	touch $(STAMP)
 
@@ -22,6 +22,10 @@ test-slow: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m alignmamba_jax.main --config configs/synthetic.py --workdir runs/demo
+
+# The docs site (mkdocs.yml, docs/) into site/, warnings as errors: a broken docstring reference fails.
+docs: $(STAMP)
+	$(PY) -m mkdocs build --strict --site-dir site
 
 # `make device-suite` on a GPU machine with no network (benchmarks/device_suite.py): Python 3.12 wheels of the
 # runtime dependencies its image lacks. The image has jax 0.11 with the CUDA 13 plugin, flax, optax, orbax, chex,
@@ -41,7 +45,7 @@ device-suite:
 	PYTHON=$(PYTHON) bash benchmarks/device_suite.sh
 
 device-suite-dry: $(STAMP)
-	PYTHON=$(PY) bash benchmarks/device_suite.sh --dry-run
+	PYTHON=$(PY) bash benchmarks/device_suite.sh --dry_run
 
 clean:
-	rm -rf $(VENV) runs $(WHEELS)
+	rm -rf $(VENV) runs site $(WHEELS)

@@ -43,5 +43,9 @@ setup(
         # CUDA 13 plugin at the installed jax's version, without CUDA's runtime libraries, ptxas, and nvdisasm (SASS
         # dumps of the Mosaic GPU kernels for benchmarks/kernel_report.py).
         "aot": ["jax[tpu,cuda13-local]", "nvidia-cuda-nvcc>=13.0.48", "nvidia-cuda-nvdisasm>=13.0.48"],
+        # The docs site (`make docs`, mkdocs.yml): an API reference generated from the docstrings. Python >= 3.11:
+        # on 3.10 the newest mkdocstrings (1.0.6) fails with the newest pymdown-extensions there (12.x).
+        "docs": ['mkdocs>=1.6,<2; python_version >= "3.11"',
+                 'mkdocstrings[python]>=1.0.8,<2; python_version >= "3.11"'],
     },
 )

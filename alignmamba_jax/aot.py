@@ -26,7 +26,7 @@ import time  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from alignmamba_jax import compile_report  # noqa: E402
+from alignmamba_jax import compile_report, workdir  # noqa: E402
 from alignmamba_jax.cli import parse_flags  # noqa: E402
 from alignmamba_jax.errors import UserError  # noqa: E402
 
@@ -84,20 +84,14 @@ def abstract_batch(config, shapes, global_batch, sharding) -> dict:
 
 def lower_programs(config, devices, shapes, train_batch, eval_batch) -> dict:
     """{"train_step": lowered, "eval_step": lowered} for the mesh over `devices`."""
-    import jax.numpy as jnp
-
-    from alignmamba_jax import models, train
+    from alignmamba_jax import train
     mesh = train.create_mesh(config.train.fsdp, devices)
-    modalities = tuple(config.data.modalities)
-    model = models.create_model(config.model, modalities=modalities, anchor=config.data.anchor,
-                                input_dims={m: shapes[m][1] for m in modalities}, task=config.data.task,
-                                num_classes=config.data.num_classes)
-    features = {m: jnp.zeros((2,) + shapes[m], jnp.float32) for m in modalities}
-    masks = {m: jnp.ones((2, shapes[m][0]), bool) for m in modalities}
+    model = train.create_model(config, shapes)
+    features, masks = train.shaped_example_inputs(config, shapes)
     _, state, state_shardings = train.abstract_train_state(config, model, features, masks, mesh)
     rows = train.batch_sharding(mesh)
     train_step = train.jit_train_step(config, mesh, state_shardings)
-    eval_step = train.jit_eval_step(mesh, model.apply, modalities)
+    eval_step = train.jit_eval_step(mesh, model.apply, tuple(config.data.modalities))
     return {"train_step": train_step.lower(state, abstract_batch(config, shapes, train_batch, rows)),
             "eval_step": eval_step.lower(state.params, abstract_batch(config, shapes, eval_batch, rows))}
 
@@ -291,14 +285,25 @@ def _gib(n) -> str:
     return f"{n / 2 ** 30:.2f} GiB"
 
 
+def check_output(flag, path, kind) -> None:
+    """A UserError unless `path` can be written as a `kind` ("file" or "directory"): checked before compiling,
+    which can take minutes."""
+    path = workdir.check_writable(path, flag, kind)
+    if kind == "file" and os.path.exists(path) and not os.access(path, os.W_OK):
+        raise UserError(f"--{flag}={path}: this file is not writable")
+
+
 def run(config, target_name, json_path=None, hlo_dir=None, max_batch=False) -> dict:
+    for flag, path, kind in (("json", json_path, "file"), ("hlo_dir", hlo_dir, "directory")):
+        if path:
+            check_output(flag, path, kind)
     target = targets.get_target(target_name)
-    devices = targets.target_devices(target)
     shapes = input_shapes(config.data)
     batch = config.train.batch_size
-    if batch % len(devices) or config.eval.batch_size % len(devices):
+    if batch % target.chips or config.eval.batch_size % target.chips:   # before libtpu or XLA:GPU starts up
         raise UserError(f"train.batch_size={batch} and eval.batch_size={config.eval.batch_size} must divide by "
-                        f"the {len(devices)} devices of {target.name}")
+                        f"the {target.chips} devices of {target.name}")
+    devices = targets.target_devices(target)
     try:
         report = compile_programs(config, target, devices, shapes, batch, hlo_dir)
     except DoesNotFit as error:

@@ -75,7 +75,8 @@ def fingerprint_changes(stored: dict, current: dict, defaults: dict) -> dict:
 def open_manager(directory, max_to_keep: int = 1) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(
         directory, item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()},
-        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=False))
+        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=False,
+                                             cleanup_tmp_directories=True))   # saves a kill cut short
 
 
 def save(manager, step, state, meta):

@@ -44,8 +44,7 @@ def parse_flags(argv):
         user_error = _user_error_in(error)
         if user_error is not None:
             raise SystemExit(f"error: --config: {user_error}")
-        raise SystemExit(f"FATAL Flags parsing error: {error}\nPass --helpshort or --helpfull to see help on "
-                         f"flags.")
+        raise SystemExit(f"error: {error} (--helpshort or --helpfull lists the flags)")
     except (AttributeError, KeyError) as error:  # config_flags: an override of a key the config does not have
         unknown = _unknown_override(error, argv)
         if unknown is None:

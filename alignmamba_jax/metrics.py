@@ -42,7 +42,11 @@ def _multiclass_acc(y_pred, y_true):
 def regression_metrics(preds, labels) -> dict:
     """MMSA metrics for sentiment in [-3, 3]: Has0_* treat label >= 0 as positive; Non0_* drop samples whose
     label is exactly 0 and treat > 0 as positive; F1 is weighted; Mult_acc_k rounds after clipping to
-    [-2, 2] (k = 5) or [-3, 3] (k = 7); Corr is Pearson's r (nan for constant inputs, as MMSA)."""
+    [-2, 2] (k = 5) or [-3, 3] (k = 7); Corr is Pearson's r (nan for constant inputs, as MMSA).
+
+    preds, labels: array-likes of the same non-empty size (flattened), e.g. (N,). Returns {key: float rounded to
+    4 decimals} for the keys of `REGRESSION_KEYS`; Non0_* are nan where every label is 0. Unequal or empty sizes
+    raise ValueError."""
     p = np.asarray(preds, np.float64).reshape(-1)
     y = np.asarray(labels, np.float64).reshape(-1)
     if p.shape != y.shape or p.size == 0:
@@ -66,7 +70,10 @@ def regression_metrics(preds, labels) -> dict:
 
 def classification_metrics(preds, labels, num_classes=None) -> dict:
     """accuracy, macro_F1 (mean per-class F1 over all `num_classes` classes, or the classes seen in either
-    array), weighted_F1 (scikit-learn's weighted average). `preds`: class indices (N,) or logits (N, C)."""
+    array), weighted_F1 (scikit-learn's weighted average).
+
+    preds: class indices (N,) or logits (N, C); labels: class indices (N,). Returns {key: float} for the keys of
+    `CLASSIFICATION_KEYS`."""
     p = np.asarray(preds)
     if p.ndim == 2:
         num_classes = num_classes or p.shape[1]

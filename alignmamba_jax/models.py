@@ -28,10 +28,10 @@ from typing import Dict, Sequence, Tuple, Union
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 from alignmamba_jax.align import cosine_cost, mmd, ot_align, segment_mean_resample, sinkhorn, time_contrastive_loss
+from alignmamba_jax.config import ALIGNMENT_OPTIONS, default_model_config  # noqa: F401  (models' API)
 from alignmamba_jax.errors import UserError
 from alignmamba_jax.kernels.validation import BACKENDS as SCAN_BACKENDS
 from alignmamba_jax.modules import MambaStack, ModalityAwareMambaLayer
@@ -39,69 +39,12 @@ from alignmamba_jax.modules import MambaStack, ModalityAwareMambaLayer
 MODEL_NAMES = ("alignmamba", "alignmamba2", "transformer_single", "transformer_multi")
 FUSIONS = ("interleave", "single_stream", "multi_stream")
 POOLINGS = ("mean", "last")
-# Our local-alignment options (see default_model_config); their defaults are the paper's rule.
-ALIGNMENT_OPTIONS = ("ot_centred", "ot_match_dim", "ot_contrastive", "ot_time_prior", "ot_barycentric")
 TASKS = ("regression", "classification")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 ATTENTION_IMPLS = ("xla", "cudnn")
 # Model config keys that are not part of the built model: the model's name, what create_model resolves into
 # ModelSpec.modalities / anchor, and the trainer's loss weight.
 _NOT_IN_SPEC = ("name", "drop_modalities", "align_weight")
-
-
-def default_model_config() -> ml_collections.ConfigDict:
-    """Every model key with its default. Values the papers do not state are our choices (marked 'ours')."""
-    c = ml_collections.ConfigDict()
-    c.name = "alignmamba"            # one of MODEL_NAMES
-    c.d_model = 128                  # common width after the per-modality linear projections (ours)
-    c.n_layers = 2                   # Mamba blocks / AlignMamba-2 layers / Transformer layers (ours)
-    c.d_state = 16                   # mamba-ssm default
-    c.d_conv = 4                     # mamba-ssm default
-    c.expand = 2                     # mamba-ssm default
-    c.dt_rank = "auto"               # ceil(d_model / 16), mamba-ssm default
-    c.scan_backend = "auto"          # alignmamba_jax.kernels.selective_scan backend
-    c.dtype = "float32"              # compute dtype of the big matmuls: "float32" | "bfloat16"
-    c.dropout = 0.1                  # (ours)
-    c.pooling = "mean"               # "mean" over valid tokens | "last" valid token (ours)
-    c.use_local_alignment = True     # False: "w/o local" -> segment-mean resampling to the anchor length
-    c.use_global_alignment = True    # False: "w/o global" -> no MMD term
-    c.fusion = "interleave"          # "interleave" | "single_stream" | "multi_stream" (AlignMamba only)
-    c.drop_modalities = ()           # e.g. ("audio",) for "w/o audio"
-    # Gaussian kernel bandwidths, kernels averaged; (s,) for a single sigma (ours). A single sigma = 1 saturates
-    # (kernel ~ 0 between sets, no gradient) once the projected tokens spread beyond unit distance.
-    c.mmd_sigma = (1.0, 2.0, 4.0, 8.0, 16.0)
-    # Local-alignment options (ours). The inference plan is the paper's hard argmin plan whatever they are; the
-    # defaults are the paper exactly. With the paper's cost the argmin gets no gradient and, on the synthetic
-    # default, the plan stays at chance against the true word spans; what fixed it there (configs/synthetic.py)
-    # is a learned matching cost trained by ot_contrastive, centred, plus ot_time_prior. ot_barycentric did not
-    # help there; see benchmarks/RESULTS.md ("Ablation").
-    c.ot_centred = False             # True: cost on per-sequence mask-aware mean-centred features (against the
-                                     # shared-offset "hub collapse" of un-centred cosines)
-    c.ot_match_dim = 0               # > 0: the OT cost compares separate learned linear "matching" projections
-                                     # of the raw features (width ot_match_dim), as attention's queries / keys;
-                                     # 0: the cost compares the projected tokens themselves (paper)
-    c.ot_time_prior = 0.0            # > 0: add ot_time_prior * |relative time of frame - of token| to the cost
-                                     # (a temporal prior the content cost refines); 0: cosine cost only (paper)
-    c.ot_contrastive = 0.0           # > 0: add ot_contrastive * time_contrastive_loss of the OT cost's features
-                                     # (matching keys if ot_match_dim, else projected tokens; centred if ot_centred)
-                                     # to align_loss, training only: InfoNCE with relative-time soft targets, the
-                                     # signal that teaches the cost which token matches which; 0: off (paper)
-    c.ot_contrastive_tau = 1.0       # its cosine temperature
-    c.ot_contrastive_sigma = 0.1     # its target width in relative time (fraction of the sequence)
-    c.ot_barycentric = False         # True: aligned token = mean of its assigned frames, not M^T X (1/T_s-scaled)
-    c.align_weight = 0.1             # lambda in L = L_task + lambda * align_loss; used by the trainer (ours)
-    c.return_plans = False           # also return the OT plans (for plot_ot_plan); else no plan is built
-    # AlignMamba-2
-    c.moe_num_shared_experts = 1     # modality-shared experts per layer (ours)
-    c.moe_hidden_mult = 2            # expert MLP width = moe_hidden_mult * d_model (ours)
-    c.sinkhorn_epsilon = 0.1         # entropic regularisation of the training-only OT distance (ours)
-    c.sinkhorn_iters = 50
-    # Transformer baselines
-    c.n_heads = 4
-    c.mlp_mult = 4
-    c.attention_impl = "xla"         # "xla": Flax's attention (logits materialised, the papers' kind of baseline);
-                                     # "cudnn": cuDNN's fused flash attention, GPU only (see fused_attention)
-    return c
 
 
 @dataclasses.dataclass(frozen=True)

@@ -80,6 +80,13 @@ class MambaMixer(nn.Module):
     y = selective_scan(x, dt, -exp(A_log), B, C, D, z, softplus) -> out_proj.
     `dtype` is the compute dtype of the large projections; A_log, D and dt_proj (kernel and bias) are float32.
     `out_proj_init_scale` implements mamba-ssm's prenorm-residual rescaling (1/sqrt(n_layers)) for stacks.
+
+    Fields as mamba-ssm's: d_state (the scan's state size), d_conv (the causal convolution's width), expand
+    (d_inner = expand * d_model), dt_rank ("auto": ceil(d_model / 16)); dt_min, dt_max, dt_init ("random" or
+    "constant"), dt_scale and dt_init_floor initialise dt_proj; conv_bias and bias (in_proj and out_proj) switch
+    biases on; scan_backend is the `selective_scan` backend. Call: `(x, mask=None)`, x (batch, length, d_model),
+    mask bool (batch, length) or None; masked tokens are identity steps of the scan and never reach valid
+    outputs. Returns (batch, length, d_model) in `dtype`.
     """
     d_model: int
     d_state: int = 16

@@ -1,6 +1,6 @@
 """Stopping a run cleanly on SIGTERM (how preemptible TPU VMs and SLURM announce the end) or SIGINT (Ctrl-C).
 
-`StopSignals` is used around the training loop; the loop asks `stop_requested(step)` after every step and, when
+`StopSignals` is used around the training loop and the final evaluation; the loop asks `stop_requested(step)` after every step and, when
 it says yes, saves a checkpoint of that step and raises `Preempted`, which `main.py` reports in one line with
 exit status 128 + the signal number. A second signal restores the default handling and so stops at once.
 
@@ -22,17 +22,24 @@ SIGNALS = (signal.SIGTERM, signal.SIGINT)
 class Preempted(Exception):
     """The run stopped on a signal after saving a checkpoint; rerunning the same command resumes it."""
 
-    def __init__(self, signum: int, checkpoint: str):
-        super().__init__(f"stopped by {signal.Signals(signum).name}; saved checkpoint {checkpoint}: rerun the same "
-                         f"command to resume")
+    def __init__(self, signum: int, checkpoint: str, during: str = ""):
+        name = signal.Signals(signum).name
+        if during:   # training is over and checkpointed: the rerun only evaluates
+            message = (f"stopped by {name} during {during}; training is complete (last checkpoint {checkpoint}): "
+                       f"rerun the same command to evaluate")
+        else:
+            message = f"stopped by {name}; saved checkpoint {checkpoint}: rerun the same command to resume"
+        super().__init__(message)
         self.signum = signum
 
 
 class StopSignals:
     """Context manager: installs the handlers on entry (main thread only), restores the previous ones on exit."""
 
-    def __init__(self):
+    def __init__(self, stopping: str = "after the current step and saving a checkpoint (send it again to stop at "
+                                       "once, without saving)"):
         self.signum = None
+        self._stopping = stopping
         self._previous = {}
 
     def _on_signal(self, signum, frame):
@@ -41,8 +48,7 @@ class StopSignals:
             signal.raise_signal(signum)
             return
         self.signum = signum
-        print(f"\n{signal.Signals(signum).name}: stopping after the current step and saving a checkpoint "
-              f"(send it again to stop at once, without saving)", flush=True)
+        print(f"\n{signal.Signals(signum).name}: stopping {self._stopping}", flush=True)
         if self._multi:
             signal.raise_signal(signal.SIGTERM)  # JAX's handler: the processes agree on the step
 

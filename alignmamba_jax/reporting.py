@@ -52,7 +52,7 @@ class MetricWriter:
         self._tb.flush()
 
     def _flush(self) -> None:
-        write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in self.records))
+        write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in self.records), make_parent=False)
 
     def close(self) -> None:
         if self._tb is not None:

@@ -11,10 +11,13 @@ Target names are the accelerator names users type: TPU `<generation>-<N>` (N chi
 for the megacore v4 / v5p, i.e. 2 per chip, as Cloud TPU names them), GPU `<model>x<N>` (8 GPUs a host). The
 figures (HBM, bandwidth, peak bf16 FLOP/s, SMs) are the vendors' published ones.
 """
+import contextlib
 import dataclasses
 import math
 import os
 import re
+import sys
+import tempfile
 from typing import Optional
 
 GIB = 2 ** 30
@@ -81,6 +84,30 @@ TPU_SPECS = {
     "v5e": (16, 8.19e11, 197e12, False, 2),
     "v5p": (95, 2.765e12, 459e12, True, 3),
     "v6e": (32, 1.64e12, 918e12, False, 2),
+}
+
+
+MIB = 2 ** 20
+# TPU generation -> figures of one TensorCore, for the static bounds of compiled kernels
+# (`benchmarks/kernel_report.py`):
+#   clock_hz: the TensorCore clock: the published peak bf16 FLOP/s over the MXUs' multiply-adds per clock
+#     (v4: 275e12 / (2 cores x 4 MXUs x 128 x 128 x 2); v5e: 197e12 / (4 x 128 x 128 x 2); v5p: 459e12 /
+#     (2 x 4 x 128 x 128 x 2)); Google publishes no v6e clock: 1.75 GHz is assumed (918e12 over 2 MXUs of
+#     256 x 256 would need 3.5 GHz);
+#   cores: TensorCores a device drives (megacore v4 / v5p: 2, a kernel's parallel grid axes split over them);
+#   eup_per_clock: exponentials per clock per core, one (8, 128) float32 vreg (libtpu's per-bundle capacity: one
+#     EUP slot);
+#   vmem_bytes: VMEM per core (jax's `pltpu.get_tpu_info`); default_vmem_limit_bytes: the scoped VMEM limit
+#     XLA:TPU gives a kernel that sets none (libtpu's optimized HLO: 16 MiB, 32 MiB on v6e).
+TPU_CORE = {
+    "v4": {"clock_hz": 1.05e9, "cores": 2, "eup_per_clock": 1024, "vmem_bytes": 16 * MIB,
+           "default_vmem_limit_bytes": 16 * MIB},
+    "v5e": {"clock_hz": 1.5e9, "cores": 1, "eup_per_clock": 1024, "vmem_bytes": 128 * MIB,
+            "default_vmem_limit_bytes": 16 * MIB},
+    "v5p": {"clock_hz": 1.75e9, "cores": 2, "eup_per_clock": 1024, "vmem_bytes": 64 * MIB,
+            "default_vmem_limit_bytes": 16 * MIB},
+    "v6e": {"clock_hz": 1.75e9, "cores": 1, "eup_per_clock": 1024, "vmem_bytes": 128 * MIB,
+            "default_vmem_limit_bytes": 32 * MIB},
 }
 
 
@@ -158,15 +185,23 @@ def prepare_compile_host() -> None:
     os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
 
 
+def installed(module: str) -> bool:
+    """Whether `module` (dotted) can be imported, without importing it; False, not ModuleNotFoundError, when a
+    parent package is absent (`find_spec("jax_plugins.xla_cuda13")` raises without `jax_plugins`)."""
+    import importlib.util
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
+
+
 def missing_toolchain(platform: str) -> Optional[str]:
     """Why this machine cannot compile for `platform` ("tpu" / "cuda"), or None if it can."""
-    import importlib.util
     if platform == "tpu":
-        if importlib.util.find_spec("libtpu") is None:
+        if not installed("libtpu"):
             return 'libtpu is not installed (pip install -e ".[aot]")'
         return None
-    if importlib.util.find_spec("jax_plugins.xla_cuda13") is None and \
-            importlib.util.find_spec("jax_plugins.xla_cuda12") is None:
+    if not installed("jax_plugins.xla_cuda13") and not installed("jax_plugins.xla_cuda12"):
         return 'the CUDA plugin is not installed (pip install -e ".[aot]")'
     if ptxas_path() is None:
         return 'ptxas is not installed (pip install -e ".[aot]" brings nvidia-cuda-nvcc)'
@@ -185,6 +220,26 @@ def ptxas_path() -> Optional[str]:
     return shutil.which("ptxas")
 
 
+@contextlib.contextmanager
+def _stderr_only_on_failure():
+    """Holds back what native code writes to file descriptor 2 in the block; lets it through if the block
+    raises."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            os.dup2(saved, 2)
+            held.seek(0)
+            os.write(2, held.read())
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
 def target_devices(target: Target) -> list:
     """The target's compile-only devices (importing jax: call `prepare_compile_host` first)."""
     from jax.experimental import topologies
@@ -193,9 +248,13 @@ def target_devices(target: Target) -> list:
     if reason:
         raise UserError(f"cannot compile for {target.name}: {reason}")
     if target.platform == "tpu":
-        topology = topologies.get_topology_desc(
-            platform="tpu", topology_name=target.topology, chip_config_name=target.chip_config,
-            chips_per_host_bounds=(2, 2, 1), num_slices=1)
+        # a host holds a 2x2(x1) block of chips, or the whole slice where it is smaller
+        dims = [int(x) for x in target.topology.split(":")[1].split("x")] + [1]
+        bounds = (min(dims[0], 2), min(dims[1], 2), 1)
+        with _stderr_only_on_failure():   # libtpu looks for a TPU VM's metadata and says at length it is none
+            topology = topologies.get_topology_desc(
+                platform="tpu", topology_name=target.topology, chip_config_name=target.chip_config,
+                chips_per_host_bounds=bounds, num_slices=1)
     else:
         topology = topologies.get_topology_desc(platform="cuda", topology_name="", topology=target.topology,
                                                 target_config=gpu_target_config(target.gpu))

@@ -1,4 +1,4 @@
-"""The training loop: configuration defaults, optimiser, sharded jit steps, checkpoints and evaluation.
+"""The training loop: optimiser, sharded jit steps, checkpoints and evaluation.
 
 One mesh with axes ("data", "fsdp") is declared in `create_mesh`; the batch is split over both axes and
 parameters (and optimiser moments) larger than `train.fsdp_min_size` are split over "fsdp". With fsdp=1 this
@@ -13,9 +13,7 @@ RESUMABLE_KEYS` (train.steps, cadences, data paths, ...); see `alignmamba_jax.ch
 can get wrong (config, data, workdir) is checked before compilation and raised as a `UserError`.
 """
 import contextlib
-import copy
 import functools
-import importlib.util
 import json
 import os
 import time
@@ -31,8 +29,11 @@ from flax.training import train_state as train_state_lib
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from alignmamba_jax import checkpoints
+# apply_model_variant, default_config, sibling_config and MODEL_VARIANTS stay reachable as train.* for config
+# files written before alignmamba_jax.config held them.
+from alignmamba_jax.config import (MODEL_VARIANTS, apply_model_variant, check_config, default_config,  # noqa: F401
+                                   resolve_selection, sibling_config, validate_config)
 from alignmamba_jax import data as data_lib
-from alignmamba_jax.data import synthetic as synthetic_data
 from alignmamba_jax import input_pipeline, metrics as metrics_lib, models, preemption, reporting
 from alignmamba_jax import workdir as workdir_lib
 from alignmamba_jax.errors import UserError
@@ -40,154 +41,8 @@ from alignmamba_jax.errors import UserError
 NO_DECAY_LEAVES = ("A_log", "D", "bias", "scale")
 
 
-# the validation metric and mode that pick the best checkpoint when eval.select_metric / select_mode are ""
-TASK_SELECTION = {"regression": ("MAE", "min"), "classification": ("accuracy", "max")}
-TASK_METRICS = {"regression": metrics_lib.REGRESSION_KEYS, "classification": metrics_lib.CLASSIFICATION_KEYS}
-MINIMISED_METRICS = ("MAE",)
-
-
 class NonFiniteLossError(FloatingPointError):
     """The training loss (or the model's output) became NaN or Inf; the last good checkpoint is kept."""
-
-
-def default_train_config() -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict(dict(
-        batch_size=32,            # global, over all devices and processes
-        steps=1000,
-        learning_rate=1e-3,
-        warmup_steps=100,
-        end_learning_rate_factor=0.01,
-        weight_decay=0.01,
-        b1=0.9,
-        b2=0.999,
-        grad_clip_norm=1.0,
-        log_every=50,
-        eval_every=200,           # validation (and best-checkpoint selection) every this many steps
-        checkpoint_every=200,
-        keep_checkpoints=2,
-        allow_config_change=False,  # True: resume a workdir whose checkpoints had another config (logged)
-        fsdp=1,                   # size of the mesh's "fsdp" axis; the "data" axis takes the other devices
-        fsdp_min_size=2 ** 14,    # parameters with fewer elements stay replicated
-    ))
-
-
-def default_eval_config() -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict(dict(
-        batch_size=64,
-        select_metric="",         # validation metric that picks the best checkpoint; "": the task's
-        select_mode="",           # (MAE, min for regression as MMSA; accuracy, max for classification)
-        missing_rates=(),         # e.g. (0.1, ..., 0.7): sweep missing-modality protocols on test
-        missing_protocols=("random_tokens", "imder", "per_sample"),
-        missing_metrics=("Non0_acc_2", "Non0_F1_score"),
-        missing_seed=0,
-    ))
-
-
-def default_data_config() -> ml_collections.ConfigDict:
-    """The keys `alignmamba_jax.data.load_splits` reads; the synthetic sentiment task by default."""
-    return ml_collections.ConfigDict(dict(
-        name="synthetic",         # synthetic | mmsa | mult | tfds | features_npz
-        path="",                  # file or directory of the real data (unused for synthetic)
-        tfds_name="mosi",         # for name="tfds": mosi | mosei (data_dir = path)
-        tfds_config="unaligned",  # for name="tfds": unaligned | aligned
-        cache_dir="",             # for name="mmsa": convert the pickle once to memory-mapped .npy files here
-        modalities=("text", "audio", "vision"),
-        anchor="text",            # the modality the others are aligned to
-        task="regression",        # regression (sentiment in [-3, 3]) | classification
-        num_classes=1,
-        synthetic=synthetic_data.default_config(),
-    ))
-
-
-def default_config() -> ml_collections.ConfigDict:
-    """Every key a run may set; configs/*.py start here and override."""
-    return ml_collections.ConfigDict(dict(
-        seed=0,
-        data=default_data_config(),
-        model=models.default_model_config(),
-        train=default_train_config(),
-        eval=default_eval_config(),
-    ))
-
-
-MODEL_VARIANTS = {
-    # Paper Table 3: config parameter string -> model overrides (e.g. `configs/mosi.py:wo_local`).
-    "full": {},
-    "wo_local": {"use_local_alignment": False},
-    "wo_global": {"use_global_alignment": False},
-    "single_stream": {"fusion": "single_stream", "use_local_alignment": False},
-    "multi_stream": {"fusion": "multi_stream", "use_local_alignment": False},
-    "wo_audio": {"drop_modalities": ("audio",)},
-    "wo_video": {"drop_modalities": ("vision",)},
-    "wo_language": {"drop_modalities": ("text",)},
-    # the config's model with every alignment option of ours reset to the paper's rule
-    "paper_ot": {k: models.default_model_config()[k] for k in models.ALIGNMENT_OPTIONS},
-}
-
-
-def apply_model_variant(config: ml_collections.ConfigDict, variant: str) -> ml_collections.ConfigDict:
-    if variant not in MODEL_VARIANTS:
-        raise UserError(f"unknown config variant {variant!r}; expected one of {sorted(MODEL_VARIANTS)}")
-    config.model.update(MODEL_VARIANTS[variant])
-    return config
-
-
-def sibling_config(config_file: str, name: str, variant: str = "full") -> ml_collections.ConfigDict:
-    """`get_config(variant)` of configs file `name` beside `config_file` (configs/ is not a package)."""
-    path = os.path.join(os.path.dirname(os.path.abspath(config_file)), name)
-    spec = importlib.util.spec_from_file_location(f"config_{os.path.splitext(name)[0]}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(variant)
-
-
-def check_config(config: ml_collections.ConfigDict) -> None:
-    """Rejects keys that no part of the code reads (a typo would otherwise be silently ignored)."""
-    def walk(given, reference, prefix):
-        for key in given.keys():
-            name = f"{prefix}{key}"
-            if key not in reference:
-                raise UserError(f"unknown config key {name!r}; expected one of {sorted(reference.keys())}")
-            if isinstance(reference[key], ml_collections.ConfigDict) and isinstance(
-                    given[key], ml_collections.ConfigDict):
-                walk(given[key], reference[key], name + ".")
-    walk(config, default_config(), "")
-
-
-def resolve_selection(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """A copy of `config` with eval.select_metric / select_mode set (the task's defaults where ""); a UserError
-    for a metric the task does not produce or a mode other than min / max, before anything is compiled."""
-    config = copy.deepcopy(config)
-    task = config.data.task
-    if task not in TASK_SELECTION:
-        raise UserError(f"data.task={task!r}: expected one of {sorted(TASK_SELECTION)}")
-    metric = config.eval.select_metric or TASK_SELECTION[task][0]
-    if metric not in TASK_METRICS[task]:
-        raise UserError(f"eval.select_metric={metric!r} is not a metric of data.task={task!r}; expected one of "
-                        f"{list(TASK_METRICS[task])}")
-    mode = config.eval.select_mode or ("min" if metric in MINIMISED_METRICS else "max")
-    if mode not in ("min", "max"):
-        raise UserError(f"eval.select_mode={mode!r}: expected 'min' or 'max' (or '' for the metric's own)")
-    config.eval.select_metric, config.eval.select_mode = metric, mode
-    return config
-
-
-def validate_config(config: ml_collections.ConfigDict) -> None:
-    """Config values that cannot define a run, refused before the workdir or the data is touched."""
-    positive = ("train.batch_size", "train.log_every", "train.eval_every", "train.checkpoint_every",
-                "train.keep_checkpoints", "eval.batch_size")
-    for key in positive:
-        section, name = key.split(".")
-        value = config[section][name]
-        if not isinstance(value, int) or value < 1:
-            raise UserError(f"{key}={value!r}: expected an integer of at least 1")
-    for key, value in (("train.steps", config.train.steps), ("seed", config.seed)):
-        if not isinstance(value, int) or value < 0:
-            raise UserError(f"{key}={value!r}: expected an integer of at least 0")
-    outside = [r for r in config.eval.missing_rates if not 0.0 <= float(r) <= 1.0]
-    if outside:
-        raise UserError(f"eval.missing_rates={tuple(config.eval.missing_rates)}: rates must lie in [0, 1], found "
-                        f"{outside}")
 
 
 def multihost_requested(coordinator_address, num_processes, process_id) -> bool:
@@ -255,19 +110,33 @@ def create_optimizer(train_config) -> optax.GradientTransformation:
                     weight_decay=train_config.weight_decay, mask=weight_decay_mask))
 
 
-def create_model_for_data(config, splits):
+def data_shapes(config, splits) -> dict:
+    """{modality: (length, width)} of the training split."""
+    return {m: tuple(splits["train"][m].shape[1:]) for m in config.data.modalities}
+
+
+def create_model(config, shapes):
+    """The configured model for inputs of `shapes` ({modality: (length, width)}; `aot.py` passes them without
+    data)."""
     modalities = tuple(config.data.modalities)
-    input_dims = {m: int(splits["train"][m].shape[-1]) for m in modalities}
     return models.create_model(config.model, modalities=modalities, anchor=config.data.anchor,
-                               input_dims=input_dims, task=config.data.task,
+                               input_dims={m: int(shapes[m][1]) for m in modalities}, task=config.data.task,
                                num_classes=config.data.num_classes)
 
 
-def example_inputs(config, splits):
-    split = splits["train"]
-    features = {m: jnp.zeros((2,) + split[m].shape[1:], jnp.float32) for m in config.data.modalities}
-    masks = {m: jnp.ones((2, split[m].shape[1]), bool) for m in config.data.modalities}
+def create_model_for_data(config, splits):
+    return create_model(config, data_shapes(config, splits))
+
+
+def shaped_example_inputs(config, shapes):
+    """(features, masks) of two all-valid examples of `shapes`: what initialising the parameters traces."""
+    features = {m: jnp.zeros((2,) + tuple(shapes[m]), jnp.float32) for m in config.data.modalities}
+    masks = {m: jnp.ones((2, shapes[m][0]), bool) for m in config.data.modalities}
     return features, masks
+
+
+def example_inputs(config, splits):
+    return shaped_example_inputs(config, data_shapes(config, splits))
 
 
 def abstract_train_state(config, model, features, masks, mesh):
@@ -398,6 +267,12 @@ def validate_run(config, splits) -> None:
         if value % n:
             raise UserError(f"{key}={value} must be divisible by the number of devices ({n})")
     input_pipeline.steps_per_epoch(input_pipeline.split_size(splits["train"]), config.train.batch_size)
+    if config.model.scan_backend == "cpu_ffi":
+        from alignmamba_jax.kernels import cpu_ffi
+        ok, reason = cpu_ffi.available()
+        if not ok:
+            raise UserError(f"model.scan_backend='cpu_ffi' is unavailable here: {reason}; use 'chunked', or 'auto' "
+                            f"(which falls back to it)")
     if config.eval.missing_rates:
         unknown = set(config.eval.missing_protocols) - set(data_lib.missing.PROTOCOLS)
         if unknown:
@@ -421,18 +296,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     config = resolve_selection(config)
     validate_config(config)
     workdir = workdir_lib.check_workdir(workdir)
-    created = workdir_lib.is_local(workdir) and not os.path.exists(workdir)
     try:
-        with workdir_lib.WorkdirLock(workdir):
-            return _train_and_evaluate(config, workdir)
+        with workdir_lib.WorkdirLock(workdir) as lock:
+            return _train_and_evaluate(config, workdir, lock)
     except Exception as error:
         if workdir_lib.disk_full_in(error):
             raise UserError(f"disk full while writing to workdir {workdir}; every checkpoint written before is "
                             f"intact: free some space and rerun the same command to resume") from None
+        if isinstance(error, FileNotFoundError) and workdir_lib.is_local(workdir) and not os.path.isdir(workdir):
+            raise workdir_lib.removed_error(workdir) from None   # removed between the last check and a write
         raise
-    finally:
-        if created:
-            workdir_lib.remove_if_unused(workdir)
 
 
 def restore_or_skip(manager, abstract_state, workdir, problem, changes, is_chief):
@@ -450,7 +323,7 @@ def restore_or_skip(manager, abstract_state, workdir, problem, changes, is_chief
     return found
 
 
-def _train_and_evaluate(config, workdir):
+def _train_and_evaluate(config, workdir, lock):
     is_chief = jax.process_index() == 0
     fingerprint = checkpoints.run_fingerprint(config)
     config_changes = checkpoints.check_fingerprint(workdir, fingerprint,
@@ -492,7 +365,8 @@ def _train_and_evaluate(config, workdir):
               f"evaluating its best checkpoint")
 
     step_fn = jit_train_step(config, mesh, state_shardings)
-    pending = []
+    pending = []   # (step, metrics on device) not yet fetched
+    window = []    # fetched metrics of the steps since the last logged line: its means
     last_good = latest.latest_step()
 
     def stop_non_finite(what):
@@ -501,13 +375,15 @@ def _train_and_evaluate(config, workdir):
             f"{'none' if last_good is None else f'step {last_good}'} in {latest.directory}")
 
     def drain():
-        """Fetches the metrics of the steps since the last drain; stops the run on a non-finite loss."""
+        """Fetches the metrics of the steps since the last drain into `window`; stops the run on a non-finite
+        loss. Also stops if the workdir was removed: every drain precedes a write into it."""
         fetched = jax.device_get([m for _, m in pending])
+        lock.check()
         for (s, _), m in zip(pending, fetched):
             if not np.isfinite(m["loss"]):
                 stop_non_finite(f"loss is {float(m['loss'])} at step {s}")
         pending.clear()
-        return fetched
+        window.extend(fetched)
 
     def save_checked(manager, done, meta):
         """Saves only a state whose outputs are finite: the next run resumes from a finite state."""
@@ -534,9 +410,10 @@ def _train_and_evaluate(config, workdir):
             if progress is not None:
                 progress.update(1)
             if done % tc.log_every == 0 or done == tc.steps or stopping:
-                fetched = drain()
+                drain()
                 elapsed = time.perf_counter() - window_start
-                scalars = {f"train/{k}": float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+                scalars = {f"train/{k}": float(np.mean([m[k] for m in window])) for k in window[0]}
+                window.clear()
                 scalars["train/samples_per_second"] = window_steps * tc.batch_size / elapsed
                 writer.write(done, scalars)
                 if progress is not None:
@@ -568,15 +445,26 @@ def _train_and_evaluate(config, workdir):
     best.wait_until_finished()
 
     final_step = int(state.step)
-    if best.latest_step() is not None:
-        state, _ = checkpoints.restore(best, best.latest_step(), abstract_state)
-    results = {"best_step": int(state.step), "final_step": final_step}
-    for name in ("valid", "test"):
-        results[name] = evaluator.evaluate(state.params, splits[name])
-    if config.eval.missing_rates:
-        results["missing"] = missing_sweep(config, evaluator, state.params, splits["test"])
-    if is_chief:
-        write_outputs(workdir, results, config)
+    after_training = "after this evaluation pass: training is complete and saved (send it again to stop at once)"
+    with preemption.StopSignals(stopping=after_training) as signals:
+        def stop_if_signalled():
+            if signals.signum is not None:
+                writer.close()
+                raise preemption.Preempted(signals.signum, f"{latest.directory}/{latest.latest_step()}",
+                                           during="the final evaluation")
+
+        if best.latest_step() is not None:
+            state, _ = checkpoints.restore(best, best.latest_step(), abstract_state)
+        results = {"best_step": int(state.step), "final_step": final_step}
+        for name in ("valid", "test"):
+            results[name] = evaluator.evaluate(state.params, splits[name])
+            stop_if_signalled()
+        if config.eval.missing_rates:
+            results["missing"] = missing_sweep(config, evaluator, state.params, splits["test"])
+            stop_if_signalled()
+        lock.check()
+        if is_chief:
+            write_outputs(workdir, results, config)
     writer.close()
     return results
 

@@ -1,6 +1,6 @@
-"""Ablation study (the paper's Table 3) on the synthetic default: every row trained with several seeds.
+"""Ablation (the paper's Table 3): test metrics of AlignMamba and its ablated variants over seeds, synthetic data.
 
-Rows (model overrides from `alignmamba_jax.train.MODEL_VARIANTS`):
+Rows (model overrides from `alignmamba_jax.config.MODEL_VARIANTS`):
   full            OT local alignment + MMD global alignment + time-major interleave (as configured: on the
                   synthetic default, the OT cost is learned with the temporal contrastive loss)
   full, paper OT rule   the same with every alignment option of ours off (variant paper_ot)
@@ -15,12 +15,11 @@ Markdown table, a JSON file (per-seed values included) and a bar plot.
     python benchmarks/ablation.py --seeds 0 1 2 --json benchmarks/results/ablation.json \
         --markdown benchmarks/results/ablation.md --plot benchmarks/figures/ablation.png
 """
-import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import study  # noqa: E402
+import common
+import study
 
 ROWS = (  # (label, variant of configs/synthetic.py)
     ("full", "full"),
@@ -73,13 +72,13 @@ def full_vs_alignment(summary, metrics):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = common.parser(__doc__)
     study.add_common_args(p, default_root=os.path.join(study.REPO, "runs", "bench", "synthetic"))
     p.add_argument("--config", default="configs/synthetic.py")
     p.add_argument("--rows", nargs="+", default=[label for label, _ in ROWS],
                    help="subset of row labels, e.g. 'full' 'w/o local'")
     p.add_argument("--metrics", nargs="+", default=list(study.DEFAULT_METRICS))
-    p.add_argument("--json", required=True)
+    common.add_json(p, required=True)
     p.add_argument("--markdown", default=None)
     p.add_argument("--plot", default=None)
     args = p.parse_args(argv)

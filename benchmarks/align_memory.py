@@ -14,12 +14,11 @@ Sinkhorn + MMD), and with `--ott` alignmamba2_ott: AlignMamba-2 whose OT term co
 sinkhorn_iters iterations) instead of `alignmamba_jax.align.sinkhorn`.
 `--ott` also measures the Sinkhorn distance's gradient alone on an (L x L) cosine cost, ours vs ott-jax.
 
-The script imports alignmamba_jax from the repository it lives in, so a copy of it in another checkout (e.g. an
-older commit) measures that code: "before" and "after" rows come from two runs.
+It measures the installed alignmamba_jax: "before" and "after" rows come from two runs, the "before" one in an
+environment where the older checkout is installed (`pip install -e <checkout>`).
 
     python benchmarks/align_memory.py --lengths 2176 --ott --json benchmarks/results/align_memory.json
 """
-import argparse
 import functools
 import json
 import os
@@ -31,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import common
 
 MODELS = ("alignmamba", "alignmamba_shipped", "alignmamba2")
 INPUT_DIMS = {"text": 768, "audio": 5, "vision": 20}
@@ -149,17 +148,19 @@ def measure(jobs, args):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--lengths", type=int, nargs="+", default=[2176])
+    p = common.parser(__doc__)
+    common.add_lengths(p, [2176], help="language lengths L")
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     p.add_argument("--ott", action="store_true", help="also AlignMamba-2 and the Sinkhorn gradient via ott-jax")
     p.add_argument("--d_model", type=int, default=64)
     p.add_argument("--n_layers", type=int, default=2)
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--repeats", type=int, default=3)
+    common.add_repeats(p, 3)
     p.add_argument("--max_run_bytes", type=float, default=4 * 2 ** 30, help="compile only above this")
-    p.add_argument("--json", required=True)
+    common.add_json(p, required=True)
+    common.add_device(p)
     args = p.parse_args(argv)
+    common.select_device(args.device)
     print(f"# jax {jax.__version__} on {jax.devices()[0].device_kind} ({platform.machine()}, {os.cpu_count()} cpus); "
           f"d_model={args.d_model} n_layers={args.n_layers} batch={args.batch} repeats={args.repeats}", flush=True)
     jobs = [("step", m, L) for L in args.lengths for m in args.models]

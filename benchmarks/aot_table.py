@@ -1,4 +1,6 @@
-"""RESULTS.md's "Compiled for hardware we do not have" tables, from one command.
+"""Per-device memory, FLOPs and collectives of the training step compiled for TPU slices and GPU nodes.
+
+RESULTS.md's "Compiled for hardware we do not have" tables, from one command.
 
     python benchmarks/aot_table.py --configs configs/mosi.py configs/mosei.py \
         --targets v4-8 v5e-16 v5p-32 v5e-256 h100x8 h200x8 h100x16 --json aot_table.json [--max_batch]
@@ -8,13 +10,14 @@ that fails or does not fit is a row that says so and the others still run. Print
 device memory, the largest batch per device that fits (with --max_batch), FLOPs, the roofline time,
 collective bytes and compile time; and the GPU kernels' registers, spills and shared memory.
 """
-import argparse
 import json
 import os
 import subprocess
 import sys
 import tempfile
 import time
+
+import common
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -76,7 +79,7 @@ def markdown(rows) -> str:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = common.parser(__doc__)
     parser.add_argument("--configs", nargs="+", default=["configs/mosi.py", "configs/mosei.py"])
     parser.add_argument("--targets", nargs="+",
                         default=["v4-8", "v5e-16", "v5p-32", "v5e-256", "h100x8", "h200x8", "h100x16"])
@@ -84,7 +87,7 @@ def main():
     parser.add_argument("--set", action="append", default=[],
                         help="a config override, repeatable: --set=--config.train.fsdp=2 --set=--config.seed=1")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per (config, target)")
-    parser.add_argument("--json", help="write the rows here (rewritten after each row)")
+    common.add_json(parser, help="write the rows here (rewritten after each row)")
     args = parser.parse_args()
     rows = []
     for config in args.configs:

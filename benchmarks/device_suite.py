@@ -1,10 +1,12 @@
-"""The GPU test-and-benchmark suite: one command proves the accelerator path on a fresh GPU machine.
+"""The GPU suite: kernel tests, scan / efficiency / throughput benchmarks and a demo run, on a fresh GPU machine.
 
-    bash benchmarks/device_suite.sh [--dry-run] [--out DIR] [--budget-s S] [--steps a,b,...]
+One command proves the accelerator path.
+
+    bash benchmarks/device_suite.sh [--dry_run] [--out DIR] [--budget_s S] [--steps STEP ...]
     (`make device-suite`; this file takes the same arguments)
 
 Steps, in order, each in its own process group under its own timeout (its budget, cut to what is left of
---budget-s), so that a failure or a hang loses nothing else:
+--budget_s), so that a failure or a hang loses nothing else:
   install           a private virtualenv over this Python's packages (the GPU image's jax, flax, ...) with
                     .whl/*.whl (`make wheels`, pip with no index) and the project from this checkout (as an
                     editable install maps it); tensorflow, tensorflow_datasets, grain and array_record look
@@ -21,10 +23,9 @@ Steps, in order, each in its own process group under its own timeout (its budget
   scan_sweep        scan_bench.py --sweep: the kernels' tunables, in all the time left      -> scan_sweep.json
 All of it goes to --out (default $OUT, else runs/device_suite): at most 8 files, suite.log holding every line
 printed; suite.json, rewritten after every step, holds the environment and each step's status, seconds and file.
---dry-run runs the same steps on the CPU at tiny sizes, the GPU kernels in interpret mode and tests/test_gpu.py
+--dry_run runs the same steps on the CPU at tiny sizes, the GPU kernels in interpret mode and tests/test_gpu.py
 with ALIGNMAMBA_DRY_RUN=1 (tests/test_device_suite.py runs it, so that the suite cannot rot between GPU sessions).
 """
-import argparse
 import glob
 import importlib
 import importlib.metadata
@@ -39,6 +40,8 @@ import tempfile
 import threading
 import time
 from typing import NamedTuple
+
+import common
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SUITE = os.path.abspath(__file__)
@@ -102,18 +105,18 @@ class Step(NamedTuple):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dry-run", action="store_true", help="tiny sizes on the CPU, GPU kernels in interpret mode")
+    p = common.parser(__doc__)
+    p.add_argument("--dry_run", action="store_true", help="tiny sizes on the CPU, GPU kernels in interpret mode")
     p.add_argument("--out", default=None, help="results directory (default: $OUT, else runs/device_suite)")
-    p.add_argument("--budget-s", type=float, default=None,
-                   help=f"the whole suite's time (default {BUDGET_S} s; 1500 s with --dry-run)")
-    p.add_argument("--steps", default=None,
-                   help="comma list of steps to run (default all, in order); e.g. rerun one after a fix")
+    p.add_argument("--budget_s", type=float, default=None,
+                   help=f"the whole suite's time (default {BUDGET_S} s; 1500 s with --dry_run)")
+    p.add_argument("--steps", nargs="+", default=None, metavar="STEP",
+                   help="the steps to run (default all, in order); e.g. rerun one after a fix")
     p.add_argument("--wheels", default=os.path.join(REPO, ".whl"), help="directory of wheels to install")
     args = p.parse_args(argv)
     args.python = sys.executable  # the interpreter whose packages (the GPU image's) the suite runs on
     names = [s.name for s in plan(args, "python", "out", "work")]
-    unknown = sorted(set((args.steps or "").split(",")) - set(names) - {"", "install"})
+    unknown = sorted(set(args.steps or ()) - set(names) - {"install"})
     if unknown:
         p.error(f"--steps: unknown {unknown}; expected some of {names}")
     if args.budget_s is None:
@@ -136,13 +139,13 @@ def plan(args, python, out, work):
     out_file = lambda name: os.path.join(out, name)  # noqa: E731
     bench = lambda script: (python, os.path.join(REPO, "benchmarks", script))  # noqa: E731
     if args.dry_run:
-        device, platforms = ["--device", "cpu", "--kernels-for", "gpu"], "cpu"
+        device, platforms = ["--device", "cpu", "--kernels_for", "gpu"], "cpu"
         scan = ["--batch", "1", "--lengths", "64", "--channels", "128", "--state", "16", "--dtype", "bfloat16",
                 "--warmup", "0"]
         repeats, sweep_repeats = ["--repeats", "1"], ["--repeats", "1"]
         efficiency = ["--lengths", "8", "16", "--d_model", "16", "--n_layers", "1", "--repeats", "1", "--warmup", "0",
                       "--attention_impls", "xla", "cudnn"]
-        throughput = ["--batch_size", "2", "--d_model", "16", "--n_layers", "1", "--rounds", "1", "--steps", "1",
+        throughput = ["--batch_size", "2", "--d_model", "16", "--n_layers", "1", "--repeats", "1", "--steps", "1",
                       "--attention_impls", "xla", "cudnn"]
         demo = ["--config.train.steps=2", "--config.train.eval_every=2", "--config.train.checkpoint_every=2",
                 "--config.train.log_every=1", "--config.train.batch_size=8", "--config.eval.batch_size=8",
@@ -156,7 +159,7 @@ def plan(args, python, out, work):
                 "--warmup", "1"]
         repeats, sweep_repeats = ["--repeats", "5"], ["--repeats", "3"]
         efficiency = ["--lengths", "2176", "4352", "--repeats", "3", "--warmup", "1"]
-        throughput = ["--rounds", "3", "--steps", "3"]
+        throughput = ["--repeats", "3", "--steps", "3"]
         demo = ["--config.train.steps=100"]
         # Expected on an H200 (with install_budget, BUDGET_S in all): compiles dominate (Triton / Mosaic
         # kernels, XLA autotuning); one test at a realistic shape should take well under a minute.
@@ -186,7 +189,7 @@ def plan(args, python, out, work):
               "--workdir", os.path.join(work, "demo"), *demo), "demo_results.json", env),
         Step("scan_sweep", budgets["scan_sweep"],
              bench("scan_bench.py") + tuple(device + scan + sweep_repeats + [
-                 "--sweep", "--sweep-budget-s", str(budgets["scan_sweep"] - SWEEP_MARGIN_S),
+                 "--sweep", "--sweep_budget_s", str(budgets["scan_sweep"] - SWEEP_MARGIN_S),
                  "--json", out_file("scan_sweep.json")]),
              "scan_sweep.json", env),
     ]
@@ -320,15 +323,15 @@ def run_suite(args):
 
     add(run_timed("install", install_budget(args), install_action, deadline, log))
     for step in plan(args, python, out, work):
-        if args.steps and step.name not in args.steps.split(","):
+        if args.steps and step.name not in args.steps:
             continue
 
         def action(timeout, step=step):
             if step.output != "suite.json" and os.path.exists(os.path.join(out, step.output)):
                 os.remove(os.path.join(out, step.output))  # a stale file from an earlier run is no result
             argv = list(step.argv)
-            if "--sweep-budget-s" in argv:  # no new setting in the last SWEEP_MARGIN_S of the step's time
-                argv[argv.index("--sweep-budget-s") + 1] = str(round(timeout - SWEEP_MARGIN_S))
+            if "--sweep_budget_s" in argv:  # no new setting in the last SWEEP_MARGIN_S of the step's time
+                argv[argv.index("--sweep_budget_s") + 1] = str(round(timeout - SWEEP_MARGIN_S))
             env = dict(os.environ, PYTHONUNBUFFERED="1", **dict(step.env))
             rc, _ = run_process(argv, timeout, log, env)
             finish(step, out, work, summary)

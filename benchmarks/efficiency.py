@@ -24,7 +24,6 @@ Audio and video lengths either equal L (`--av_lengths equal`, fused tokens = 3L,
 
     python benchmarks/efficiency.py --lengths 50 100 200 400 800 1600 2176 4352 --json eff.json
 """
-import argparse
 import json
 import math
 import os
@@ -36,8 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import common
 
 MODELS = ("alignmamba", "transformer_single", "transformer_multi")
 MOSI_INPUT_DIMS = {"text": 768, "audio": 5, "vision": 20}
@@ -265,27 +263,28 @@ def summarize(rows, min_tokens=6400):
 
 def main(argv=None):
     from alignmamba_jax.models import ATTENTION_IMPLS
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--lengths", type=int, nargs="+", default=[50, 100, 200, 400, 800, 1088, 1600, 2176, 4352])
+    p = common.parser(__doc__)
+    common.add_lengths(p, [50, 100, 200, 400, 800, 1088, 1600, 2176, 4352], help="language lengths L")
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     p.add_argument("--d_model", type=int, default=64)
     p.add_argument("--n_layers", type=int, default=2)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--scan_backend", default=None, help="override the model config's scan backend")
     p.add_argument("--av_lengths", choices=("equal", "mosi"), default="equal")
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=2)
+    common.add_repeats(p, 5, warmup=2)
     p.add_argument("--attention_impls", nargs="+", default=None, choices=ATTENTION_IMPLS,
                    help="the Transformers' attention implementations, each timed (default: xla and cudnn on a "
                         "GPU, xla elsewhere)")
     p.add_argument("--max_tokens", type=int, default=None,
                    help="skip the Transformers above this many fused tokens (memory guard)")
-    p.add_argument("--doubling_lengths", type=int, nargs="*", default=[],
+    p.add_argument("--doubling_lengths", type=common.positive_ints, nargs="+", default=[], metavar="L",
                    help="AlignMamba and mamba_fusion_only at these lengths, timed in one round-robin loop")
     p.add_argument("--doubling_json", default=None)
-    p.add_argument("--json", required=True)
+    common.add_json(p, required=True, help='write {"rows": [...]} here (rewritten after every length)')
     p.add_argument("--plot_dir", default=None, help="write efficiency_time.png / efficiency_memory.png here")
+    common.add_device(p)
     args = p.parse_args(argv)
+    common.select_device(args.device)
 
     print(f"# jax {jax.__version__} on {jax.devices()[0].device_kind} ({platform.processor() or platform.machine()},"
           f" {os.cpu_count()} cpus); d_model={args.d_model} n_layers={args.n_layers} batch={args.batch} "

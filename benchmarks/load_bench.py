@@ -1,7 +1,7 @@
 """Loading a MOSEI-sized MMSA pickle: wall time and peak resident memory, relative to the file's size.
 
     python benchmarks/load_bench.py --workdir /tmp/load_bench [--train 16326 --valid 64 --test 64]
-        [--modes pickle_load,inmemory,convert,mmap,tfds_build,grain_epoch] [--markdown]
+        [--modes pickle_load inmemory convert mmap tfds_build grain_epoch] [--full_pass]
 
 Writes a MOSEI-shaped unaligned_50.pkl (exact MMSA layout, pickle protocol 4: text 50x768, audio 500x74 with
 -inf entries, vision 500x35, lengths, ids; random content) and measures each mode in a fresh subprocess:
@@ -29,6 +29,8 @@ import sys
 import time
 
 import numpy as np
+
+import common
 
 MODES = ("pickle_load", "inmemory", "convert", "mmap", "tfds_build", "grain_epoch")
 
@@ -107,33 +109,34 @@ def _run_child(mode, path, workdir, full_pass):
 
 
 def _baseline_rss():
-    out = subprocess.run([sys.executable, "-c", "import numpy, psutil, alignmamba_jax.data, sys;"
-                          f"sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r});"
-                          "import load_bench; print(load_bench._peak_rss())"],
-                         check=True, capture_output=True, text=True)
+    """Peak RSS of a fresh process of this script that imports what every mode imports, and loads nothing."""
+    out = subprocess.run([sys.executable, __file__, "--baseline"], check=True, capture_output=True, text=True)
     return int(out.stdout.strip())
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = common.parser(__doc__)
     parser.add_argument("--workdir", default="/tmp/alignmamba_load_bench")
     parser.add_argument("--train", type=int, default=16326)
     parser.add_argument("--valid", type=int, default=64)
     parser.add_argument("--test", type=int, default=64)
-    parser.add_argument("--modes", default="convert,mmap,inmemory,pickle_load")
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=["convert", "mmap", "inmemory", "pickle_load"])
     parser.add_argument("--full_pass", action="store_true", help="also measure load + one read of every value")
     parser.add_argument("--keep", action="store_true", help="keep the generated files")
+    common.add_json(parser)
     parser.add_argument("--measure", help=argparse.SUPPRESS)
     parser.add_argument("--file", help=argparse.SUPPRESS)
+    parser.add_argument("--baseline", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.baseline:
+        import psutil  # noqa: F401  (what measure() imports, for the baseline)
+        import alignmamba_jax.data  # noqa: F401
+        print(_peak_rss())
+        return
     if args.measure:
         print(json.dumps(measure(args.measure, args.file, args.workdir, args.full_pass)))
         return
 
-    modes = [m for m in args.modes.split(",") if m]
-    unknown = set(modes) - set(MODES)
-    if unknown:
-        raise SystemExit(f"--modes: unknown {sorted(unknown)}; expected names from {MODES}")
     os.makedirs(args.workdir, exist_ok=True)
     path = os.path.join(args.workdir, "unaligned_50.pkl")
     if not os.path.exists(path):
@@ -151,7 +154,7 @@ def main():
     shutil.rmtree(os.path.join(args.workdir, "cache"), ignore_errors=True)
     baseline = _baseline_rss()
     rows = []
-    for mode in modes:
+    for mode in args.modes:
         for full_pass in ((False, True) if args.full_pass and mode not in ("tfds_build", "grain_epoch")
                           else (False,)):
             r = _run_child(mode, path, args.workdir, full_pass)
@@ -170,6 +173,10 @@ def main():
     print(f"\nmachine: {platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, "
           f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / gib:.0f} GiB RAM, Python "
           f"{platform.python_version()}, numpy {np.__version__}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"file_bytes": size, "baseline_rss": baseline,
+                       "rows": [{"mode": name, **r} for name, r in rows]}, f, indent=1)
     if not args.keep:
         shutil.rmtree(args.workdir, ignore_errors=True)
 

@@ -4,13 +4,12 @@ Loads the best checkpoint of a trained workdir (a run of `python -m alignmamba_j
 the test split with `alignmamba_jax.data.missing.PROTOCOLS["per_sample"]` at each rate (the seeds of
 `train_and_evaluate`'s own sweep, so the same masks) and reports the test metrics over all samples and over the
 samples whose anchor (data.anchor) was dropped, with the spread of their predictions (0 = one constant, the
-"no information" output). The script imports alignmamba_jax from the repository it lives in, so a copy of it in
-an older checkout evaluates the same checkpoint with that code: before / after a change of the missing-anchor
-rule, on the same parameters.
+"no information" output). It evaluates with the installed alignmamba_jax: run it where an older checkout is
+installed (`pip install -e <checkout>`) to compare before / after a change of the missing-anchor rule on the same
+parameters.
 
     python benchmarks/missing_anchor.py --workdir runs/synthetic_s0 --json benchmarks/results/missing_anchor.json
 """
-import argparse
 import functools
 import json
 import os
@@ -19,22 +18,21 @@ import sys
 import jax
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import study  # noqa: E402
-from ot_plan import restore_params  # noqa: E402
+import common
+import study
+from ot_plan import restore_params
 
 METRICS = ("Non0_acc_2", "Non0_F1_score", "MAE", "Corr")
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = common.parser(__doc__)
     p.add_argument("--workdir", required=True, help="a trained run (its best/ checkpoint is evaluated)")
     p.add_argument("--config", default="configs/synthetic.py", help="the run's config file ...")
     p.add_argument("--variant", default=None, help="... and variant")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="... and overrides")
     p.add_argument("--rates", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
-    p.add_argument("--json", required=True)
+    common.add_json(p, required=True)
     args = p.parse_args(argv)
 
     from alignmamba_jax import data as data_lib, input_pipeline, train

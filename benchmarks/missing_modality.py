@@ -1,4 +1,4 @@
-"""Missing-modality robustness (the paper's Table 1 layout) on the synthetic default.
+"""Missing-modality robustness (the paper's Table 1 layout): test metrics as inputs are dropped, synthetic data.
 
 AlignMamba (full) and its no-alignment ablation (no OT: segment-mean resampling to the language length, and no
 MMD) are trained on complete data; their best-validation checkpoints are then evaluated on the test split with
@@ -11,14 +11,13 @@ missing, mean ± std over seeds; plus curves (rate 0 = complete test data) as a 
     python benchmarks/missing_modality.py --seeds 0 1 2 --json benchmarks/results/missing_modality.json \
         --markdown benchmarks/results/missing_modality.md --plot benchmarks/figures/missing_modality.png
 """
-import argparse
 import os
 import sys
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import study  # noqa: E402
+import common
+import study
 
 RATES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
 MODELS = (  # (label, variant of configs/synthetic.py, extra overrides, workdir name)
@@ -80,13 +79,13 @@ def markdown(summary, seeds, per_seed):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = common.parser(__doc__)
     study.add_common_args(p, default_root=os.path.join(study.REPO, "runs", "bench", "synthetic"))
     p.add_argument("--config", default="configs/synthetic.py")
     p.add_argument("--protocols", nargs="+", default=None,
                    help="names from alignmamba_jax.data.missing.PROTOCOLS (default: all)")
     p.add_argument("--metrics", nargs="+", default=["Non0_acc_2", "Non0_F1_score", "MAE"])
-    p.add_argument("--json", required=True)
+    common.add_json(p, required=True)
     p.add_argument("--markdown", default=None)
     p.add_argument("--plot", default=None)
     args = p.parse_args(argv)

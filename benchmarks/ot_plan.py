@@ -12,14 +12,13 @@ applies the model with `return_plans=True` to test samples and
     python benchmarks/ot_plan.py --workdir runs/bench/synthetic/full_s0 \
         --png benchmarks/figures/ot_plan.png --json benchmarks/results/ot_plan.json
 """
-import argparse
 import os
 import sys
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import study  # noqa: E402
+import common
+import study
 
 SOURCES = ("audio", "vision")
 
@@ -57,7 +56,7 @@ def hub_share(plans, masks):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = common.parser(__doc__)
     p.add_argument("--workdir", required=True, help="a finished run of configs/synthetic.py (full variant)")
     p.add_argument("--config", default="configs/synthetic.py")
     p.add_argument("--variant", default="full", help="the config variant the run used, e.g. paper_ot")
@@ -67,7 +66,7 @@ def main(argv=None):
     p.add_argument("--n_samples", type=int, default=128, help="test samples scored")
     p.add_argument("--sample", type=int, default=0, help="test sample drawn")
     p.add_argument("--png", required=True)
-    p.add_argument("--json", default=None)
+    common.add_json(p)
     args = p.parse_args(argv)
 
     import jax

@@ -1,4 +1,4 @@
-"""Selective-scan benchmark: every backend, forward and forward+backward, over sequence lengths.
+"""Selective-scan time and memory of every backend, forward and forward+backward, over sequence lengths.
 
 For each length it reports the median wall time of several runs after warm-up, the compiled temporary
 memory (XLA's `memory_analysis().temp_size_in_bytes`), and speed/memory ratios against `associative`,
@@ -12,19 +12,19 @@ the floor time from the least HBM traffic at the device's bandwidth and from the
 timing (`scan_traffic`, `roofline`), and the achieved fraction; at batch 8, length 2048, channels 2048,
 state 16, bf16 the Pallas kernels are checked against the goals (forward <= 250 us, forward+backward >= 10x
 `associative`); at batch 4, length 1024, channels 256, state 16, float32 the CPU kernels are checked against
-theirs (forward >= 15x mamba-ssm's `selective_scan_ref` with --torch-ref, forward+backward >= 10x
+theirs (forward >= 15x mamba-ssm's `selective_scan_ref` with --torch_ref, forward+backward >= 10x
 `associative` with no more temporary memory than `chunked`). `--sweep` times each kernel's tunables instead (`sweep_candidates`) within a time budget
-and records the best setting. `--torch-ref` also times mamba-ssm's pure-PyTorch `selective_scan_ref` on
+and records the best setting. `--torch_ref` also times mamba-ssm's pure-PyTorch `selective_scan_ref` on
 the same shapes (channels-first, as it expects) in a separate interpreter that has torch installed; point
-`--mamba-src` at an unpacked mamba-ssm sdist (its `ops/selective_scan_interface.py` is loaded with the CUDA
+`--mamba_src` at an unpacked mamba-ssm sdist (its `ops/selective_scan_interface.py` is loaded with the CUDA
 extension stubbed out; nothing from it is copied here).
 
     python benchmarks/scan_bench.py                                   # CPU, default lengths 256..8192
     python benchmarks/scan_bench.py --device gpu --batch 8 --channels 2048 --lengths 2048 --dtype bfloat16
     python benchmarks/scan_bench.py --device gpu --batch 8 --channels 2048 --lengths 2048 --dtype bfloat16 \
-        --sweep --sweep-budget-s 60 --repeats 3 --json runs/scan_sweep.json
-    python benchmarks/scan_bench.py --torch-ref --torch-python /tmp/torchvenv/bin/python \
-        --mamba-src /tmp/mamba_sdist/mamba_ssm-2.3.2.post1 --json runs/scan_bench.json
+        --sweep --sweep_budget_s 60 --repeats 3 --json runs/scan_sweep.json
+    python benchmarks/scan_bench.py --torch_ref --torch_python /tmp/torchvenv/bin/python \
+        --mamba_src /tmp/mamba_sdist/mamba_ssm-2.3.2.post1 --json runs/scan_bench.json
 """
 import argparse
 import json
@@ -35,49 +35,37 @@ import subprocess
 import sys
 import time
 
+import common
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--lengths", default="256,512,1024,2048,4096,8192")
+
+def build_parser():
+    p = common.parser(__doc__)
+    common.add_lengths(p, [256, 512, 1024, 2048, 4096, 8192])
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--channels", type=int, default=256)
     p.add_argument("--state", type=int, default=16)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--backends", default=None,
-                   help="comma list; default reference,associative,chunked plus the Pallas kernels of "
-                        "--kernels-for (with --sweep: default those kernels only)")
-    p.add_argument("--device", default="cpu", choices=["cpu", "gpu", "tpu"])
-    p.add_argument("--kernels-for", default=None, choices=["cpu", "gpu", "tpu"],
+    common.add_backends(p, help="default reference, associative, chunked plus the Pallas kernels of --kernels_for "
+                                "(with --sweep: default those kernels only)")
+    common.add_device(p, default="cpu")
+    p.add_argument("--kernels_for", default=None, choices=sorted(common.DEVICES),
                    help="whose Pallas kernels the default backends include (default: --device; cpu: none); "
                         "off their device they run in interpret mode (the device suite's dry run)")
     p.add_argument("--sweep", action="store_true",
                    help="instead of the backend table, time each kernel's tunables (defaults, then each one "
                         "halved and doubled) at the first length and record the best setting")
-    p.add_argument("--sweep-budget-s", type=float, default=120.0,
+    p.add_argument("--sweep_budget_s", type=float, default=120.0,
                    help="with --sweep, start no new setting this many seconds after the first one started")
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--no-backward", action="store_true", help="time the forward pass only")
-    p.add_argument("--torch-ref", action="store_true", help="also time mamba-ssm's selective_scan_ref (forward)")
-    p.add_argument("--torch-backward", action="store_true",
-                   help="with --torch-ref, also time its autograd backward (very slow: one graph node per step)")
-    p.add_argument("--torch-python", default="/tmp/torchvenv/bin/python")
-    p.add_argument("--mamba-src", default="/tmp/mamba_sdist/mamba_ssm-2.3.2.post1")
-    p.add_argument("--json", default=None, help="write all results to this file (rewritten after every row)")
-    p.add_argument("--torch-worker", action="store_true", help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    lengths = args.lengths.split(",")
-    if not all(v.strip().isdigit() and int(v) > 0 for v in lengths):
-        raise SystemExit(f"error: --lengths: expected comma-separated positive integers, found {args.lengths!r}")
-    return args
-
-
-def check_backends(names):
-    """One error line for a backend name the kernel registry does not know (imported after JAX_PLATFORMS is set)."""
-    from alignmamba_jax.kernels import BACKENDS
-    unknown = [name for name in names.split(",") if name not in BACKENDS]
-    if unknown:
-        raise SystemExit(f"error: --backends: unknown {', '.join(map(repr, unknown))}; expected names from {BACKENDS}")
+    common.add_repeats(p, 5, warmup=1)
+    p.add_argument("--no_backward", action="store_true", help="time the forward pass only")
+    p.add_argument("--torch_ref", action="store_true", help="also time mamba-ssm's selective_scan_ref (forward)")
+    p.add_argument("--torch_backward", action="store_true",
+                   help="with --torch_ref, also time its autograd backward (very slow: one graph node per step)")
+    p.add_argument("--torch_python", default="/tmp/torchvenv/bin/python")
+    p.add_argument("--mamba_src", default="/tmp/mamba_sdist/mamba_ssm-2.3.2.post1")
+    common.add_json(p, help="write all results to this file (rewritten after every row)")
+    p.add_argument("--torch_worker", action="store_true", help=argparse.SUPPRESS)
+    return p
 
 
 def median_seconds(fn, repeats, warmup, sync):
@@ -118,7 +106,7 @@ def torch_worker(args):
     selective_scan_ref = load_selective_scan_ref(args.mamba_src)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     results = []
-    for length in map(int, args.lengths.split(",")):
+    for length in args.lengths:
         g = torch.Generator().manual_seed(0)
         b, c, n = args.batch, args.channels, args.state
         u = torch.randn(b, c, length, generator=g).to(dtype)
@@ -145,14 +133,14 @@ def torch_worker(args):
 
 
 def run_torch_reference(args):
-    cmd = [args.torch_python, os.path.abspath(__file__), "--torch-worker", "--lengths", args.lengths,
+    cmd = [args.torch_python, os.path.abspath(__file__), "--torch_worker", "--lengths", *map(str, args.lengths),
            "--batch", str(args.batch), "--channels", str(args.channels), "--state", str(args.state),
            "--dtype", args.dtype, "--repeats", str(args.repeats), "--warmup", str(args.warmup),
-           "--mamba-src", args.mamba_src] + (["--torch-backward"] if args.torch_backward else [])
+           "--mamba_src", args.mamba_src] + (["--torch_backward"] if args.torch_backward else [])
     try:
         out = subprocess.run(cmd, check=True, capture_output=True, text=True)
     except (OSError, subprocess.CalledProcessError) as err:
-        print(f"--torch-ref unavailable: {err}\n{getattr(err, 'stderr', '')}", file=sys.stderr)
+        print(f"--torch_ref unavailable: {err}\n{getattr(err, 'stderr', '')}", file=sys.stderr)
         return None
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -240,7 +228,7 @@ def scan_inputs(batch, length, channels, state, dtype):
 
 
 def time_scan(fn, inputs, args, traffic=None, device=None):
-    """Compiled temp memory and median time of `fn(u, delta, A, B, C)`, forward and (unless --no-backward)
+    """Compiled temp memory and median time of `fn(u, delta, A, B, C)`, forward and (unless --no_backward)
     forward+backward; with `traffic` on a GPU of known kind, the roofline of each."""
     import jax
     import jax.numpy as jnp
@@ -332,11 +320,11 @@ def run_jax(args):
     platform_name = jax.default_backend()
     device = jax.devices()[0]
     kernels_for = args.kernels_for or platform_name
-    backends = (args.backends.split(",") if args.backends else ["reference", "associative", "chunked"]
+    backends = (args.backends if args.backends else ["reference", "associative", "chunked"]
                 + (cpu_kernels() if kernels_for == "cpu" else pallas_kernels(kernels_for)))
     report = dict(header(args, platform_name, device), backends=backends, auto=auto_backend(), results=[])
     dtype = jnp.dtype(args.dtype)
-    for length in map(int, args.lengths.split(",")):
+    for length in args.lengths:
         inputs = scan_inputs(args.batch, length, args.channels, args.state, dtype)
         traffic = scan_traffic(args.batch, length, args.channels, args.state, dtype.itemsize)
         for backend in backends:
@@ -386,14 +374,14 @@ def best_settings(rows):
 
 
 def run_sweep(args):
-    """Times the Pallas kernels' tunables (`sweep_candidates`) at the first length, within --sweep-budget-s."""
+    """Times the Pallas kernels' tunables (`sweep_candidates`) at the first length, within --sweep_budget_s."""
     import jax
     import jax.numpy as jnp
     from alignmamba_jax.kernels import tunables, tuned_backend
 
     platform_name = jax.default_backend()
     device = jax.devices()[0]
-    names = args.backends.split(",") if args.backends else pallas_kernels(args.kernels_for or platform_name)
+    names = args.backends if args.backends else pallas_kernels(args.kernels_for or platform_name)
     report = dict(header(args, platform_name, device), mode="sweep", budget_s=args.sweep_budget_s, sweep=[],
                   unavailable={}, skipped_for_budget=[], best={})
     candidates = {}
@@ -402,7 +390,7 @@ def run_sweep(args):
             candidates[name] = sweep_candidates(tunables(name))
         except (RuntimeError, ValueError) as error:
             report["unavailable"][name] = error_text(error)
-    length = int(args.lengths.split(",")[0])
+    length = args.lengths[0]
     dtype = jnp.dtype(args.dtype)
     inputs = scan_inputs(args.batch, length, args.channels, args.state, dtype)
     traffic = scan_traffic(args.batch, length, args.channels, args.state, dtype.itemsize)
@@ -515,17 +503,17 @@ def print_sweep(report):
         for key, entry in best.items():
             print(f"best {name} {key.removesuffix('_s')}: {entry['settings']} ({1e3 * entry[key]:.3f} ms)")
     if report["skipped_for_budget"]:
-        print(f"{len(report['skipped_for_budget'])} settings not timed (over --sweep-budget-s "
+        print(f"{len(report['skipped_for_budget'])} settings not timed (over --sweep_budget_s "
               f"{report['budget_s']:.0f} s)")
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    p = build_parser()
+    args = p.parse_args(argv)
     if args.torch_worker:
         return torch_worker(args)
-    os.environ["JAX_PLATFORMS"] = {"cpu": "cpu", "gpu": "cuda", "tpu": "tpu"}[args.device]
-    if args.backends:
-        check_backends(args.backends)
+    common.select_device(args.device)
+    common.check_backends(p, args.backends)
     load = os.getloadavg()
     report = run_sweep(args) if args.sweep else run_jax(args)
     torch_report = None

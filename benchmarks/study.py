@@ -5,18 +5,14 @@ A study is a list of runs (config file, variant, overrides, seed), each trained 
 same configuration is reused instead of retrained (so studies share runs and a killed study resumes); the
 seeds change `config.seed` (initialisation, data order, dropout) while the synthetic data stay fixed.
 """
-import importlib.util
 import json
 import math
 import os
-import sys
 import time
 
 import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
 
 DEFAULT_METRICS = ("Non0_acc_2", "Non0_F1_score", "MAE", "Corr")
 # The studies' CPU budget (a shared 2-core container) does not fit 24+ runs of configs/synthetic.py as is
@@ -36,11 +32,9 @@ PRESETS = {
 
 def load_config(config_file="configs/synthetic.py", variant=None):
     """get_config([variant]) of a configs/*.py file, path relative to the repository root."""
-    path = config_file if os.path.isabs(config_file) else os.path.join(REPO, config_file)
-    spec = importlib.util.spec_from_file_location(f"bench_config_{abs(hash(path))}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config() if variant is None else module.get_config(variant)
+    from alignmamba_jax import config as config_lib
+    return config_lib.load_config(config_file if os.path.isabs(config_file) else os.path.join(REPO, config_file),
+                                  variant)
 
 
 def parse_value(text):

@@ -1,17 +1,16 @@
 """Training throughput (samples/s of the full jit train step: forward, backward, AdamW) on MOSI-shaped data.
 
-AlignMamba and the single-stream Transformer baseline at the same width are measured side by side: rounds
-alternate between the models, each round times `--steps` steps after compilation, and the table reports the
+AlignMamba and the single-stream Transformer baseline at the same width are measured side by side: `--repeats`
+rounds alternate between the models, each round times `--steps` steps after compilation, and the table reports the
 median over rounds. Inputs are random arrays in the shapes of MMSA's unaligned MOSI (text 50 x 768, audio
 375 x 5, vision 500 x 20, every token valid), so only the model's cost is measured, not data loading.
 On a GPU the Transformer is measured twice by default, with Flax's attention and with cuDNN's fused attention
 ("transformer_single+cudnn", model key `attention_impl`); a model that fails to build or compile is reported
 under "skipped" and the others are measured.
 
-    python benchmarks/train_throughput.py [--batch_size 16 --d_model 128 --rounds 5 --steps 5]
+    python benchmarks/train_throughput.py [--batch_size 16 --d_model 128 --repeats 5 --steps 5]
         [--write_results benchmarks/RESULTS.md]
 """
-import argparse
 import datetime
 import json
 import os
@@ -26,6 +25,8 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from alignmamba_jax import train
+
+import common
 
 SHAPES = {"text": (50, 768), "audio": (375, 5), "vision": (500, 20)}
 SECTION = "## Training throughput"
@@ -89,7 +90,7 @@ def markdown(rows, args, command):
              f"Command: `{command}`", "",
              f"Full jit train step (forward, backward, AdamW) on MOSI-shaped random inputs (text 50x768, audio "
              f"375x5, vision 500x20), batch {args.batch_size}, d_model {args.d_model}, {args.n_layers} layers; "
-             f"median of {args.rounds} alternating rounds of {args.steps} steps after compilation.", "",
+             f"median of {args.repeats} alternating rounds of {args.steps} steps after compilation.", "",
              "| model | params | compile (s) | step (ms) | samples/s | relative to alignmamba |",
              "|---|---|---|---|---|---|"]
     for r in rows:
@@ -118,7 +119,7 @@ def model_variants(models, attention_impls):
 
 def main(argv=None):
     from alignmamba_jax.models import ATTENTION_IMPLS
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = common.parser(__doc__)
     parser.add_argument("--models", nargs="+", default=["alignmamba", "transformer_single"])
     parser.add_argument("--attention_impls", nargs="+", default=None, choices=ATTENTION_IMPLS,
                         help="the Transformers' attention implementations (default: xla and cudnn on a GPU, "
@@ -126,11 +127,13 @@ def main(argv=None):
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--d_model", type=int, default=128)
     parser.add_argument("--n_layers", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=5)
+    common.add_repeats(parser, 5)
     parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--json", help="also write the rows to this JSON file")
+    common.add_json(parser)
     parser.add_argument("--write_results", help="replace the 'Training throughput' section of this file")
+    common.add_device(parser)
     args = parser.parse_args(argv)
+    common.select_device(args.device)
     command = "python benchmarks/train_throughput.py " + " ".join(sys.argv[1:] if argv is None else argv)
     impls = args.attention_impls or (["xla", "cudnn"] if jax.default_backend() == "gpu" else ["xla"])
 
@@ -142,7 +145,7 @@ def main(argv=None):
             skipped[name] = f"{type(error).__name__}: {str(error)[:300]}"
             print(f"{name}: skipped ({skipped[name]})", flush=True)
     times = {name: [] for name in entries}
-    for _ in range(args.rounds):
+    for _ in range(args.repeats):
         for name in entries:
             times[name].append(time_round(entries[name], args.steps))
     rows = []

@@ -3,10 +3,10 @@
 Everything but the model name comes from configs/synthetic.py; parameter strings work the same way
 (`configs/alignmamba2_synthetic.py:wo_global`).
 """
-from alignmamba_jax import train
+from alignmamba_jax import config as config_lib
 
 
 def get_config(variant: str = "full"):
-    config = train.sibling_config(__file__, "synthetic.py", variant)
+    config = config_lib.sibling_config(__file__, "synthetic.py", variant)
     config.model.name = "alignmamba2"
     return config

@@ -10,13 +10,22 @@ How it is built, and why this way: at first use (by any process that finds no bu
 compiler found as `$CXX` or `c++` / `g++` / `clang++`, against the FFI headers of the jax running it
 (`jax.ffi.include_dir()`), into a cache directory (`$ALIGNMAMBA_CACHE_DIR`, else `$XDG_CACHE_HOME/alignmamba_jax`,
 else `~/.cache/alignmamba_jax`), under a file name that hashes the source, the headers and the flags; later
-processes load it with `ctypes` (about 20 s once, then nothing). `make test`'s install step builds it there
-(`build_report()`). Building it in setup.py instead would compile against whatever jax pip's isolated build
-environment resolved, not the one installed beside it (pip builds the package before it installs the
-dependencies), so the headers could be newer than the XLA that loads the library; a pyproject `build-system` on
-jaxlib would also download jaxlib into every build. Compiling against the running jax needs no build
-dependency, works the same for an editable install and a wheel (the source ships as package data) and never
-fails an install: where no compiler or no `jax.ffi` exists, `available()` says why and `auto` uses `chunked`.
+processes load it with `ctypes` (about 20 s once, then nothing).
+
+The cache heals: a library is compiled to a temporary name, loaded in a child process (a library that does not
+load, or kills its loader, is refused there and never cached), renamed into place, and recorded in a sidecar
+`<library>.sha256` (its size and checksum, also written through a temporary name). A process loads a cached
+library only if it matches its sidecar; a truncated or otherwise changed library, or one without a sidecar, is
+built again (loading a truncated library could kill the process with SIGBUS, hence the checks first). Every
+cache error names the directory and `ALIGNMAMBA_CACHE_DIR`.
+
+`make test`'s install step builds it there (`build_report()`). Building it in setup.py instead would compile
+against whatever jax pip's isolated build environment resolved, not the one installed beside it (pip builds the
+package before it installs the dependencies), so the headers could be newer than the XLA that loads the library;
+a pyproject `build-system` on jaxlib would also download jaxlib into every build. Compiling against the running
+jax needs no build dependency, works the same for an editable install and a wheel (the source ships as package
+data) and never fails an install: where no compiler or no `jax.ffi` exists, `available()` says why and `auto`
+uses `chunked`.
 
 Portability: no `-march` flag; the kernels carry AVX-512, AVX2+FMA and baseline x86-64 versions chosen at load
 time (`target_clones`), so a cache directory shared between machines holds a library that runs on each.
@@ -27,7 +36,9 @@ import hashlib
 import os
 import pathlib
 import shutil
+import signal
 import subprocess
+import sys
 import tempfile
 
 import jax
@@ -59,6 +70,10 @@ def _compiler():
                        if not os.environ.get("CXX") else f"CXX={os.environ['CXX']!r} is not an executable")
 
 
+def _in_cache(reason):
+    return f"{reason} (kernel cache {cache_dir()}: set ALIGNMAMBA_CACHE_DIR to use another directory)"
+
+
 def library_path():
     """Where the library built from SOURCE against this jax's FFI headers lives (built or not)."""
     digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode())
@@ -67,25 +82,101 @@ def library_path():
     return cache_dir() / f"selective_scan_cpu-{digest.hexdigest()[:16]}.so"
 
 
+def _checksum(path):
+    """"<size> <sha256>" of the file at `path`."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return f"{os.path.getsize(path)} {digest.hexdigest()}"
+
+
+def _sidecar(path):
+    return path.with_name(path.name + ".sha256")
+
+
+def _matches_sidecar(path) -> bool:
+    """Whether the library at `path` is the one its sidecar records (size and checksum)."""
+    try:
+        return _sidecar(path).read_text().strip() == _checksum(path)
+    except OSError:
+        return False
+
+
+def _load_test(path):
+    """None if the library at `path` loads and has the kernels' symbols, in a child process (a truncated
+    library can kill its loader with SIGBUS); else the reason, in one line."""
+    code = "import ctypes, sys\nlibrary = ctypes.CDLL(sys.argv[1])\nfor name in sys.argv[2:]: getattr(library, name)"
+    try:
+        result = subprocess.run([sys.executable, "-c", code, str(path), *TARGETS.values()], capture_output=True,
+                                text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        return "loading it did not finish in 120 s"
+    if result.returncode == 0:
+        return None
+    if result.returncode < 0:
+        return f"loading it killed the process ({_signal_name(-result.returncode)})"
+    lines = result.stderr.strip().splitlines()
+    return f"it does not load ({lines[-1] if lines else f'exit status {result.returncode}'})"
+
+
+def _signal_name(signum):
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+def _write_atomic(path, text):
+    fd, partial = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(partial, path)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+
+
+def _compile_error(compiler, stderr):
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    first = next((line for line in lines if "error" in line.lower()), lines[-1] if lines else "no message")
+    return f"compiling {SOURCE.name} with {compiler} failed: {first}"
+
+
 def build():
-    """Compiles SOURCE into `library_path()` unless it is there; returns the path. Raises RuntimeError saying
-    what is missing (compiler, jax.ffi) or the compiler's error."""
+    """Compiles SOURCE into `library_path()` unless a valid copy is there (see the module docstring); returns
+    the path. Raises RuntimeError saying, in one line, what is missing (compiler, jax.ffi), the compiler's first
+    error, or what is wrong with the cache."""
     if not hasattr(jax, "ffi"):
         raise RuntimeError(f"jax {jax.__version__} has no jax.ffi (needs jax >= 0.4.38)")
     target = library_path()
-    if target.exists():
+    if target.exists() and _matches_sidecar(target):
         return target
     compiler = _compiler()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Compile to a private name, then rename: concurrent processes each build and the last rename wins.
-    fd, partial = tempfile.mkstemp(suffix=".so", dir=target.parent)
-    os.close(fd)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # Compile to a private name, then rename: concurrent processes each build and the last rename wins.
+        fd, partial = tempfile.mkstemp(prefix=f".{target.stem}-", suffix=".so", dir=target.parent)
+        os.close(fd)
+    except OSError as error:
+        raise RuntimeError(_in_cache(f"cannot write the kernel library: {error}")) from error
     command = [compiler, *FLAGS, "-I", jax.ffi.include_dir(), str(SOURCE), "-o", partial]
     try:
-        result = subprocess.run(command, capture_output=True, text=True)
+        try:
+            result = subprocess.run(command, capture_output=True, text=True)
+        except OSError as error:
+            raise RuntimeError(f"cannot run the compiler {compiler}: {error.strerror}") from error
         if result.returncode != 0:
-            raise RuntimeError(f"compiling {SOURCE.name} failed ({' '.join(command)}):\n{result.stderr[-2000:]}")
+            raise RuntimeError(_compile_error(compiler, result.stderr))
+        broken = _load_test(partial)
+        if broken:
+            raise RuntimeError(f"the library {compiler} built is unusable: {broken}; nothing was cached")
+        checksum = _checksum(partial)
         os.replace(partial, target)
+        _write_atomic(_sidecar(target), checksum + "\n")
+    except OSError as error:
+        raise RuntimeError(_in_cache(f"cannot write the kernel library: {error}")) from error
     finally:
         if os.path.exists(partial):
             os.remove(partial)
@@ -101,7 +192,9 @@ def _load():
         for kind, symbol in TARGETS.items():
             jax.ffi.register_ffi_target(_FFI_NAMES[kind], jax.ffi.pycapsule(getattr(library, symbol)),
                                         platform="cpu")
-    except (RuntimeError, OSError, AttributeError) as error:
+    except OSError as error:
+        return False, _in_cache(f"the kernel library does not load: {error}")
+    except (RuntimeError, AttributeError) as error:
         return False, str(error)
     return True, str(path)
 

@@ -1,8 +1,28 @@
-"""Shared pytest setup: float64 available for finite-difference checks, CPU only unless JAX_PLATFORMS says
-otherwise (compiling for TPU and GPU targets needs no such device: test_aot.py); tests marked `gpu` skip, with the reason, where jax sees no GPU."""
+"""Shared pytest setup: float64 available for finite-difference checks, the benchmark scripts importable by name
+(`import scan_bench`), CPU only unless JAX_PLATFORMS says otherwise (compiling for TPU and GPU targets needs no
+such device: test_aot.py); tests marked `gpu` skip, with the reason, where jax sees no GPU."""
+import importlib.util
 import os
+import sys
 
 import pytest
+
+BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+
+
+class BenchmarkModules:
+    """Imports benchmarks/<name>.py as module `name`, as `python benchmarks/<name>.py` finds its sibling modules;
+    last on the import path, so an installed module of the same name wins."""
+
+    @staticmethod
+    def find_spec(name, path=None, target=None):
+        file = os.path.join(BENCHMARKS, f"{name}.py")
+        if path is None and "." not in name and os.path.isfile(file):
+            return importlib.util.spec_from_file_location(name, file)
+        return None
+
+
+sys.meta_path.append(BenchmarkModules)
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # The aot extra (libtpu, the CUDA plugin) is installed for the compile-only tests: keep libtpu from probing a

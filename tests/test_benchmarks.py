@@ -43,7 +43,8 @@ def test_efficiency_schema_and_flops(tmp_path):
     assert {(r["model"], r["text_len"]) for r in rows} == {
         (m, L) for m in ("alignmamba", "transformer_single", "transformer_multi") for L in (8, 16)}
     for r in rows:
-        assert set(r) == {"model", "text_len", "tokens", "time_ms", "memory_bytes", "flops"}
+        assert set(r) == {"model", "text_len", "tokens", "time_ms", "time_ms_repeats", "memory_bytes", "flops"}
+        assert len(r["time_ms_repeats"]) == 1                             # --repeats 1
         assert r["tokens"] == 3 * r["text_len"]  # --av_lengths equal
         assert r["time_ms"] > 0 and r["memory_bytes"] > 0 and r["flops"] > 0
     by = {(r["model"], r["text_len"]): r for r in rows}
@@ -55,7 +56,6 @@ def test_efficiency_schema_and_flops(tmp_path):
 
 
 def test_count_flops_matches_hand_counts():
-    sys.path.insert(0, BENCH)
     import jax
     import jax.numpy as jnp
     from efficiency import count_flops, dce
@@ -117,15 +117,15 @@ def test_ablation_missing_am2_and_ot_plan(tmp_path):
 
 def test_scan_bench_runs(tmp_path):
     out = tmp_path / "scan.json"
-    run_script("scan_bench.py", "--lengths", "16,32", "--channels", 8, "--repeats", 1, "--json", out)
+    run_script("scan_bench.py", "--lengths", 16, 32, "--channels", 8, "--repeats", 1, "--json", out)
     assert json.load(open(out))["results"]
 
 
 def test_scan_bench_sweeps_the_gpu_kernels_in_interpret_mode(tmp_path):
     """(A failing backend row and its exit status: tests/test_tool_errors.py.)"""
     out = tmp_path / "scan.json"
-    run_script("scan_bench.py", "--lengths", "16", "--channels", 8, "--state", 4, "--repeats", 1, "--kernels-for",
-               "gpu", "--sweep", "--sweep-budget-s", 1, "--json", out)
+    run_script("scan_bench.py", "--lengths", "16", "--channels", 8, "--state", 4, "--repeats", 1, "--kernels_for",
+               "gpu", "--sweep", "--sweep_budget_s", 1, "--json", out)
     sweep = json.load(open(out))
     assert sweep["sweep"][0]["settings"] == {"chunk": 64, "block_c": 64, "num_warps": 4, "unroll": 1}
     assert sweep["skipped_for_budget"] and "pallas_triton" in sweep["best"]           # the budget stops it
@@ -134,7 +134,7 @@ def test_scan_bench_sweeps_the_gpu_kernels_in_interpret_mode(tmp_path):
 @pytest.mark.skipif(not os.path.exists(os.path.join(BENCH, "train_throughput.py")), reason="not present")
 def test_train_throughput_runs(tmp_path):
     out = tmp_path / "tt.json"
-    run_script("train_throughput.py", "--batch_size", 2, "--d_model", 16, "--n_layers", 1, "--rounds", 1,
+    run_script("train_throughput.py", "--batch_size", 2, "--d_model", 16, "--n_layers", 1, "--repeats", 1,
                "--steps", 1, "--attention_impls", "xla", "cudnn", "--json", out)
     report = json.load(open(out))
     rows = report["rows"]
@@ -146,4 +146,4 @@ def test_train_throughput_runs(tmp_path):
 @pytest.mark.skipif(not os.path.exists(os.path.join(BENCH, "load_bench.py")), reason="not present")
 def test_load_bench_runs(tmp_path):
     run_script("load_bench.py", "--workdir", tmp_path / "lb", "--train", 8, "--valid", 4, "--test", 4,
-               "--modes", "pickle_load,inmemory")
+               "--modes", "pickle_load", "inmemory")

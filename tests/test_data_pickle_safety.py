@@ -3,15 +3,17 @@ for two processes at once and cleans up after a killed conversion.
 
 Hostile pickles call `os.system` with a harmless marker command (it creates a file); the tests check that the
 load is refused with one line naming the file and the refused name, and that the marker was never created.
+Others use only allowed names: a BUILD that points the cache's spill file at another file, absurd sizes and
+nesting; each is one line and changes no file outside the cache.
 """
 import multiprocessing
 import os
 import pickle
 import shutil
 import signal
+import struct
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -59,8 +61,8 @@ def test_hostile_mmsa_pickle_runs_nothing(tmp_path, cached, protocol):
     assert str(error.value) == (f"{path}: refused to load posix.system: a data pickle may hold only numpy arrays, "
                                 f"dtypes and scalars in builtin containers (loading runs no code from a data file)")
     assert not marker.exists()
-    if cached:   # the failed conversion leaves nothing behind but its lock and the content digest
-        assert not [p for p in os.listdir(cache) if p.startswith(".tmp-") or not p.startswith(".")]
+    if cached:   # the failed conversion leaves nothing behind but the content digest
+        assert os.listdir(cache) == [".digests.json"]
 
 
 def test_hostile_mult_pickle_runs_nothing(tmp_path):
@@ -80,6 +82,65 @@ def test_hostile_pickle_through_main_is_one_error_line(tmp_path, cached):
     errors = [line for line in output.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and errors[0].startswith(f"error: {path}: refused to load posix.system"), output
     assert not marker.exists()
+
+
+def build_attack_pickle(path, victim):
+    """A pickle whose BUILD rewrites the spill object of its 64 KiB byte string to point at `victim`, then has
+    numpy's _frombuffer make it an array: the round-2 spill unpickler then wrote a .npy header into `victim` and
+    mapped it writable."""
+    def text(s):
+        data = s.encode()
+        return pickle.SHORT_BINUNICODE + bytes([len(data)]) + data
+    n = 64 << 10
+    state = (pickle.NONE + pickle.EMPTY_DICT + pickle.MARK + text("path") + text(str(victim)) + text("nbytes")
+             + pickle.BININT + struct.pack("<i", 8) + pickle.SETITEMS + pickle.TUPLE2)
+    path.write_bytes(pickle.PROTO + b"\x04" + pickle.GLOBAL + b"numpy.core.numeric\n_frombuffer\n" + pickle.MARK
+                     + pickle.BINBYTES + struct.pack("<I", n) + b"\0" * n + state + pickle.BUILD
+                     + text("u1") + pickle.BININT + struct.pack("<i", 8) + pickle.TUPLE1 + text("C")
+                     + pickle.TUPLE + pickle.REDUCE + pickle.STOP)
+
+
+def test_a_build_that_points_a_spill_file_outside_the_cache_changes_nothing(tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_bytes(b"precious bytes, not to be overwritten\n")
+    path = tmp_path / "attack.pkl"
+    build_attack_pickle(path, victim)
+    with pytest.raises(UserError) as error:
+        load_mmsa_pickle(path, cache_dir=tmp_path / "cache")
+    assert str(error.value) == (f"{path}: refused to set the state of a OnDisk: a data pickle sets state only on "
+                                f"numpy arrays and dtypes")
+    assert victim.read_bytes() == b"precious bytes, not to be overwritten\n"
+    assert not [p for p in (tmp_path / "cache").iterdir() if p.name.startswith(".tmp-")]
+
+
+def nested_pickle(path, depth):
+    """`depth` lists nested in one another, in one pickle's opcodes (pickle.dumps itself would recurse)."""
+    path.write_bytes(pickle.PROTO + b"\x04" + (pickle.EMPTY_LIST + pickle.MARK) * depth
+                     + pickle.APPENDS * depth + pickle.STOP)
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_absurd_sizes_and_nesting_are_refused_with_the_reason(tmp_path, cached):
+    cache = tmp_path / "cache" if cached else None
+    deep = tmp_path / "deep.pkl"
+    nested_pickle(deep, 200_000)
+    expected = (f"{deep}: refused: containers nested more than 64 deep" if cached else
+                f"{deep}: expected a dict of splits")
+    with pytest.raises(UserError, match="^" + expected):
+        load_mmsa_pickle(deep, cache_dir=cache)
+    huge = tmp_path / "huge.pkl"
+    huge.write_bytes(pickle.PROTO + b"\x04" + pickle.GLOBAL + b"builtins\nbytearray\n" + pickle.MARK
+                     + pickle.LONG1 + bytes([9]) + (2 ** 70).to_bytes(9, "little") + pickle.TUPLE + pickle.REDUCE
+                     + pickle.STOP)
+    with pytest.raises(UserError, match=f"^{huge}: refused bytearray\\(int\\): pickle writes a bytearray from its "
+                                        f"bytes, never from a size$"):
+        load_mmsa_pickle(huge, cache_dir=cache)
+    huge.write_bytes(pickle.PROTO + b"\x04" + pickle.GLOBAL + b"builtins\ncomplex\n" + pickle.MARK
+                     + pickle.LONG4 + struct.pack("<i", 200) + b"\x01" * 200 + pickle.TUPLE + pickle.REDUCE
+                     + pickle.STOP)
+    with pytest.raises(UserError, match=f"^{huge}: refused: a value too large or containers nested too deep for "
+                                        f"feature data \\(OverflowError: "):
+        load_mmsa_pickle(huge, cache_dir=cache)
 
 
 def test_refused_names_are_checked_before_import():
@@ -173,7 +234,7 @@ def test_two_processes_filling_an_empty_cache_both_get_it(tmp_path):
     expected = float(np.sum(load_mmsa_pickle(path)["train"]["audio"]))
     assert results == [expected, expected], results
     assert len([p for p in os.listdir(cache) if not p.startswith(".")]) == 1
-    assert not [p for p in os.listdir(cache) if p.startswith(".tmp-")]
+    assert not [p for p in os.listdir(cache) if p.startswith(".tmp-") or p.endswith(".lock")]
 
 
 def test_a_killed_conversion_is_cleaned_up_by_the_next_load(tmp_path):
@@ -199,6 +260,7 @@ def test_a_killed_conversion_is_cleaned_up_by_the_next_load(tmp_path):
         child.wait()
     splits = load_mmsa_pickle(path, cache_dir=cache)
     assert not stale.exists() and splits["train"]["audio"].shape[0] == 8
+    assert not [p for p in os.listdir(cache) if p.endswith(".lock")]
 
 
 def test_stored_lengths_are_used_when_a_stream_has_the_text_length(tmp_path):

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from alignmamba_jax.data import layouts, load_splits, save_features_npz
-from alignmamba_jax.data import synthetic as synthetic_data
+from alignmamba_jax.config import default_synthetic_config
 from alignmamba_jax.errors import UserError
 
 MODALITIES = ("text", "audio", "vision")
@@ -102,7 +102,7 @@ def test_empty_split_is_an_error_naming_the_split(tmp_path, name, split):
 
 def test_empty_synthetic_split_is_an_error():
     config = ml_collections.ConfigDict(dict(name="synthetic", modalities=MODALITIES, task="regression",
-                                            synthetic=synthetic_data.default_config()))
+                                            synthetic=default_synthetic_config()))
     config.synthetic.update(n_train=8, n_valid=0, n_test=4, text_len=12, text_dim=16, audio_len=20, vision_len=24,
                             min_words=3, max_words=8)
     with pytest.raises(UserError, match=r"synthetic::valid: expected at least 1 example"):
@@ -186,3 +186,70 @@ def test_utf8_bytes_ids_are_decoded(tmp_path):
         data["valid"]["id"] = np.array(["clipé".encode(), b"clip2"])
     splits = load_splits(data_config("mmsa", mmsa_file(tmp_path, utf8_ids)))
     assert list(splits["valid"]["ids"]) == ["clipé", "clip2"]
+
+
+
+@pytest.mark.parametrize("labels, expected", [
+    (np.array([0, 2 ** 32 + 1], np.int64), "must lie in [0, 2147483647] (int32 class indices), found range "
+                                           "[0, 4294967297]"),
+    (np.array([0.0, 1.5]), "must be integers, found 1 non-integer values (first at index 1: 1.5)"),
+    (np.array([0.0, np.inf]), "must be integers, found 1 non-integer values (first at index 1: inf)"),
+    (np.array([0.0, 1e10]), "must lie in [0, 2147483647] (int32 class indices), found range [0.0, 10000000000.0]"),
+    (np.array([-1, 2], np.int64), "must lie in [0, 2147483647] (int32 class indices), found range [-1, 2]"),
+    (np.array(["cat", "dog"]), "must be numbers, found dtype <U3 (first: 'cat')"),
+], ids=["int64_2_32_plus_1", "non_integral", "inf", "1e10", "negative", "strings"])
+def test_features_npz_labels_are_checked_in_their_own_dtype_in_one_line(tmp_path, labels, expected):
+    def mutate(splits):
+        splits["valid"]["labels"] = labels
+    directory = npz_dir(tmp_path, mutate)
+    with pytest.raises(UserError) as error:
+        load_splits(data_config("features_npz", directory))
+    assert str(error.value) == f"{directory}/valid.npz: key 'labels': class labels {expected}"
+
+
+def test_labels_beyond_num_classes_name_the_setting(tmp_path):
+    def mutate(splits):
+        splits["test"]["labels"][:] = 3
+    directory = npz_dir(tmp_path, mutate)
+    with pytest.raises(UserError) as error:
+        load_splits(data_config("features_npz", directory))
+    assert str(error.value) == (f"features_npz:{directory}:test: key 'labels': class labels must lie in [0, 2] "
+                                f"(data.num_classes=3), found range [3, 3]")
+
+
+def test_string_or_out_of_range_sentiment_labels_are_one_line(tmp_path):
+    def strings(data):
+        data["train"]["regression_labels"] = np.array(["positive"] * len(data["train"]["regression_labels"]))
+    with pytest.raises(UserError, match=r"unaligned_50.pkl:train: key 'regression_labels': sentiment labels must be "
+                                        r"numbers, found dtype <U8 \(first: 'positive'\)$"):
+        load_splits(data_config("mmsa", mmsa_file(tmp_path, strings)))
+
+    def huge(data):
+        data["valid"]["regression_labels"] = np.full(len(data["valid"]["regression_labels"]), 1e300)
+    with pytest.raises(UserError, match=r"key 'regression_labels': sentiment labels must lie in \[-3.0, 3.0\], "
+                                        r"found range \[1e\+300, 1e\+300\]$"):
+        load_splits(data_config("mmsa", mmsa_file(tmp_path, huge)))
+
+
+def test_a_modality_of_width_0_is_one_line(tmp_path):
+    def no_width(splits):
+        for split in splits.values():
+            split["text"] = split["text"][:, :, :0]
+    directory = npz_dir(tmp_path, no_width)
+    with pytest.raises(UserError) as error:
+        load_splits(data_config("features_npz", directory))
+    assert str(error.value) == (f"{directory}/train.npz: key 'text': expected a feature width d >= 1, found shape "
+                                f"(4, 6, 0)")
+
+
+def test_non_finite_features_npz_values_are_zeroed_with_one_warning(tmp_path, caplog):
+    def poisoned(splits):
+        splits["train"]["image"][0, 0, 0] = np.nan
+        splits["test"]["text"][1, 0, :] = np.inf
+    directory = npz_dir(tmp_path, poisoned)
+    with caplog.at_level("WARNING"):
+        splits = load_splits(data_config("features_npz", directory))
+    assert splits["train"]["image"][0, 0, 0] == 0 and np.all(splits["test"]["text"][1, 0] == 0)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{directory}: replaced 3 non-finite feature values by 0 ({{'train/image_non_finite': 1, "
+        f"'test/text_non_finite': 2}})"]

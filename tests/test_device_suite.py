@@ -10,12 +10,11 @@ import sys
 
 import pytest
 
+import device_suite
+import scan_bench
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(REPO, "benchmarks")
-sys.path.insert(0, BENCH)
-
-import device_suite  # noqa: E402
-import scan_bench  # noqa: E402
 
 # Distributions the GPU image has (the device machine's package list, 2026-11), as far as this project uses them.
 GPU_IMAGE = {"jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "chex", "absl-py", "numpy", "matplotlib", "tqdm",
@@ -37,12 +36,12 @@ def install_requires():
 def test_suite_script_parses_its_arguments():
     ok = subprocess.run(["bash", os.path.join(BENCH, "device_suite.sh"), "--help"], capture_output=True, text=True,
                         env=dict(os.environ, PYTHON=sys.executable))
-    assert ok.returncode == 0 and "--dry-run" in ok.stdout and "--budget-s" in ok.stdout
-    bad = subprocess.run(["bash", os.path.join(BENCH, "device_suite.sh"), "--steps", "scan_bench,nonsense"],
+    assert ok.returncode == 0 and "--dry_run" in ok.stdout and "--budget_s" in ok.stdout
+    bad = subprocess.run(["bash", os.path.join(BENCH, "device_suite.sh"), "--steps", "scan_bench", "nonsense"],
                          capture_output=True, text=True, env=dict(os.environ, PYTHON=sys.executable))
-    assert bad.returncode == 2 and "--steps: unknown ['nonsense']" in bad.stderr
-    args = device_suite.parse_args(["--dry-run", "--steps", "demo", "--out", "/tmp/x"])
-    assert args.dry_run and args.steps == "demo" and args.budget_s == 1500 and args.python == sys.executable
+    assert bad.returncode == 1 and "error: --steps: unknown ['nonsense']" in bad.stderr
+    args = device_suite.parse_args(["--dry_run", "--steps", "demo", "--out", "/tmp/x"])
+    assert args.dry_run and args.steps == ["demo"] and args.budget_s == 1500 and args.python == sys.executable
 
 
 def test_gpu_plan_fits_the_device_and_runs_the_issue_sizes():
@@ -99,7 +98,6 @@ def test_make_wheels_lists_the_packages_the_gpu_image_lacks():
 def test_library_models_training_and_benchmarks_do_not_import_tfds_or_grain(tmp_path):
     code = f"""
 import sys
-sys.path.insert(0, {BENCH!r})
 import alignmamba_jax, alignmamba_jax.kernels, alignmamba_jax.models, alignmamba_jax.train, alignmamba_jax.main
 import efficiency, scan_bench, train_throughput, device_suite
 from alignmamba_jax import data, train
@@ -109,7 +107,7 @@ assert data.load_splits(config)["train"]["text"].shape[0] == 4
 print(sorted(m for m in sys.modules if m.partition(".")[0] in {device_suite.ABSENT!r}))
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
-                         env=dict(os.environ, JAX_PLATFORMS="cpu"))
+                         env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=BENCH))
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().splitlines()[-1] == "[]"
 
@@ -157,7 +155,7 @@ def test_efficiency_compares_alignmamba_with_both_attention_implementations():
 @pytest.mark.slow
 def test_dry_run_of_the_whole_suite(tmp_path):
     out = tmp_path / "out"
-    proc = subprocess.run(["bash", os.path.join(BENCH, "device_suite.sh"), "--dry-run", "--out", str(out)],
+    proc = subprocess.run(["bash", os.path.join(BENCH, "device_suite.sh"), "--dry_run", "--out", str(out)],
                           capture_output=True, text=True, env=dict(os.environ, PYTHON=sys.executable), timeout=1500)
     assert proc.returncode == 0, proc.stdout[-5000:]
     assert sorted(os.listdir(out)) == sorted(["suite.json", "suite.log", "pytest_gpu.json", "scan_bench.json",

@@ -218,3 +218,76 @@ def test_sharded_call_on_four_cpu_devices_equals_the_reference(sharded_run):
 @requires_library
 def test_sharded_call_scans_each_devices_shard(sharded_run):
     assert sharded_run["gathers"] == 0 and sharded_run["y_sharded"]
+
+
+def fake_compiler(tmp_path, name, action):
+    """A `CXX` that runs `action` (shell, with $out the -o path) and logs each call to tmp_path/<name>.calls."""
+    script = tmp_path / name
+    script.write_text(f"#!/bin/sh\nwhile [ $# -gt 0 ]; do [ \"$1\" = -o ] && out=\"$2\"; shift; done\n"
+                      f"echo call >> {tmp_path / (name + '.calls')}\n{action}\n")
+    script.chmod(0o755)
+    return script
+
+
+def calls(tmp_path, name):
+    log = tmp_path / (name + ".calls")
+    return len(log.read_text().splitlines()) if log.exists() else 0
+
+
+AVAILABLE = """
+    import json
+    from alignmamba_jax.kernels import cpu_ffi
+    print(json.dumps(cpu_ffi.available()))
+"""
+
+
+@requires_library
+def test_a_truncated_or_broken_cached_library_is_rebuilt_and_a_broken_build_is_never_cached(tmp_path):
+    """The compilers here copy the library this process built (a real compile takes 20 s) or write junk and
+    exit 0 (a faulty CXX). The truncated library is only ever loaded by child processes (it could kill its
+    loader with SIGBUS)."""
+    cache = tmp_path / "cache"
+    junk = fake_compiler(tmp_path, "junk", 'printf "not a library" > "$out"')
+    good = fake_compiler(tmp_path, "good", f'cp {DETAIL} "$out"')
+    builds = run_python(f"""
+        import json, os
+        from alignmamba_jax.kernels import cpu_ffi
+        os.environ["CXX"] = {str(junk)!r}
+        try:
+            cpu_ffi.build()
+        except RuntimeError as error:
+            junk = str(error)
+        cached_after_junk = sorted(os.listdir({str(cache)!r}))
+        os.environ["CXX"] = {str(good)!r}
+        print(json.dumps({{"junk": junk, "cached_after_junk": cached_after_junk,
+                          "paths": [str(cpu_ffi.build()), str(cpu_ffi.build())]}}))
+    """, {"ALIGNMAMBA_CACHE_DIR": str(cache)})
+    assert builds["junk"].startswith(f"the library {junk} built is unusable: it does not load (OSError: "), builds
+    assert builds["junk"].endswith("nothing was cached") and builds["cached_after_junk"] == [], builds
+    (library,) = cache.glob("*.so")
+    assert builds["paths"] == [str(library)] * 2 and calls(tmp_path, "good") == 1   # the second found it valid
+    assert library.with_name(library.name + ".sha256").exists()
+
+    size = library.stat().st_size
+    with open(library, "r+b") as f:       # a copy cut short (a full disk, a killed copy)
+        f.truncate(size // 3)
+    report = run_python("""
+        import json
+        import numpy as np
+        from alignmamba_jax import kernels
+        from alignmamba_jax.kernels.testing import make_inputs
+        args, _ = make_inputs(0, 2, 9, 3, 4)
+        same = bool(np.allclose(kernels.selective_scan(*args[:5], backend="cpu_ffi"),
+                                kernels.selective_scan(*args[:5], backend="chunked"), atol=1e-5))
+        print(json.dumps({"cpu_ffi": kernels.cpu_ffi.available(), "same": same}))
+    """, {"CXX": str(good), "ALIGNMAMBA_CACHE_DIR": str(cache)})
+    assert report["cpu_ffi"][0] and report["same"], report
+    assert calls(tmp_path, "good") == 2 and library.stat().st_size == size
+    assert sorted(p.name for p in cache.iterdir()) == [library.name, library.name + ".sha256"]
+
+
+def test_a_cache_directory_that_cannot_be_written_names_alignmamba_cache_dir(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    ok, reason = run_python(AVAILABLE, {"ALIGNMAMBA_CACHE_DIR": str(blocker / "cache")})
+    assert not ok and "ALIGNMAMBA_CACHE_DIR" in reason and str(blocker / "cache") in reason, reason

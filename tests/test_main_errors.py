@@ -46,7 +46,7 @@ CASES = {
                              "error: mmsa:{tmp}/unaligned_50.pkl:test: key 'audio': expected feature width 5 (as in "
                              "split 'train'), found 3"),
     "bad_model_choice": (lambda tmp: [f"--config={SYNTHETIC}", "--config.model.scan_backend=pallsa"],
-                         "error: cfg.scan_backend must be one of ('reference', 'associative', 'chunked', 'cpu_ffi', 'pallas',"),
+                         "error: cfg.scan_backend must be one of ('reference', 'associative', 'chunked', 'cpu_ffi', 'pallas_triton',"),
     "bad_model_value": (lambda tmp: [f"--config={SYNTHETIC}", "--config.model.dropout=1.5"],
                         "error: cfg.dropout must be in [0, 1), found 1.5"),
     "unknown_select_mode": (lambda tmp: [f"--config={SYNTHETIC}", "--config.eval.select_mode=minimum"],
@@ -58,6 +58,11 @@ CASES = {
                      "error: train.log_every=0: expected an integer of at least 1"),
     "negative_seed": (lambda tmp: [f"--config={SYNTHETIC}", "--config.seed=-1"],
                       "error: seed=-1: expected an integer of at least 0"),
+    "negative_learning_rate": (lambda tmp: [f"--config={SYNTHETIC}", "--config.train.learning_rate=-1"],
+                               "error: train.learning_rate=-1.0: expected a finite number > 0"),
+    "override_of_the_wrong_type": (lambda tmp: [f"--config={SYNTHETIC}", "--config.train.steps=abc"],
+                                   "error: flag --config.train.steps=abc: invalid literal for int() with base 10: "
+                                   "'abc' (--helpshort or --helpfull lists the flags)"),
 }
 
 
@@ -87,6 +92,17 @@ def test_with_no_platform_set_and_no_accelerator_nothing_but_the_error_is_printe
     rc, output = run_main(*make_args(tmp_path), f"--workdir={tmp_path / 'run'}", env=env)
     assert_one_error_line(rc, output, expected.format(tmp=tmp_path))
     assert "cuDNN" not in output and "TPU" not in output, output
+
+
+def test_cpu_ffi_asked_for_without_a_compiler_is_one_line(tmp_path):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", CXX=str(tmp_path / "no-such-compiler"),
+               ALIGNMAMBA_CACHE_DIR=str(tmp_path / "cache"))
+    rc, output = run_main(f"--config={SYNTHETIC}", "--config.model.scan_backend=cpu_ffi",
+                          f"--workdir={tmp_path / 'run'}", env=env)
+    assert_one_error_line(rc, output, f"error: model.scan_backend='cpu_ffi' is unavailable here: CXX="
+                                      f"'{tmp_path}/no-such-compiler' is not an executable; use 'chunked', or 'auto' "
+                                      f"(which falls back to it)")
+    assert not (tmp_path / "run").exists()
 
 
 def test_unexpected_error_keeps_its_traceback(tmp_path):

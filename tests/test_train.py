@@ -194,6 +194,7 @@ def assert_resumes_like_the_reference(config_file, reference_run, workdir):
         (reference_run / "results.json").read_text())
     timing = ("train/samples_per_second",)
     assert read_jsonl(workdir, drop=timing) == read_jsonl(reference_run, drop=timing)
+    assert not [p for p in workdir.rglob("*") if ".orbax-checkpoint-tmp" in p.name]   # the killed save's
 
 
 def test_sigkill_in_the_first_save_and_after_a_checkpoint_then_resume_ends_like_an_uninterrupted_run(
@@ -567,3 +568,61 @@ def test_sigterm_to_one_of_two_processes_stops_both_after_the_same_step_with_one
     assert len(saved) == 1, outputs
     for output in outputs:
         assert f"stopped by SIGTERM; saved checkpoint {tmp_path}/checkpoints/{saved[0]}" in output, output
+
+
+@pytest.mark.slow
+def test_the_logged_train_means_do_not_depend_on_the_evaluation_and_checkpoint_cadence(config_file, reference_run,
+                                                                                        tmp_path):
+    """Evaluations and checkpoints fetch the step metrics in between log lines; each line is still the mean
+    over all the steps since the previous one (the reference logs every 5, evaluates and saves every 10)."""
+    rc, output = run_main(config_file, tmp_path, "--config.train.eval_every=3", "--config.train.checkpoint_every=7")
+    assert rc == 0, output
+    drop = ("train/samples_per_second",)
+
+    def train_rows(workdir):
+        return [{k: v for k, v in r.items() if k.startswith("train/") or k == "step"}
+                for r in read_jsonl(workdir, drop) if "train/loss" in r]
+    assert train_rows(tmp_path) == train_rows(reference_run)
+
+
+@pytest.mark.slow
+def test_sigterm_during_the_final_evaluation_says_training_is_complete(tmp_path, monkeypatch):
+    config = tiny_config()
+    config.train.update(steps=2, log_every=1, eval_every=100, checkpoint_every=100)
+    evaluate = train.Evaluator.evaluate
+    final = []
+
+    def signalled_at_the_final_test_evaluation(self, params, split, *args, **kwargs):
+        result = evaluate(self, params, split, *args, **kwargs)
+        if split is self_splits["test"] and not final:
+            final.append(True)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return result
+
+    self_splits = train.data_lib.load_splits(config.data)
+    monkeypatch.setattr(train.data_lib, "load_splits", lambda data_config: self_splits)
+    monkeypatch.setattr(train.Evaluator, "evaluate", signalled_at_the_final_test_evaluation)
+    with pytest.raises(train.preemption.Preempted) as stopped:
+        train.train_and_evaluate(config, str(tmp_path))
+    assert str(stopped.value) == (f"stopped by SIGTERM during the final evaluation; training is complete (last "
+                                  f"checkpoint {tmp_path}/checkpoints/2): rerun the same command to evaluate")
+    assert stopped.value.signum == signal.SIGTERM and not (tmp_path / "results.json").exists()
+
+
+@pytest.mark.slow
+def test_a_workdir_deleted_mid_run_stops_the_run_in_one_line_and_is_not_recreated(config_file, tmp_path):
+    workdir = tmp_path / "run"
+    process = run_main(config_file, workdir, "--config.train.steps=100000", "--config.train.log_every=1",
+                       "--config.train.eval_every=100000", "--config.train.checkpoint_every=100000", wait=False)
+    metrics, deadline = workdir / "metrics.jsonl", time.time() + 300
+    while process.poll() is None and time.time() < deadline and not (
+            metrics.exists() and "train/loss" in metrics.read_text()):
+        time.sleep(0.02)
+    os.rename(workdir, tmp_path / "deleted")   # rmtree in one step: the run writes into it at every step
+    shutil.rmtree(tmp_path / "deleted")
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode == 1, output
+    assert "Traceback" not in output, output
+    assert error_lines(output) == [f"error: workdir {workdir} was removed while this run was using it; stopping "
+                                   f"(it is not recreated: rerun to start afresh)"], output
+    assert not workdir.exists()

@@ -1,7 +1,10 @@
-"""The workdir: refused when it cannot hold a run, locked while a run lives (and not after a kill -9), files
-replaced whole (a failed write keeps the old file), a torn metrics line tolerated, SIGTERM/SIGINT caught."""
+"""The workdir: refused when it cannot hold a run, locked while a run lives (and not after a kill -9), removed
+only by the run holding its lock (a race loser removes nothing), a removal mid-run noticed, files replaced whole
+(a failed write keeps the old file), a torn metrics line tolerated, SIGTERM/SIGINT caught."""
 import errno
+import fcntl
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -45,6 +48,57 @@ def test_a_locked_workdir_refuses_a_second_holder_until_released(tmp_path):
             workdir_lib.WorkdirLock(str(tmp_path)).acquire()
     with workdir_lib.WorkdirLock(str(tmp_path)):
         pass
+
+
+def test_the_loser_of_a_race_for_a_new_workdir_removes_nothing_and_a_third_run_is_refused(tmp_path, monkeypatch):
+    """Two runs start on a workdir that does not exist yet; the loser's lock call comes only once the winner holds
+    the lock (the race that once let the loser delete the winner's lock and workdir)."""
+    from alignmamba_jax import train
+    workdir = tmp_path / "run"
+    winner = workdir_lib.WorkdirLock(str(workdir))
+    real_flock = fcntl.flock
+
+    def loser_delayed(fd, operation):
+        if winner._fd is None and not getattr(loser_delayed, "winning", False):
+            loser_delayed.winning = True
+            winner.acquire()
+        return real_flock(fd, operation)
+
+    monkeypatch.setattr(fcntl, "flock", loser_delayed)
+    with pytest.raises(UserError, match=f"^workdir {workdir} is in use by another run"):
+        train.train_and_evaluate(train.default_config(), str(workdir))
+    monkeypatch.undo()
+    assert winner._fd is not None and sorted(os.listdir(workdir)) == [".lock.0"]
+    with pytest.raises(UserError, match=f"^workdir {workdir} is in use by another run"):   # a third run
+        train.train_and_evaluate(train.default_config(), str(workdir))
+    assert sorted(os.listdir(workdir)) == [".lock.0"]
+    winner.release()
+
+
+def test_a_run_that_created_its_workdir_and_stops_on_a_mistake_removes_it(tmp_path):
+    lock = workdir_lib.WorkdirLock(str(tmp_path / "new"))
+    with lock:
+        assert lock.created
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "kept").mkdir()
+    with workdir_lib.WorkdirLock(str(tmp_path / "kept")) as lock:
+        assert not lock.created
+    assert os.listdir(tmp_path / "kept") == [".lock.0"]
+
+
+def test_a_workdir_removed_or_replaced_while_locked_stops_the_run(tmp_path):
+    workdir = tmp_path / "run"
+    for replace in (False, True):
+        with workdir_lib.WorkdirLock(str(workdir)) as lock:
+            lock.check()
+            shutil.rmtree(workdir)
+            if replace:   # removed and made again (by another run, or a write that recreated it)
+                workdir.mkdir()
+                (workdir / ".lock.0").write_text("")
+            with pytest.raises(UserError, match=f"^workdir {workdir} was removed while this run was using it; "
+                                                f"stopping"):
+                lock.check()
+        assert workdir.exists() == replace   # the run removes nothing it does not hold
 
 
 def test_the_lock_of_a_process_killed_with_sigkill_is_free(tmp_path):

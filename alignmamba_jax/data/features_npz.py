@@ -10,6 +10,7 @@ E.g. NYU-Depth V2 scene classification: image + depth; MVSA-Single sentiment: im
 """
 from __future__ import annotations
 
+import logging
 import os
 import zipfile
 
@@ -20,6 +21,7 @@ from alignmamba_jax.errors import UserError
 
 SPLITS = validate.SPLITS
 _RESERVED = ("labels", "ids")
+_log = logging.getLogger(__name__)
 
 
 def save_features_npz(directory, splits):
@@ -39,9 +41,10 @@ def save_features_npz(directory, splits):
 
 def load_features_npz(directory):
     """Directory in this layout -> {"train","valid","test"} -> contract split dict (modalities = all arrays
-    other than labels, ids and *_lengths)."""
+    other than labels, ids and *_lengths). Non-finite features become 0, with one warning naming the counts (as
+    the MMSA loader does)."""
     directory = os.fspath(directory)
-    splits = {}
+    splits, replaced = {}, {}
     for s in SPLITS:
         path = os.path.join(directory, f"{s}.npz")
         if not os.path.isfile(path):
@@ -59,7 +62,7 @@ def load_features_npz(directory):
             raise UserError(f"{path}: no modality arrays found (keys {sorted(raw)})")
         for m in modalities:
             x = np.array(validate.features(raw[m], path, m, n=n))
-            validate.zero_non_finite(x, path, m)
+            replaced[f"{s}/{m}_non_finite"] = validate.zero_non_finite(x, path, m)
             out[m] = x
             if m + "_lengths" in raw:
                 out[m + "_mask"] = validate.mask_from_lengths(raw[m + "_lengths"], x.shape[1], path,
@@ -70,4 +73,7 @@ def load_features_npz(directory):
         out["ids"] = validate.ids(raw["ids"], path, "ids", n) if "ids" in raw else np.array(
             [f"{s}_{i}" for i in range(n)])
         splits[s] = out
+    if sum(replaced.values()):
+        _log.warning("%s: replaced %d non-finite feature values by 0 (%s)", directory, sum(replaced.values()),
+                     {k: v for k, v in replaced.items() if v})
     return splits

@@ -47,8 +47,11 @@ def _unpickle(path, spill_dir=None):
             return load_spilled(path, spill_dir)
         with open(path, "rb") as f:
             return safe_pickle.load(f)
-    except safe_pickle.RefusedGlobal as e:
+    except safe_pickle.Refused as e:
         raise UserError(f"{path}: {e}") from None
+    except (OverflowError, RecursionError) as e:
+        raise UserError(f"{path}: refused: a value too large or containers nested too deep for feature data "
+                        f"({type(e).__name__}: {str(e)[:200]})") from None
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError,
             IndexError, KeyError, MemoryError) as e:
         raise UserError(f"{path}: not a readable pickle ({type(e).__name__}: {e}); the file may be truncated "
@@ -134,22 +137,34 @@ def _content_digest(path, cache_dir):
 @contextlib.contextmanager
 def _locked(lock_path, blocking=True):
     """An exclusive flock on lock_path (created if missing) for the block; yields whether it was taken. The
-    kernel drops the lock when its holder dies, even by kill -9."""
-    with open(lock_path, "a") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            if not blocking:
-                yield False
-                return
-            _log.info("%s: another process holds it (converting the same file); waiting", lock_path)
-            fcntl.flock(f, fcntl.LOCK_EX)
-        yield True
+    kernel drops the lock when its holder dies, even by kill -9. The holder removes the file before it lets go,
+    so none is left behind; a process that then gets the lock of the removed file takes it again on a new one."""
+    while True:
+        with open(lock_path, "a") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if not blocking:
+                    yield False
+                    return
+                _log.info("%s: another process holds it (converting the same file); waiting", lock_path)
+                fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                if os.stat(lock_path).st_ino != os.fstat(f.fileno()).st_ino:
+                    continue   # locked a file its holder removed: lock the one at the path now
+            except FileNotFoundError:
+                continue
+            try:
+                yield True
+            finally:
+                os.remove(lock_path)
+            return
 
 
 def _remove_stale_conversions(cache_dir):
     """Remove the .tmp-<name>-* folders of conversions whose process died: a live conversion holds .<name>.lock
-    (created before its folder, so a .tmp-* folder without one is not a conversion's and is left alone)."""
+    (created before its folder and removed after it, so a .tmp-* folder without one is not a conversion's and is
+    left alone)."""
     for entry in os.listdir(cache_dir):
         lock = os.path.join(cache_dir, "." + entry[len(".tmp-"):].rsplit("-", 1)[0] + ".lock")
         if entry.startswith(".tmp-") and os.path.isdir(os.path.join(cache_dir, entry)) and os.path.exists(lock):
@@ -188,7 +203,10 @@ def _convert_into(path, tmp):
 
 
 def load_mmsa_pickle(path, cache_dir=None, return_stats=False):
-    """MMSA pickle at `path` -> {"train","valid","test"} -> contract split dict (see module docstring).
+    """MMSA pickle at `path` -> {"train","valid","test"} -> contract split dict (see module docstring): per
+    modality m in text, audio, vision, m float32 (N, T_m, d_m) and m + "_mask" bool (N, T_m); "labels" float32
+    (N,); "ids" (N,). A missing file, a file of another layout or one holding anything but arrays and builtin
+    containers raises a UserError naming it.
 
     With `cache_dir`, converts once to memory-mappable .npy files in cache_dir/<file name>-<content digest>/ and
     returns read-only memory maps. The conversion is written to a .tmp-* folder renamed into place, under a lock:

@@ -7,27 +7,37 @@ the load, so with the standard unpickler a 13 GB MMSA MOSEI pickle would sit in 
 only holds small placeholders and peak memory stays near one chunk. Byte strings below 64 KiB and
 protocol-2 pickles (data as latin-1 text) take the ordinary in-memory path. Names are restricted as in
 `safe_pickle`: loading runs no code from the file.
+
+The file cannot choose where anything is written: spill files are created only in `out_dir`, under names the
+unpickler numbers, and BUILD (the opcode that sets an object's state) is refused on everything but the
+unpickler's own array placeholders and dtypes, so a pickle cannot redirect a spill file by rewriting its
+placeholder. Containers nested more than `MAX_DEPTH` deep are refused (a real feature pickle is 3 deep).
 """
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import pickle
 import struct
 
 import numpy as np
 
-from alignmamba_jax.data.safe_pickle import check_global
+from alignmamba_jax.data.safe_pickle import BUILDERS, Refused, check_global
 
 _RECONSTRUCT = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct")}
 _FROMBUFFER = {("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer")}
 _HEADER = 4096  # reserved .npy header bytes (a multiple of 64, as the format requires)
 _CHUNK = 64 << 20
 _MIN_SPILL = 64 << 10  # pickle frames are 64 KiB: larger byte strings are written outside them
+MAX_DEPTH = 64
 
 
 class OnDisk:
-    """A byte string (then an array) the unpickler wrote to `path`, after a reserved .npy header."""
+    """A byte string (then an array) the unpickler wrote to `path`, after a reserved .npy header. Only the
+    unpickler makes these; the pickle cannot set their state (see `_SpillingUnpickler.load_build`)."""
+
+    __slots__ = ("path", "nbytes")
 
     def __init__(self, path, nbytes):
         self.path, self.nbytes = path, nbytes
@@ -35,7 +45,7 @@ class OnDisk:
     def finish(self, dtype, shape, fortran):
         """Write the .npy header for the data already in the file; return self."""
         dtype = np.dtype(dtype)
-        if int(np.prod(shape)) * dtype.itemsize != self.nbytes:
+        if math.prod(int(s) for s in shape) * dtype.itemsize != self.nbytes:
             raise pickle.UnpicklingError(f"array of {shape} {dtype} does not match its {self.nbytes} data bytes")
         header = repr({"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": bool(fortran),
                        "shape": tuple(int(s) for s in shape)})
@@ -74,7 +84,7 @@ class _SpillingUnpickler(pickle._Unpickler):  # the pure-Python unpickler: its o
         if n < _MIN_SPILL:
             return self.read(n)
         path = os.path.join(self._out_dir, f"array_{next(self._counter):05d}.npy")
-        with open(path, "wb") as f:
+        with open(path, "xb") as f:   # a new file: never one that was there, nor a link planted there
             f.write(b"\0" * _HEADER)
             left = n
             while left:
@@ -98,9 +108,19 @@ class _SpillingUnpickler(pickle._Unpickler):  # the pure-Python unpickler: its o
         b = self._bytes(n)
         self.append(b if isinstance(b, OnDisk) else bytearray(b))
 
+    def load_build(self):
+        """BUILD sets the state of the object below it: allowed on the array placeholders and dtypes this
+        unpickler built, refused on anything else (a spill file's `OnDisk` above all)."""
+        target = self.stack[-2]
+        if not isinstance(target, (_SpilledArray, np.dtype)):
+            raise Refused(f"refused to set the state of a {type(target).__name__}: a data pickle sets state only "
+                          f"on numpy arrays and dtypes")
+        pickle._Unpickler.load_build(self)
+
     dispatch[pickle.BINBYTES[0]] = load_binbytes
     dispatch[pickle.BINBYTES8[0]] = load_binbytes8
     dispatch[pickle.BYTEARRAY8[0]] = load_bytearray8
+    dispatch[pickle.BUILD[0]] = load_build
 
     def find_class(self, module, name):
         canonical = check_global(module, name)
@@ -112,18 +132,21 @@ class _SpillingUnpickler(pickle._Unpickler):  # the pure-Python unpickler: its o
                     return buf.finish(dtype, shape, order == "F")
                 return np.frombuffer(buf, dtype=dtype).reshape(shape, order=order)
             return frombuffer
-        return super().find_class(canonical, name)
+        return BUILDERS.get((canonical, name)) or super().find_class(canonical, name)
 
 
-def _resolve(obj):
+def _resolve(obj, depth=0):
+    if depth > MAX_DEPTH:
+        raise Refused(f"refused: containers nested more than {MAX_DEPTH} deep (a feature pickle is a dict of "
+                      f"splits of arrays)")
     if isinstance(obj, _SpilledArray):
         obj = obj.value
     if isinstance(obj, OnDisk):
         return np.load(obj.path, mmap_mode="r+")
     if isinstance(obj, dict):
-        return {k: _resolve(v) for k, v in obj.items()}
+        return {k: _resolve(v, depth + 1) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(_resolve(v) for v in obj)
+        return type(obj)(_resolve(v, depth + 1) for v in obj)
     return obj
 
 

@@ -4,7 +4,8 @@ builtin containers, so only what builds those may be named by a pickle.
 A pickle can call only what it names through `find_class` (the GLOBAL, STACK_GLOBAL, INST, OBJ and EXT opcodes
 all go through it): with the names restricted to numpy's array, dtype and scalar reconstructors and a few
 builtin types, loading builds arrays, dicts, lists, tuples and scalars and nothing else. Any other name
-(`os.system`, `builtins.eval`, a class of some package) is refused before it is imported.
+(`os.system`, `builtins.eval`, a class of some package) is refused before it is imported. `bytearray` is
+built only from bytes or text, as pickle writes it, never from a size (`bytearray(2**70)`).
 """
 from __future__ import annotations
 
@@ -20,8 +21,25 @@ ALLOWED = frozenset(_NUMPY | {("numpy", "ndarray"), ("numpy", "dtype"),
                        for name in ("set", "frozenset", "bytearray", "complex")})
 
 
-class RefusedGlobal(pickle.UnpicklingError):
+class Refused(pickle.UnpicklingError):
+    """The pickle asks for something a feature pickle never needs; the message says what and why."""
+
+
+class RefusedGlobal(Refused):
     """The pickle names a class or function outside `ALLOWED`."""
+
+
+def _bytearray(*args):
+    """bytearray as pickle writes one (from bytes, or latin-1 text in protocol 2), never `bytearray(n)`: a size
+    is not data, and 2**70 is an OverflowError, 2**40 a terabyte."""
+    if args and not isinstance(args[0], (bytes, str)):
+        raise Refused(f"refused bytearray({type(args[0]).__name__}): pickle writes a bytearray from its bytes, "
+                      f"never from a size")
+    return bytearray(*args)
+
+
+# allowed names that are built by a stand-in with the same result for what pickle writes
+BUILDERS = {(builtins, "bytearray"): _bytearray for builtins in ("builtins", "__builtin__")}
 
 
 def check_global(module, name):
@@ -38,7 +56,8 @@ class SafeUnpickler(pickle.Unpickler):
     """pickle.Unpickler (the C one) whose lookups are restricted to `ALLOWED`."""
 
     def find_class(self, module, name):
-        return super().find_class(check_global(module, name), name)
+        canonical = check_global(module, name)
+        return BUILDERS.get((canonical, name)) or super().find_class(canonical, name)
 
 
 def load(file):

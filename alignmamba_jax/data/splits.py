@@ -54,7 +54,7 @@ def load_splits(data_config) -> dict:
     """{"train","valid","test"} -> split dict (data contract) for `data_config` (config.data).
 
     Keys read: name in NAMES, path (file or directory, see PATH_KINDS; unused for "synthetic"), modalities,
-    task ("regression" | "classification"), num_classes, synthetic (sub-config, see `synthetic.default_config`),
+    task ("regression" | "classification"), num_classes, synthetic (sub-config, see `config.default_synthetic_config`),
     tfds_name ("mosi" | "mosei", for name="tfds"; data_dir = path, the MMSA pickle in
     path/downloads/manual/, TFDS's default manual_dir), tfds_config ("unaligned" | "aligned"), cache_dir
     (for name="mmsa": convert the pickle once to memory-mappable .npy files there; recommended for MOSEI).

@@ -1,8 +1,9 @@
 """The synthetic embedded default: MOSI-shaped data, generated from a seed, in which alignment matters.
 
-Owns `default_config()` (the `data.synthetic` sub-config), `generate_sentiment` (language / audio / vision
+Owns `generate_sentiment` (language / audio / vision
 regression, the shape of MMSA's MOSI `unaligned_50.pkl`) and `generate_image_text` (two-modality
 classification for AlignMamba-2 experiments; `write_image_text_npz` stores it in the `features_npz` layout).
+Its settings, the `data.synthetic` sub-config, are `alignmamba_jax.config.default_synthetic_config()`.
 
 Generative story of `generate_sentiment` (every random choice below comes from `seed`):
 
@@ -45,51 +46,13 @@ from __future__ import annotations
 import ml_collections
 import numpy as np
 
+from alignmamba_jax.config import default_synthetic_config
 from alignmamba_jax.data.validate import SPLITS
 from alignmamba_jax.errors import UserError
 
 
-def default_config() -> ml_collections.ConfigDict:
-    """The `data.synthetic` sub-config with its documented defaults (sizes fit a 2-core CPU demo)."""
-    c = ml_collections.ConfigDict()
-    c.seed = 0
-    c.n_train = 1280
-    c.n_valid = 256
-    c.n_test = 512
-    # sentiment (language / audio / vision), MOSI unaligned shapes
-    c.text_len = 50
-    c.text_dim = 768
-    c.audio_len = 375
-    c.audio_dim = 5
-    c.vision_len = 500
-    c.vision_dim = 20
-    c.vocab_size = 24
-    c.code_dim = 4
-    c.min_words = 6
-    c.max_words = 30
-    c.duration_sigma = 0.6
-    c.pause_prob = 0.25
-    c.max_lead_in = 0.3
-    c.min_frac = 0.6
-    c.text_noise = 0.3
-    c.frame_noise = 0.15
-    c.text_weight = 0.5
-    c.label_noise = 0.1
-    # True: audio / vision given word-aligned, like MMSA's aligned_50.pkl: each text token gets the mean of its
-    # word's frames (zeros for [CLS], [SEP] and padding), shapes (N, text_len, d). The upper bound alignment
-    # can reach on this data; False (default): the raw unaligned frames.
-    c.aligned = False
-    # image-text classification (features_npz layout)
-    c.image_len = 49
-    c.image_dim = 64
-    c.caption_len = 24
-    c.caption_dim = 64
-    c.num_classes = 3
-    return c
-
-
 def _resolve(config) -> ml_collections.ConfigDict:
-    c = default_config()
+    c = default_synthetic_config()
     if config is not None:
         unknown = set(config.keys()) - set(c.keys())
         if unknown:

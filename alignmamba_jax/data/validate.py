@@ -47,6 +47,8 @@ def features(x, where, key, ndim=3, n=None, length=None, dim=None):
         raise UserError(f"{where}: key {key!r}: expected floating point features, found dtype {x.dtype}")
     if ndim == 3 and x.shape[1] == 0:
         raise UserError(f"{where}: key {key!r}: expected a padded length T >= 1, found shape {x.shape}")
+    if ndim == 3 and x.shape[2] == 0:
+        raise UserError(f"{where}: key {key!r}: expected a feature width d >= 1, found shape {x.shape}")
     return x.astype(np.float32, copy=False)
 
 
@@ -88,36 +90,60 @@ def mask_from_lengths(lengths, length, where, key, n=None):
     return np.arange(length)[None, :] < np.minimum(lengths.astype(np.int64), length)[:, None]
 
 
+def _numeric(y, where, key, what):
+    """`y` if its dtype is a number (bool, int, float; an object array of numbers is converted), else a
+    UserError naming the dtype and the first value."""
+    if y.dtype.kind == "O":
+        try:
+            return y.astype(np.float64)
+        except (TypeError, ValueError):
+            pass
+    if y.dtype.kind not in "biuf":
+        value = y.reshape(-1)[0] if y.size else None
+        first = f" (first: {value.item() if isinstance(value, np.generic) else value!r})" if y.size else ""
+        raise UserError(f"{where}: key {key!r}: {what} must be numbers, found dtype {y.dtype}{first}")
+    return y
+
+
 def regression_labels(y, where, key, n=None):
     y = np.asarray(y)
     if y.ndim > 1 and int(np.prod(y.shape[1:])) == 1:
         y = y.reshape(y.shape[0])
     if y.ndim != 1 or (n is not None and y.shape[0] != n):
         raise UserError(f"{where}: key {key!r}: expected shape ({n if n is not None else 'N'},), found {y.shape}")
-    y = y.astype(np.float32)
-    if not np.all(np.isfinite(y)):
-        bad = ~np.isfinite(y)
+    y = _numeric(y, where, key, "sentiment labels")
+    bad = ~np.isfinite(y)
+    if bad.any():
         raise UserError(f"{where}: key {key!r}: expected finite labels, found {int(bad.sum())} NaN / inf "
                         f"(first at index {int(np.argmax(bad))}: {y[np.argmax(bad)]})")
     lo, hi = LABEL_RANGE
-    if y.size and (y.min() < lo or y.max() > hi):
+    if y.size and (y.min() < lo or y.max() > hi):   # in the file's dtype: 1e300 would become inf in float32
         raise UserError(f"{where}: key {key!r}: sentiment labels must lie in [{lo}, {hi}], found range "
                         f"[{y.min()}, {y.max()}]")
-    return y
+    return y.astype(np.float32)
 
 
 def class_labels(y, where, key, n=None, num_classes=None):
+    """int32 class indices in [0, num_classes) (without num_classes: in int32's range), checked in the file's
+    own dtype before the cast, so that an int64 2**32 + 1 is refused rather than read as class 1."""
     y = np.asarray(y)
     if y.ndim != 1 or (n is not None and y.shape[0] != n):
         raise UserError(f"{where}: key {key!r}: expected shape ({n if n is not None else 'N'},), found {y.shape}")
-    if not np.issubdtype(y.dtype, np.integer):
-        if np.any(np.isnan(y)) or np.any(y != np.round(y)):
-            raise UserError(f"{where}: key {key!r}: class labels must be integers, found non-integer values")
-    y = y.astype(np.int32)
-    if y.size and (y.min() < 0 or (num_classes is not None and y.max() >= num_classes)):
-        raise UserError(f"{where}: key {key!r}: class labels must lie in [0, {num_classes}), found range "
+    y = _numeric(y, where, key, "class labels")
+    if y.dtype.kind == "f":
+        bad = ~np.isfinite(y)
+        bad[~bad] = y[~bad] != np.round(y[~bad])
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise UserError(f"{where}: key {key!r}: class labels must be integers, found {int(bad.sum())} "
+                            f"non-integer values (first at index {i}: {y[i]})")
+    limit = num_classes if num_classes is not None else 2 ** 31
+    if y.size and (y.min() < 0 or y.max() >= limit):
+        allowed = f"[0, {num_classes - 1}] (data.num_classes={num_classes})" if num_classes is not None else \
+            f"[0, {limit - 1}] (int32 class indices)"
+        raise UserError(f"{where}: key {key!r}: class labels must lie in {allowed}, found range "
                         f"[{y.min()}, {y.max()}]")
-    return y
+    return y.astype(np.int32)
 
 
 def ids(values, where, key, n):
