@@ -358,7 +358,9 @@ def _plan(length, channels, state, chunk, block_c, unroll, state_group, dtypes):
         raise ValueError(f"pallas_tpu: unroll must divide 8 (1, 2, 4 or 8), found {unroll}")
     if group > SUBLANES:   # the dense forward reads 16-bit steps in pairs
         unroll = max(unroll, 2)
-    return _Plan(state, chunk, n_chunks, n_chunks * chunk, -(-channels // block_c) * block_c, dense, block_c,
+    # channels pad to the lanes only: the grid's last channel block may be partial (its missing lanes are
+    # garbage that stays in their own channels; their writes are dropped)
+    return _Plan(state, chunk, n_chunks, n_chunks * chunk, -(-channels // LANES) * LANES, dense, block_c,
                  group, unroll, max(1, min(state_group, state)))
 
 
@@ -385,7 +387,7 @@ def _forward(u, delta, A2t, B, C, h0t, plan, y_dtype, interpret):
     the last state (batch, state, channels)."""
     batch, length, channels = u.shape
     state, chunk, n_chunks, bc = plan.state, plan.chunk, plan.n_chunks, plan.block_c
-    grid = (batch, channels // bc, n_chunks)
+    grid = (batch, -(-channels // bc), n_chunks)
     if plan.dense:
         kernel_args = dict(chunk=chunk, state=state, state_group=plan.state_group, unroll=plan.unroll,
                            emulate=bool(interpret))

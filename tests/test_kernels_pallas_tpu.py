@@ -141,9 +141,11 @@ def test_kernels_compile_for_v5e_without_spills_at_state_16(tmp_path, pass_, sha
 
 
 @_needs_libtpu
-def test_backward_compiles_for_v5e_at_state_128(tmp_path):
+@pytest.mark.parametrize("channels", [256, DENSE_CHANNELS])
+def test_forward_and_backward_compile_for_v5e_at_state_128(tmp_path, channels):
     """Mosaic's default scoped VMEM limit (16 MiB on v5e) is too small for a large state's blocks and buffers;
-    the kernels ask for what they need."""
-    _, kernels = _compiled_kernel(tmp_path, "bwd", (1, 256, 256, 128))
+    the kernels ask for what they need. The gradient's program holds both kernels (the forward saves the chunks'
+    starting states)."""
+    _, kernels = _compiled_kernel(tmp_path, "bwd", (1, 256, channels, 128))
     assert set(kernels) == {"selective_scan_fwd_tpu", "selective_scan_bwd_tpu"}
     assert all(scoped > 0 for _, _, scoped in kernels.values())
