@@ -21,13 +21,12 @@ import math  # noqa: E402
 import os  # noqa: E402
 import re  # noqa: E402
 import sys  # noqa: E402
-import tempfile  # noqa: E402
 import time  # noqa: E402
 
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from alignmamba_jax import compile_report  # noqa: E402
+from alignmamba_jax import compile_report, workdir  # noqa: E402
 from alignmamba_jax.cli import parse_flags  # noqa: E402
 from alignmamba_jax.errors import UserError  # noqa: E402
 
@@ -289,18 +288,7 @@ def _gib(n) -> str:
 def check_output(flag, path, kind) -> None:
     """A UserError unless `path` can be written as a `kind` ("file" or "directory"): checked before compiling,
     which can take minutes."""
-    path = os.path.abspath(path)
-    if os.path.exists(path) and os.path.isdir(path) != (kind == "directory"):
-        raise UserError(f"--{flag}={path} is a {'directory' if os.path.isdir(path) else 'file'}; expected a {kind}")
-    existing = path if kind == "directory" else os.path.dirname(path)
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        raise UserError(f"--{flag}={path}: {existing} is a file, not a directory")
-    try:  # a real write: permissions, read-only mounts and root on special file systems all show here
-        tempfile.TemporaryFile(dir=existing).close()
-    except OSError as error:
-        raise UserError(f"--{flag}={path}: cannot write in {existing}: {error.strerror}") from None
+    path = workdir.check_writable(path, flag, kind)
     if kind == "file" and os.path.exists(path) and not os.access(path, os.W_OK):
         raise UserError(f"--{flag}={path}: this file is not writable")
 

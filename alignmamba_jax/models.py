@@ -49,48 +49,8 @@ ATTENTION_IMPLS = ("xla", "cudnn")
 _NOT_IN_SPEC = ("name", "drop_modalities", "align_weight")
 
 
-@dataclasses.dataclass(frozen=True)
-class ModelSpec:
-    """The resolved, hashable model description a module is built from (see `create_model`): the modalities
-    resolved from the data and cfg.drop_modalities, then every key of `default_model_config()` except
-    _NOT_IN_SPEC, taken from the config by name and converted to the field's type (`_spec_value`)."""
-    modalities: Tuple[str, ...]          # active modalities, in interleave order of the config
-    anchor: str
-    input_dims: Tuple[Tuple[str, int], ...]
-    task: str
-    num_classes: int
-    d_model: int
-    n_layers: int
-    d_state: int
-    d_conv: int
-    expand: int
-    dt_rank: Union[int, str]
-    scan_backend: str
-    dtype: str
-    dropout: float
-    pooling: str
-    use_local_alignment: bool
-    use_global_alignment: bool
-    fusion: str
-    mmd_sigma: Tuple[float, ...]
-    ot_centred: bool
-    ot_match_dim: int
-    ot_time_prior: float
-    ot_contrastive: float
-    ot_contrastive_tau: float
-    ot_contrastive_sigma: float
-    ot_barycentric: bool
-    return_plans: bool
-    moe_num_shared_experts: int
-    moe_hidden_mult: int
-    use_sinkhorn: bool
-    sinkhorn_epsilon: float
-    sinkhorn_iters: int
-    sinkhorn_tolerance: float
-    am2_inference_alignment: str
-    n_heads: int
-    mlp_mult: int
-    attention_impl: str
+class _ModelSpecChecks:
+    """What every `ModelSpec` checks and derives; its fields come from `default_model_config()`."""
 
     def __post_init__(self):
         choices = {"task": TASKS, "fusion": FUSIONS, "pooling": POOLINGS, "dtype": tuple(DTYPES),
@@ -125,6 +85,28 @@ class ModelSpec:
     @property
     def compute_dtype(self):
         return DTYPES[self.dtype]
+
+
+
+def _field_kind(key, default):
+    """The hashable type of ModelSpec field `key`, from its default in `default_model_config()`."""
+    if key == "dt_rank":
+        return Union[int, str]                               # "auto" or a rank
+    if isinstance(default, tuple):
+        return Tuple[float, ...]
+    return next(kind for kind in (bool, int, float, str) if isinstance(default, kind))
+
+
+# The resolved, hashable model description a module is built from (see `create_model`): the modalities resolved
+# from the data and cfg.drop_modalities, then every key of `default_model_config()` except _NOT_IN_SPEC, taken
+# from the config by name and converted to its default's type (`_spec_value`). The keys are defined once, there.
+ModelSpec = dataclasses.make_dataclass(
+    "ModelSpec",
+    [("modalities", Tuple[str, ...]),                       # active modalities, in interleave order of the config
+     ("anchor", str), ("input_dims", Tuple[Tuple[str, int], ...]), ("task", str), ("num_classes", int)]
+    + [(key, _field_kind(key, default)) for key, default in default_model_config().items()
+       if key not in _NOT_IN_SPEC],
+    bases=(_ModelSpecChecks,), frozen=True)
 
 
 def _spec_value(key, value, kind):

@@ -87,6 +87,30 @@ TPU_SPECS = {
 }
 
 
+MIB = 2 ** 20
+# TPU generation -> figures of one TensorCore, for the static bounds of compiled kernels
+# (`benchmarks/kernel_report.py`):
+#   clock_hz: the TensorCore clock: the published peak bf16 FLOP/s over the MXUs' multiply-adds per clock
+#     (v4: 275e12 / (2 cores x 4 MXUs x 128 x 128 x 2); v5e: 197e12 / (4 x 128 x 128 x 2); v5p: 459e12 /
+#     (2 x 4 x 128 x 128 x 2)); Google publishes no v6e clock: 1.75 GHz is assumed (918e12 over 2 MXUs of
+#     256 x 256 would need 3.5 GHz);
+#   cores: TensorCores a device drives (megacore v4 / v5p: 2, a kernel's parallel grid axes split over them);
+#   eup_per_clock: exponentials per clock per core, one (8, 128) float32 vreg (libtpu's per-bundle capacity: one
+#     EUP slot);
+#   vmem_bytes: VMEM per core (jax's `pltpu.get_tpu_info`); default_vmem_limit_bytes: the scoped VMEM limit
+#     XLA:TPU gives a kernel that sets none (libtpu's optimized HLO: 16 MiB, 32 MiB on v6e).
+TPU_CORE = {
+    "v4": {"clock_hz": 1.05e9, "cores": 2, "eup_per_clock": 1024, "vmem_bytes": 16 * MIB,
+           "default_vmem_limit_bytes": 16 * MIB},
+    "v5e": {"clock_hz": 1.5e9, "cores": 1, "eup_per_clock": 1024, "vmem_bytes": 128 * MIB,
+            "default_vmem_limit_bytes": 16 * MIB},
+    "v5p": {"clock_hz": 1.75e9, "cores": 2, "eup_per_clock": 1024, "vmem_bytes": 64 * MIB,
+            "default_vmem_limit_bytes": 16 * MIB},
+    "v6e": {"clock_hz": 1.75e9, "cores": 1, "eup_per_clock": 1024, "vmem_bytes": 128 * MIB,
+            "default_vmem_limit_bytes": 32 * MIB},
+}
+
+
 def _tpu_topology(chips: int, dims: int) -> str:
     """A slice shape for `chips` chips as Cloud TPU lays them out: a host's 2x2 (x1) block first, then doubling
     the smallest axis, the last one on ties (v5e: 2x2, 2x4, 4x4, ...; v4 / v5p: 2x2x1, 2x2x2, 2x2x4, 2x4x4)."""
@@ -224,10 +248,13 @@ def target_devices(target: Target) -> list:
     if reason:
         raise UserError(f"cannot compile for {target.name}: {reason}")
     if target.platform == "tpu":
+        # a host holds a 2x2(x1) block of chips, or the whole slice where it is smaller
+        dims = [int(x) for x in target.topology.split(":")[1].split("x")] + [1]
+        bounds = (min(dims[0], 2), min(dims[1], 2), 1)
         with _stderr_only_on_failure():   # libtpu looks for a TPU VM's metadata and says at length it is none
             topology = topologies.get_topology_desc(
                 platform="tpu", topology_name=target.topology, chip_config_name=target.chip_config,
-                chips_per_host_bounds=(2, 2, 1), num_slices=1)
+                chips_per_host_bounds=bounds, num_slices=1)
     else:
         topology = topologies.get_topology_desc(platform="cuda", topology_name="", topology=target.topology,
                                                 target_config=gpu_target_config(target.gpu))

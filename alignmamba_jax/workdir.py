@@ -43,19 +43,26 @@ def check_workdir(workdir) -> str:
             raise UserError(f"--workdir={workdir}: cannot open this URL: {error} (install the filesystem package "
                             f"for it, e.g. gcsfs for gs://)") from None
         return workdir
-    workdir = os.path.abspath(workdir)
-    if os.path.exists(workdir) and not os.path.isdir(workdir):
-        raise UserError(f"--workdir={workdir} is a file, not a directory")
-    existing = workdir
+    return check_writable(workdir, "workdir", "directory")
+
+
+def check_writable(path, flag, kind) -> str:
+    """`path` made absolute; a UserError naming `--flag` unless it can be written as a `kind` ("file" or
+    "directory"): an existing path of the other kind, a file where a folder on its way should be, or a folder
+    this process cannot write in."""
+    path = os.path.abspath(path)
+    if os.path.exists(path) and os.path.isdir(path) != (kind == "directory"):
+        raise UserError(f"--{flag}={path} is a {'directory' if os.path.isdir(path) else 'file'}; expected a {kind}")
+    existing = path if kind == "directory" else os.path.dirname(path)
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing):
-        raise UserError(f"--workdir={workdir}: {existing} is a file, not a directory")
+        raise UserError(f"--{flag}={path}: {existing} is a file, not a directory")
     try:  # a real write: permissions, read-only mounts and root on special file systems all show here
         tempfile.TemporaryFile(dir=existing).close()
     except OSError as error:
-        raise UserError(f"--workdir={workdir}: cannot write in {existing}: {error.strerror}") from None
-    return workdir
+        raise UserError(f"--{flag}={path}: cannot write in {existing}: {error.strerror}") from None
+    return path
 
 
 class WorkdirLock:

@@ -1,6 +1,6 @@
 """Ablation (the paper's Table 3): test metrics of AlignMamba and its ablated variants over seeds, synthetic data.
 
-Rows (model overrides from `alignmamba_jax.train.MODEL_VARIANTS`):
+Rows (model overrides from `alignmamba_jax.config.MODEL_VARIANTS`):
   full            OT local alignment + MMD global alignment + time-major interleave (as configured: on the
                   synthetic default, the OT cost is learned with the temporal contrastive loss)
   full, paper OT rule   the same with every alignment option of ours off (variant paper_ot)

@@ -1,22 +1,17 @@
 """Selective-scan kernels: one public `selective_scan` dispatching to interchangeable backends, and the
 single-step `selective_state_update` for decoding.
 
-Backends (all share the signature of `selective_scan_reference`) are listed once, in `registry.py`:
-reference (plain `lax.scan`, the ground truth), associative, chunked, cpu_ffi (C++ through XLA's FFI),
-pallas_triton, pallas_mosaic_gpu (sm_90+) and pallas_tpu. Two names choose among them per platform:
-  pallas   the platform's Pallas kernel: pallas_tpu on TPU, pallas_mosaic_gpu on CUDA sm_90+, else
-           pallas_triton where this JAX has Pallas's Triton dialect
-  auto     cpu -> cpu_ffi (chunked where it cannot be built), gpu -> pallas (chunked where none runs),
-           tpu -> pallas_tpu
-`backends()` says which backends can run here, why the others cannot, and what `auto` picks.
-Off their platform the Pallas kernels run in interpret mode (slow; for tests). The Pallas backends import their
-Pallas dialect only when asked for, so a JAX without one (e.g. without Triton) still serves every other backend.
-`tuned_backend(name, **tunables)` builds a Pallas backend with non-default tunables (sweeps).
+The backends, each with the signature of `selective_scan_reference`, are the records of `registry.py`; this
+module reads them for dispatch, `backends()` (which can run here, why the others cannot, what `auto` picks),
+`tunables(name)` and `tuned_backend(name, **tunables)` (a Pallas backend with non-default tunables, for sweeps).
+Two names choose per platform (`resolve_backend`): `pallas`, the platform's Pallas kernel, and `auto`, the
+platform's default. Off their platform the Pallas kernels run in interpret mode (slow; for tests), and each
+imports its Pallas dialect only when asked for, so a JAX without one still serves every other backend.
 
-Which backend runs follows the platform being lowered for, never `jax.default_backend()` (`resolve_backend`):
-under a mesh its devices' platform, elsewhere one `lax.platform_dependent` branch per platform, so a program
-compiled ahead of time for a TPU or GPU from a CPU host gets that platform's kernel. Under a mesh the kernels
-(Pallas and cpu_ffi) run on each device's batch shard (`sharding.py`).
+Which backend runs follows the platform being lowered for, never `jax.default_backend()`: under a mesh its
+devices' platform, elsewhere one `lax.platform_dependent` branch per platform, so a program compiled ahead of
+time for a TPU or GPU from a CPU host gets that platform's kernel. Under a mesh the kernels (Pallas and cpu_ffi)
+run on each device's batch shard (`sharding.py`).
 """
 import functools
 

@@ -1,5 +1,6 @@
-"""The `chunked` backend, the default on CPU: a sequential scan over time, organised in chunks, with a
-hand-written VJP that keeps only chunk-boundary states.
+"""The `chunked` backend, the XLA scan `auto` falls back to where no kernel can run (on CPU: where cpu_ffi cannot be
+built): a sequential scan over time, organised in chunks, with a hand-written VJP that keeps only chunk-boundary
+states.
 
 Forward under differentiation: an outer `lax.scan` over chunks of `chunk` steps, an inner `lax.scan` over the
 steps of a chunk with the (batch, channels, state) state as carry; the outer scan emits the state at the

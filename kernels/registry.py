@@ -105,7 +105,7 @@ REGISTRY = {b.name: b for b in (
             "Pallas GPU kernel on Mosaic GPU, sm_90+ (Hopper, Blackwell)", kind="pallas", platforms=("cuda",),
             native_dtypes=True, missing_hint="use backend 'pallas_triton', 'chunked' or 'associative'"),
     Backend("pallas_tpu", "pallas_tpu", "pallas_tpu_core", "Pallas TPU kernel (Mosaic)", kind="pallas",
-            platforms=("tpu",), missing_hint="use backend 'chunked' or 'associative'"),
+            platforms=("tpu",), native_dtypes=True, missing_hint="use backend 'chunked' or 'associative'"),
 )}
 
 BACKENDS = tuple(REGISTRY) + ALIASES                                   # every accepted `backend=` value

@@ -858,10 +858,11 @@ def test_integer_features_are_promoted_not_truncated():
     np.testing.assert_allclose(masked_centre(src)[0, :, 0], [-2.5, -1.5, 0.5, 3.5])
 
 
-def test_forward_mode_autodiff_works_where_the_readme_says_and_fails_where_it_says_not(rng):
-    """README, "Using the pieces": jvp through ot_align, sinkhorn, time_contrastive_loss, segment_mean_resample and
-    the reference / associative scans equals the reverse-mode directional derivative; mmd and the chunked scan
-    (custom VJPs) raise JAX's TypeError, and the README tells the user to use jacrev or the reference backend."""
+def test_forward_mode_autodiff_works_where_the_docs_say_and_fails_where_they_say_not(rng):
+    """docs/alignment.md and docs/kernels.md: jvp through ot_align, sinkhorn, time_contrastive_loss,
+    segment_mean_resample and the reference / associative scans equals the reverse-mode directional derivative; mmd
+    and the chunked scan (custom VJPs) raise JAX's TypeError, and the docs tell the user to use jacrev or the
+    reference backend."""
     from alignmamba_jax.kernels import selective_scan
     x, y = rng.normal(size=(1, 5, 3)).astype(np.float32), rng.normal(size=(1, 4, 3)).astype(np.float32)
     direction = rng.normal(size=x.shape).astype(np.float32)
@@ -879,8 +880,10 @@ def test_forward_mode_autodiff_works_where_the_readme_says_and_fails_where_it_sa
     for name, f in {"mmd": lambda s: mmd(s, y)[0], "chunked": scan("chunked")}.items():
         with pytest.raises(TypeError, match="can't apply forward-mode autodiff"):
             jax.jvp(f, (x,), (direction,))
-    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md"), encoding="utf-8").read()
-    assert "Forward-mode autodiff (`jax.jvp`, `jax.jacfwd`) works through" in readme
+    for page in ("alignment.md", "kernels.md"):
+        text = open(os.path.join(os.path.dirname(__file__), "..", "docs", page), encoding="utf-8").read()
+        assert "Forward-mode autodiff (`jax.jvp`, `jax.jacfwd`) works through" in text, page
+        assert "`jax.jacrev`" in text, page
 
 
 def test_sinkhorn_distance_refuses_a_traced_epsilon():

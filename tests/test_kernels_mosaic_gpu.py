@@ -45,6 +45,20 @@ def test_mosaic_gpu_matches_reference_values_and_gradients_of_every_input():
     _check_against_reference(SMALL, (2, 20, 70, 5), OPTION_SETS["all"])
 
 
+def test_mosaic_gpu_backward_keeps_decays_where_both_workspaces_fit():
+    """The decay workspace fits up to state 32 in float32 at the defaults; at state 64 the adjoint recomputes
+    the decays (one workspace) rather than refusing a size that fitted before."""
+    from alignmamba_jax.kernels.pallas_mosaic_gpu import _keep_decays
+    assert _keep_decays(8, 64, 16, 2, [2] * 5, check=True) and _keep_decays(8, 64, 32, 2, [4] * 5, check=True)
+    assert not _keep_decays(8, 64, 64, 2, [4] * 5, check=True)
+
+
+@pytest.mark.slow
+def test_mosaic_gpu_state_64_recomputes_decays_in_the_adjoint_and_matches_reference():
+    """The backward's other path (decays recomputed in the adjoint, `_keep_decays`): values and gradients."""
+    _check_against_reference(SMALL, (1, 16, 64, 64), OPTION_SETS["bias_softplus_h0"])
+
+
 def _split_backend(sm_count):
     return make_backend(functools.partial(pallas_mosaic_gpu_core, chunk=8, sm_count=sm_count), "split",
                         native_dtypes=True)
@@ -57,6 +71,29 @@ def test_mosaic_gpu_sequence_split_matches_reference_values_final_state_and_grad
     some gradient."""
     assert sequence_segments(1, 3, 4) == 3
     _check_against_reference(_split_backend(4), (1, 20, 64, 5), OPTION_SETS["all"])
+
+
+def _kernel_names(jaxpr):
+    """The names of the Mosaic GPU kernel calls in a jaxpr, nested jaxprs included, in order."""
+    for eqn in jaxpr.eqns:
+        if "name" in eqn.params and "mosaic_gpu" in str(eqn.params["name"]):
+            name = str(eqn.params["name"])
+            yield next(n for n in ("fwd", "bwd", "segment_adjoints") if f"selective_scan_{n}_" in name)
+        for param in eqn.params.values():
+            if isinstance(param, jax.extend.core.ClosedJaxpr):
+                yield from _kernel_names(param.jaxpr)
+            elif isinstance(param, jax.extend.core.Jaxpr):
+                yield from _kernel_names(param)
+
+
+def test_mosaic_gpu_sequence_split_backward_runs_one_full_backward_pass():
+    """The split's hand-written VJP: its gradient program holds the two forward passes, one light adjoint pass
+    and one backward kernel (differentiating both forward passes would hold two backward kernels)."""
+    args, _ = make_inputs(0, 1, 64, 64, 16)
+    fn = make_backend(functools.partial(pallas_mosaic_gpu_core, interpret=False, sm_count=8), "m",
+                      native_dtypes=True)
+    jaxpr = jax.make_jaxpr(jax.grad(lambda *a: jnp.sum(fn(*a)), argnums=(0, 1, 2, 3, 4)))(*args[:5])
+    assert sorted(_kernel_names(jaxpr.jaxpr)) == ["bwd", "fwd", "fwd", "segment_adjoints"]
 
 
 @pytest.mark.slow
@@ -133,8 +170,8 @@ def _export(fn, dtype, semantics):
 @pytest.mark.parametrize("semantics", sorted(SEMANTICS))
 def test_mosaic_gpu_kernels_lower_for_cuda_under_each_lowering_semantics(semantics):
     """The Pallas -> Mosaic GPU lowering (layouts, shared-memory budget, TMA copies) of forward and backward for
-    an sm_90 GPU, with bfloat16 inputs, padding of length, channels and state, and two chunks."""
-    fn = make_backend(functools.partial(pallas_mosaic_gpu_core, chunk=24, lowering_semantics=semantics,
+    an sm_90 GPU, with bfloat16 inputs, padding of length, channels and state, and three chunks."""
+    fn = make_backend(functools.partial(pallas_mosaic_gpu_core, chunk=16, lowering_semantics=semantics,
                                         interpret=False), "pallas_mosaic_gpu", native_dtypes=True)
     forward, backward = _export(fn, jnp.bfloat16, semantics)
     assert "mosaic_gpu" in forward and "selective_scan_fwd_mosaic_gpu" in forward
@@ -144,7 +181,7 @@ def test_mosaic_gpu_kernels_lower_for_cuda_under_each_lowering_semantics(semanti
 
 def test_mosaic_gpu_gradient_writes_no_full_state_array():
     """Every array the kernels write to HBM and every XLA temporary is smaller than (batch, length, channels,
-    state); the forward keeps one state per chunk of 16 steps."""
+    state); the forward keeps one state per chunk of 8 steps."""
     batch, length, channels, state = 2, 64, 64, 16
     args, _ = make_inputs(9, batch, length, channels, state)
     fn = make_backend(functools.partial(pallas_mosaic_gpu_core, interpret=False), "m", native_dtypes=True)
@@ -158,7 +195,7 @@ def test_mosaic_gpu_gradient_writes_no_full_state_array():
                     yield from shapes(param.jaxpr)
 
     found = list(shapes(jaxpr.jaxpr))
-    assert (batch, length // 16, channels, state) in found
+    assert (batch, length // 8, channels, state) in found
     assert max(np.prod(s) for s in found) < batch * length * channels * state
 
 
@@ -175,8 +212,8 @@ def test_mosaic_gpu_rejects_bad_settings_before_tracing():
 
 
 def test_mosaic_gpu_registry_and_tunables():
-    assert kernels.tunables("pallas_mosaic_gpu") == {"chunk": 16, "block_c": 64, "max_concurrent_steps": 2,
-                                                      "lowering_semantics": "warpgroup"}
+    assert kernels.tunables("pallas_mosaic_gpu") == {"chunk": 8, "block_c": 64, "max_concurrent_steps": 2,
+                                                      "lowering_semantics": "warpgroup", "approx_math": True}
     assert "pallas_mosaic_gpu" in kernels.TUNABLE_BACKENDS and "pallas_mosaic_gpu" in kernels.BACKENDS
     with pytest.raises(ValueError, match="unknown tunables \\['num_warps'\\]"):
         tuned_backend("pallas_mosaic_gpu", num_warps=4)
@@ -227,3 +264,71 @@ def test_mosaic_gpu_matches_reference_on_larger_shapes_and_settings(settings, sh
 def test_mosaic_gpu_bfloat16_on_larger_shapes(options):
     _check_bfloat16(functools.partial(selective_scan, backend="pallas_mosaic_gpu"), (2, 70, 100, 16),
                     OPTION_SETS[options])
+
+
+@pytest.mark.parametrize("state", [8, 16, 24, 32])
+def test_channel_sums_reduce_scatter_leaves_each_warp_sum_where_the_unscrambling_reads_it(state):
+    """The compiled backward's butterfly (`reduce_scatter`, the same code the kernel emits, here on numpy over
+    32 lanes): lane l of the WGMMA layout starts with its two rows' (l // 4, l // 4 + 8) products summed, per
+    quantity, 8-column tile and vector element; after the three steps the value in (slot, lane) must be the
+    warp's sum over all 16 rows of the (quantity, column) that `_lane_slots` says the XLA side reads there."""
+    from alignmamba_jax.kernels.pallas_mosaic_gpu import _lane_slots, reduce_scatter
+    rng = np.random.default_rng(state)
+    products = rng.normal(size=(2, 16, state))            # (quantity, row of the warp, column)
+    lanes = np.arange(32)
+    columns = [(q, 8 * j + 2 * (lanes % 4) + k) for q in range(2) for j in range(state // 8) for k in range(2)]
+    start = [products[q, lanes // 4, col] + products[q, lanes // 4 + 8, col] for q, col in columns]
+    final = reduce_scatter(start, lambda bit: (lanes >> bit) & 1 == 1, lambda x, d: x[lanes ^ d], np.add, np.where)
+    n_slots, first, source = _lane_slots(state)
+    assert len(final) == n_slots and sorted(first) == [(q, n) for q in range(2) for n in range(state)]
+    sums = products.sum(1).reshape(-1)
+    for slot, values in enumerate(final):
+        np.testing.assert_allclose(values, sums[source[32 * slot:32 * (slot + 1)]], rtol=1e-12)
+
+
+def test_the_wgmma_layout_is_the_one_the_channel_sums_read():
+    """`_channel_sums_compiled` indexes the registers of Mosaic GPU's WGMMA layout (and of its per-row layout)
+    directly: thread (warp, lane) holds rows 16 warp + 8 half + lane // 4 of each 64-row tile and columns
+    8 j + 2 (lane % 4) + k, as PTX's wgmma accumulator fragment. A JAX that changes the layout fails here."""
+    import jax.experimental.mosaic.gpu as mgpu
+    layout = mgpu.WGMMA_LAYOUT
+    assert (layout.tiling.tiles, layout.warp_dims, layout.lane_dims, layout.vector_dim) == (
+        ((64, 8), (16, 8), (8, 8), (2,)), (-7,), (-3, -2), -1)
+    assert layout.registers_shape((128, 32)) == (2, 4, 1, 1, 2, 1, 1, 1, 1)
+    assert layout.reduce((1,)).registers_shape((128,)) == (2, 1, 2, 1, 1)
+
+
+def test_approx_math_exponential_flushing_subnormal_decays_stays_within_mamba_ssm_bf16_tolerances():
+    """`approx_math` (on by default) makes the kernels' exp2 ex2.approx.ftz.f32, which differs from
+    ex2.approx.f32 only where the result is subnormal (flushed to zero; a subnormal input gives 2^0 = 1 either
+    way). Interpret mode does not emulate it, so this measures the effect on the recurrence itself: the scan
+    with every decay below 2^-126 flushed (and, as on the device, no gradient through a flushed decay), on
+    inputs where a quarter or more of the decays are that small, against the exact scan, values and gradients of u,
+    delta, A, B and C, at mamba-ssm's bf16 tolerances (it is in fact equal to float32 rounding)."""
+    rng = np.random.default_rng(0)
+    length, channels, state = 64, 16, 8
+    u, B, C = (jnp.asarray(rng.normal(size=s), jnp.float32) for s in ((length, channels), (length, state),
+                                                                      (length, state)))
+    delta = jnp.asarray(rng.uniform(0.0, 10.0, (length, channels)), jnp.float32)
+    A = -jnp.asarray(rng.uniform(1.0, 30.0, (channels, state)), jnp.float32)
+
+    def scan(u, delta, A, B, C, flush):
+        def step(h, inputs):
+            u_t, d_t, B_t, C_t = inputs
+            a = jnp.exp2(d_t[:, None] * A * 1.4426950408889634)
+            a = jnp.where(a < 2.0 ** -126, 0.0, a) if flush else a
+            h = a * h + (d_t * u_t)[:, None] * B_t
+            return h, h @ C_t
+        return jax.lax.scan(step, jnp.zeros((channels, state)), (u, delta, B, C))[1]
+
+    decays = np.exp(np.asarray(delta)[:, :, None] * np.asarray(A))
+    assert (decays < 2.0 ** -126).mean() > 0.25
+    def loss(u, delta, A, B, C, flush):
+        y = scan(u, delta, A, B, C, flush)
+        return jnp.sum(y ** 2), y
+
+    value_and_grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4), has_aux=True), static_argnums=5)
+    ((_, y_exact), grads_exact), ((_, y), grads) = (value_and_grads(u, delta, A, B, C, f) for f in (False, True))
+    assert_close_tree([y], [y_exact], *_BF16, what="values")
+    for name, g, g_ref in zip(("u", "delta", "A", "B", "C"), grads, grads_exact):
+        assert_close_tree([g], [g_ref], *_BF16_GRADS[name], what=f"d{name}")
