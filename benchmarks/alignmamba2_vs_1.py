@@ -1,5 +1,6 @@
-"""AlignMamba-2 vs AlignMamba and AlignMamba-2's ablations: accuracy on two synthetic tasks, validation curves,
-and the cost of alignment at inference.
+"""Accuracy, validation curves and inference cost of AlignMamba-2 and its ablations against AlignMamba.
+
+The rows run on two synthetic tasks; inference cost is the cost of alignment at inference.
 
 Accuracy: every row trained with several seeds on
   sentiment    the synthetic default (language / audio / vision regression, MOSI shapes)
@@ -30,7 +31,6 @@ no-OT twin. Timing is independent of the parameter values, so freshly initialise
     python benchmarks/alignmamba2_vs_1.py --seeds 0 1 2 --json benchmarks/results/alignmamba2_vs_1.json \
         --markdown benchmarks/results/alignmamba2_vs_1.md --plot benchmarks/figures/alignmamba2_vs_1_curves.png
 """
-import argparse
 import json
 import os
 import sys
@@ -38,9 +38,9 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import study  # noqa: E402
-from alignmamba_jax.config import MODEL_VARIANTS  # noqa: E402
+import common
+import study
+from alignmamba_jax.config import MODEL_VARIANTS
 
 PAPER_OT = {f"model.{k}": v for k, v in MODEL_VARIANTS["paper_ot"].items()}
 TASKS = {
@@ -198,13 +198,12 @@ def markdown(accuracy, costs, seeds, per_seed):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = common.parser(__doc__)
     study.add_common_args(p, default_root=os.path.join(study.REPO, "runs", "bench"))
     p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
-    p.add_argument("--repeats", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=2)
+    common.add_repeats(p, 10, warmup=2)
     p.add_argument("--skip_training", action="store_true", help="inference cost only")
-    p.add_argument("--json", required=True)
+    common.add_json(p, required=True)
     p.add_argument("--markdown", default=None)
     p.add_argument("--plot", default=None, help="PNG of the validation curves")
     args = p.parse_args(argv)

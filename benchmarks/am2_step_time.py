@@ -1,4 +1,4 @@
-"""Training-step time of the AlignMamba-2 demo against the AlignMamba demo, side by side in one process.
+"""Training-step time of the AlignMamba-2 demo against the AlignMamba demo, side by side.
 
 Each row is the jitted training step (forward, backward, AdamW) of a demo config on one batch of its own
 synthetic training data (the demo's batch size and shapes):
@@ -7,13 +7,12 @@ synthetic training data (the demo's batch size and shapes):
   AlignMamba-2, unrolled Sinkhorn    the same, its Sinkhorn term `sinkhorn` with sinkhorn_iters iterations
                                      differentiated by unrolling (the regulariser before `sinkhorn_distance`)
   AlignMamba-2 w/o alignment         configs/alignmamba2_synthetic.py:wo_align (neither regulariser)
-After compilation, rounds alternate between the rows (each round times `--steps` steps of every row), and the
+After compilation, rounds alternate between the rows (each of the `--repeats` rounds times `--steps` steps of every row), and the
 table reports each row's median step time over rounds and its ratio to AlignMamba's: on a shared machine the
 load drifts, and round-robin rounds see the same drift.
 
-    python benchmarks/am2_step_time.py [--rounds 5 --steps 3] [--json OUT]
+    python benchmarks/am2_step_time.py [--repeats 5 --steps 3] [--json OUT]
 """
-import argparse
 import os
 import sys
 import time
@@ -21,10 +20,10 @@ import time
 import jax
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import study  # noqa: E402
-from alignmamba_jax import data as data_lib, models, train  # noqa: E402
-from alignmamba_jax.align import sinkhorn  # noqa: E402
+import common
+import study
+from alignmamba_jax import data as data_lib, models, train
+from alignmamba_jax.align import sinkhorn
 
 ROWS = (  # (label, config file, variant, unrolled Sinkhorn)
     ("AlignMamba", "configs/synthetic.py", "full", False),
@@ -75,10 +74,10 @@ def time_round(entry, steps):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--steps", type=int, default=3)
-    p.add_argument("--json", default=None)
+    p = common.parser(__doc__)
+    common.add_repeats(p, 5)
+    p.add_argument("--steps", type=common.positive_int, default=3, help="training steps timed in each repeat")
+    common.add_json(p)
     args = p.parse_args(argv)
     splits = data_lib.load_splits(study.load_config(ROWS[0][1]).data)
     entries = {}
@@ -86,7 +85,7 @@ def main(argv=None):
         entries[label] = build(config_file, variant, unrolled, splits)
         print(f"compiled {label} in {entries[label]['compile_s']:.1f} s", flush=True)
     times = {label: [] for label in entries}
-    for _ in range(args.rounds):
+    for _ in range(args.repeats):
         for label, entry in entries.items():
             times[label].append(time_round(entry, args.steps))
     base = float(np.median(times[ROWS[0][0]]))
@@ -96,7 +95,7 @@ def main(argv=None):
     for label, r in rows.items():
         print(f"| {label} | {r['step_ms']:.0f} | {r['ratio_to_alignmamba']:.2f}x | |")
     if args.json:
-        study.write_json(args.json, {"rounds": args.rounds, "steps": args.steps, "rows": rows,
+        study.write_json(args.json, {"rounds": args.repeats, "steps": args.steps, "rows": rows,
                                      "loadavg_end": os.getloadavg()})
     return 0
 

@@ -1,6 +1,8 @@
-"""AlignMamba-2's Sinkhorn regulariser: `sinkhorn_distance` (early-stopped while loop, implicit gradient) against
-the baseline `sinkhorn` (a fixed number of iterations, differentiated by unrolling), on the AlignMamba-2 demo's
-shapes: value, gradient and time of the regulariser alone (value and gradient with respect to the tokens).
+"""Value, gradient and time of AlignMamba-2's Sinkhorn regulariser against the unrolled baseline.
+
+`sinkhorn_distance` (early-stopped while loop, implicit gradient) against the baseline `sinkhorn` (a fixed number
+of iterations, differentiated by unrolling), on the AlignMamba-2 demo's shapes: value, gradient (with respect to
+the tokens) and time of the regulariser alone.
 
 Tokens: the synthetic default's training features (configs/alignmamba2_synthetic.py: batch 32, language 50,
 audio 375, vision 500 tokens, masks included) through a random linear projection to the model width, as at
@@ -12,9 +14,6 @@ initialisation. The cost is the cosine cost of each source against the language 
 
     python benchmarks/sinkhorn_loss.py [--repeats 10] [--json OUT]
 """
-import argparse
-import json
-import os
 import sys
 import time
 
@@ -22,16 +21,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import study  # noqa: E402
-from alignmamba_jax import data as data_lib  # noqa: E402
-from alignmamba_jax.align import cosine_cost, sinkhorn, sinkhorn_distance  # noqa: E402
+import common
+import study
+from alignmamba_jax import data as data_lib
+from alignmamba_jax.align import cosine_cost, sinkhorn, sinkhorn_distance
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--repeats", type=int, default=10)
-    p.add_argument("--json", default=None)
+    p = common.parser(__doc__)
+    common.add_repeats(p, 10)
+    common.add_json(p)
     args = p.parse_args(argv)
 
     config = study.load_config("configs/alignmamba2_synthetic.py")

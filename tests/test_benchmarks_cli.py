@@ -12,8 +12,6 @@ import common
 
 BENCH = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
 SCRIPTS = sorted(p for p in BENCH.glob("*.py") if 'if __name__ == "__main__":' in p.read_text())
-# Converted by the lead at the end of issue 26 (others edit them meanwhile): strict, so the marker goes with it.
-PENDING = {"alignmamba2_vs_1.py"}
 
 
 def test_the_scripts_are_found():
@@ -33,9 +31,8 @@ def test_every_script_answers_help_with_what_it_measures(script, monkeypatch, ca
     assert first_line.endswith(".") and len(first_line) <= 120
 
 
-@pytest.mark.parametrize("path", [
-    pytest.param(p, id=str(p.relative_to(BENCH)), marks=[pytest.mark.xfail(strict=True)] if p.name in PENDING else [])
-    for p in sorted(BENCH.rglob("*")) if p.suffix in (".py", ".sh", ".md")])
+@pytest.mark.parametrize("path", [p for p in sorted(BENCH.rglob("*")) if p.suffix in (".py", ".sh", ".md")],
+                         ids=lambda p: str(p.relative_to(BENCH)))
 def test_no_benchmark_file_edits_sys_path(path):
     assert "sys.path" not in path.read_text()
 

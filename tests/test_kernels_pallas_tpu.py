@@ -14,7 +14,6 @@ import subprocess
 import sys
 
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from alignmamba_jax import targets
