@@ -99,10 +99,7 @@ def _interpreted(name, platform) -> bool:
 
 def _platform_implementation(name, platform):
     """Backend `name` as lowered for `platform`: a Pallas kernel compiled on its own platform, else interpreted."""
-    backend = registry.REGISTRY[name]
-    if backend.tunable:
-        return backend.implementation(interpret=backend.interpreted(platform))
-    return backend.implementation()
+    return registry.REGISTRY[name].implementation_for(platform)
 
 
 def _mesh_platform():
@@ -118,15 +115,18 @@ def _lowered_backends(backend):
     """{platform: backend name} for the platforms the program may be lowered for.
 
     Under a mesh, its devices' platform alone. Otherwise every platform whose implementation is compiled (or
-    plain XLA), so that one jitted function compiles to the TPU kernel for a TPU, the GPU kernel for cuda and
-    `chunked` on CPU, and `jax.export` for several platforms keeps a branch each; but where the default
-    platform runs a kernel in interpret mode (tests, off every accelerator), that alone: an interpreter's
-    callbacks cannot share a `lax.platform_dependent` with compiled branches."""
+    plain XLA), plus the default platform's interpreted kernel where it is plain JAX (`pure_interpreter`), so
+    that one jitted function compiles to the TPU kernel for a TPU, the GPU kernel for cuda and the CPU's on
+    CPU, and `jax.export` for several platforms keeps a branch each; but where the default platform runs a
+    kernel in an interpreter with callbacks (tests, off every accelerator), that alone: those callbacks cannot
+    share a `lax.platform_dependent` with compiled branches."""
     names = {p: resolve_backend(backend, p) for p in PLATFORMS}
+    default = default_platform()
     platform = _mesh_platform()
-    if platform is None and _interpreted(names[default_platform()], default_platform()):
-        platform = default_platform()
-    platforms = [platform] if platform else [p for p in PLATFORMS if not _interpreted(names[p], p)]
+    if platform is None and _interpreted(names[default], default) and \
+            not registry.REGISTRY[names[default]].pure_interpreter:
+        platform = default
+    platforms = [platform] if platform else [p for p in PLATFORMS if not _interpreted(names[p], p) or p == default]
     return {p: names[p] for p in platforms}
 
 

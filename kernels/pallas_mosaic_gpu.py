@@ -40,13 +40,13 @@ The lowering semantics is pinned in the compiler params (`lowering_semantics`, a
 default; Lane also lowers, except at state 32 and 64 (no bank-conflict-free shared-memory transfer of a state
 tile whose float32 rows are not 128 bytes).
 
-Both kernels take exp2(delta A log2(e)) with A pre-scaled outside them. With `approx_math` (a tunable, on by default) Mosaic GPU emits it as ex2.approx.ftz.f32,
-which differs from the default ex2.approx.f32 only where the result is subnormal (below 2^-126, flushed to
-zero): a decay that small leaves nothing of the state either way, and ptxas drops the four instructions per
-exponential that handle subnormals. Where batch x channel blocks would leave
-SMs idle, the sequence is split into segments run as separate sequences and chained exactly
-(`sequence_segments`, `_segmented_scan`); its backward runs one full backward pass per segment after a light
-adjoint-only pass (`_segment_adjoints`) that gives every segment its end cotangent.
+Both kernels take exp2(delta A log2(e)) with A pre-scaled outside them. With `approx_math` (a tunable, on by
+default) Mosaic GPU emits it as ex2.approx.ftz.f32, which differs from the default ex2.approx.f32 only where the
+result is subnormal (below 2^-126, flushed to zero): a decay that small leaves nothing of the state either way, and
+ptxas drops the four instructions per exponential that handle subnormals. Where batch x channel blocks would leave
+SMs idle, the sequence is split into segments run as separate sequences and chained exactly (`sequence_segments`,
+`_segmented_scan`); its backward runs one full backward pass per segment after a light adjoint-only pass
+(`_segment_adjoints`) that gives every segment its end cotangent.
 
 Off a GPU the kernels run in Mosaic GPU interpret mode (tests check values and gradients against `reference`).
 """

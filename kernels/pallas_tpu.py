@@ -56,8 +56,11 @@ f32 = jnp.float32
 
 
 def _params(interpret):
-    if not interpret:
-        return False
+    """False: compiled by Mosaic. "discharge": Pallas's generic interpreter (plain JAX ops, no callbacks, so its
+    program can share a `lax.platform_dependent` with the compiled kernel's; the lanes layout only). True: TPU
+    interpret mode, which also checks the block and grid semantics."""
+    if not interpret or interpret == "discharge":
+        return bool(interpret)
     interpret_params = getattr(pltpu, "InterpretParams", None)       # TPU interpret mode, where jax has it
     return interpret_params() if interpret_params is not None else True
 
@@ -341,14 +344,15 @@ class _Plan(NamedTuple):
     state_group: int
 
 
-def _plan(length, channels, state, chunk, block_c, unroll, state_group, dtypes):
-    """`dtypes`: of the arrays the kernels read and write per step; 16-bit ones make the row groups 16."""
+def _plan(length, channels, state, chunk, block_c, unroll, state_group, dtypes, lanes_only=False):
+    """`dtypes`: of the arrays the kernels read and write per step; 16-bit ones make the row groups 16;
+    `lanes_only`: the lanes layout whatever the channels (the generic interpreter cannot run the dense one)."""
     group = SUBLANES * 4 // min(jnp.dtype(d).itemsize for d in dtypes)
     work_chunk = max(group, WORK_BYTES // ((state + 1) * LANES * 4) // group * group)
     steps = -(-length // group) * group
     n_chunks = -(-steps // min(-(-chunk // group) * group, work_chunk))
     chunk = -(-steps // n_chunks // group) * group     # equal chunks: the length pads to a group per chunk at most
-    dense = channels >= DENSE_CHANNELS
+    dense = channels >= DENSE_CHANNELS and not lanes_only
     if dense:
         block_c = DENSE_CHANNELS
     else:   # a wide lane block, narrower for large states (the state tile must stay a few vregs)
@@ -503,7 +507,7 @@ def pallas_tpu_core(u, delta, A, B, C, h0, *, chunk=TUNABLES["chunk"], unroll=TU
     `chunk`: time steps per grid step (rounded up to a multiple of the row group, 8 or 16 for 16-bit arrays;
     smaller for large states, see `WORK_BYTES`); `unroll`: time steps per `fori_loop` iteration of the dense
     forward (the lanes kernels take one row group an iteration); `block_c`: the lanes layout's channels per
-    grid step (fewer for large states)."""
+    grid step (fewer for large states); `interpret`: see `_params` (None: TPU interpret mode off a TPU)."""
     if interpret is None:
         interpret = jax.default_backend() != "tpu"
     u, delta = (x if x.dtype in KERNEL_DTYPES else x.astype(f32) for x in (u, delta))
@@ -511,7 +515,8 @@ def pallas_tpu_core(u, delta, A, B, C, h0, *, chunk=TUNABLES["chunk"], unroll=TU
     y_dtype = out_dtype if out_dtype in KERNEL_DTYPES else jnp.dtype(f32)
     batch, length, channels = u.shape
     state = A.shape[1]
-    plan = _plan(length, channels, state, chunk, block_c, unroll, state_group, (u.dtype, delta.dtype, y_dtype))
+    plan = _plan(length, channels, state, chunk, block_c, unroll, state_group, (u.dtype, delta.dtype, y_dtype),
+                 lanes_only=interpret == "discharge")
     pad_t, pad_c = plan.padded_length - length, plan.padded_channels - channels
     u, delta = (jnp.pad(x, ((0, 0), (0, pad_t), (0, pad_c))) for x in (u, delta))
     B, C = (jnp.pad(x.astype(f32), ((0, 0), (0, pad_t), (0, 0))) for x in (B, C))

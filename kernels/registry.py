@@ -27,7 +27,9 @@ class Backend:
     "xla"), or the kernel's core; kind: "xla" (plain JAX, any platform), "pallas" (compiled on `platforms`,
     interpreted on any other) or "custom_call" (a compiled kernel for `platforms` only); native_dtypes: the core
     reads and writes bfloat16 / float16 itself (see `make_backend`); missing_hint: what to use where the module
-    does not import (a JAX without that Pallas dialect)."""
+    does not import (a JAX without that Pallas dialect); pure_interpreter: off its platforms the kernel runs in
+    an interpreter of plain JAX ops (`interpret="discharge"`, no callbacks), so its branch can share a
+    `lax.platform_dependent` with compiled ones."""
     name: str
     module: str
     attribute: str
@@ -36,6 +38,7 @@ class Backend:
     platforms: tuple = PLATFORMS
     native_dtypes: bool = False
     missing_hint: str = ""
+    pure_interpreter: bool = False
 
     @property
     def tunable(self) -> bool:
@@ -48,6 +51,15 @@ class Backend:
 
     def interpreted(self, platform) -> bool:
         return self.kind == "pallas" and platform not in self.platforms
+
+    def implementation_for(self, platform):
+        """The backend function as lowered for `platform`: a kernel compiled on its own platforms, elsewhere
+        interpreted (in plain JAX ops where `pure_interpreter`)."""
+        if not self.tunable:
+            return self.implementation()
+        if not self.interpreted(platform):
+            return self.implementation(interpret=False)
+        return self.implementation(interpret="discharge" if self.pure_interpreter else True)
 
     def load(self):
         """Its module; RuntimeError naming the backend and what to use instead where the module does not import."""
@@ -105,7 +117,8 @@ REGISTRY = {b.name: b for b in (
             "Pallas GPU kernel on Mosaic GPU, sm_90+ (Hopper, Blackwell)", kind="pallas", platforms=("cuda",),
             native_dtypes=True, missing_hint="use backend 'pallas_triton', 'chunked' or 'associative'"),
     Backend("pallas_tpu", "pallas_tpu", "pallas_tpu_core", "Pallas TPU kernel (Mosaic)", kind="pallas",
-            platforms=("tpu",), native_dtypes=True, missing_hint="use backend 'chunked' or 'associative'"),
+            platforms=("tpu",), native_dtypes=True, missing_hint="use backend 'chunked' or 'associative'",
+            pure_interpreter=True),
 )}
 
 BACKENDS = tuple(REGISTRY) + ALIASES                                   # every accepted `backend=` value

@@ -148,3 +148,46 @@ def test_forward_and_backward_compile_for_v5e_at_state_128(tmp_path, channels):
     _, kernels = _compiled_kernel(tmp_path, "bwd", (1, 256, channels, 128))
     assert set(kernels) == {"selective_scan_fwd_tpu", "selective_scan_bwd_tpu"}
     assert all(scoped > 0 for _, _, scoped in kernels.values())
+
+
+_OUTSIDE_A_MESH = """
+from alignmamba_jax import targets
+targets.prepare_compile_host()
+import jax, jax.numpy as jnp
+from jax.experimental import topologies
+from alignmamba_jax.kernels import selective_scan
+device = topologies.get_topology_desc(platform="tpu", topology_name="v5e:1x1", chip_config_name="default",
+                                      chips_per_host_bounds=(1, 1, 1), num_slices=1).devices[0]
+sharding = jax.sharding.SingleDeviceSharding(device)
+args = [jax.ShapeDtypeStruct(s, t, sharding=sharding) for s, t in
+        [((2, 150, 256), jnp.bfloat16), ((2, 150, 256), jnp.bfloat16), ((256, 16), jnp.float32),
+         ((2, 150, 16), jnp.bfloat16), ((2, 150, 16), jnp.bfloat16)]]
+grad = jax.grad(lambda *a: selective_scan(*a, backend="pallas_tpu").astype(jnp.float32).sum(), argnums=(0, 1))
+print(jax.jit(grad).lower(*args).compile().as_text())
+"""
+
+
+@_needs_libtpu
+def test_outside_a_mesh_a_jit_placed_on_a_tpu_compiles_the_kernel_not_the_interpreter():
+    """Without a mesh the platform is only known when lowering: the CPU's branch (the kernel in the generic
+    interpreter, plain JAX ops) and the TPU's (the kernel) share one `lax.platform_dependent`."""
+    done = subprocess.run([sys.executable, "-c", _OUTSIDE_A_MESH], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    hlo = done.stdout
+    assert 'custom_call_target="tpu_custom_call"' in hlo and "callback" not in hlo.lower()
+    assert re.search(r"bf16\[2,160,256\]", hlo)                   # bf16 operands, MOSEI's 150 steps as 160
+
+
+def test_on_the_cpu_selective_scan_interprets_the_kernel_at_dense_widths():
+    """The CPU's branch of `selective_scan(backend="pallas_tpu")` takes the lanes layout in the generic
+    interpreter even where a TPU takes the dense one (>= 1024 channels)."""
+    from alignmamba_jax.kernels import selective_scan
+    args, kwargs = make_inputs(5, 1, 11, DENSE_CHANNELS, 2, OPTION_SETS["all"].items())
+    y, h = selective_scan(*args, backend="pallas_tpu", return_final_state=True, **kwargs)
+    y_ref, h_ref = selective_scan_reference(*args, return_final_state=True, **kwargs)
+    assert_close_tree([y, h], [y_ref, h_ref], what="values", rtol=1e-4, atol=1e-4)
+    fn = lambda *a, **k: selective_scan(*a, backend="pallas_tpu", **k)
+    assert_close_tree(grads_of_all_inputs(fn, args, kwargs),
+                      grads_of_all_inputs(selective_scan_reference, args, kwargs), what="gradients",
+                      rtol=1e-3, atol=1e-3)
