@@ -26,8 +26,10 @@ recurrence, accumulating dA in registers. The chunk shrinks with the state so th
 default scoped limit, 16 MiB on v5e, stops the backward from state 128 on). Nothing of size (batch, length,
 channels, state) is written.
 
-Off TPU the kernels run under TPU interpret mode (`pltpu.InterpretParams`), which also checks the block/grid
-semantics; tests compile them for a compile-only TPU v5e (libtpu) and read Mosaic's verdict from its dumps.
+Off TPU the kernels run under TPU interpret mode (`pltpu.InterpretParams`, which also checks the block/grid
+semantics), except in `selective_scan`'s CPU branch, which takes Pallas's generic interpreter (plain JAX ops, the
+lanes layout) so that it can share a `lax.platform_dependent` with the compiled kernel (`_params`). Tests compile
+the kernels for a compile-only TPU v5e (libtpu) and read Mosaic's verdict from its dumps.
 """
 import functools
 import math
