@@ -7,9 +7,9 @@ synthetic training data (the demo's batch size and shapes):
   AlignMamba-2, unrolled Sinkhorn    the same, its Sinkhorn term `sinkhorn` with sinkhorn_iters iterations
                                      differentiated by unrolling (the regulariser before `sinkhorn_distance`)
   AlignMamba-2 w/o alignment         configs/alignmamba2_synthetic.py:wo_align (neither regulariser)
-After compilation, rounds alternate between the rows (each of the `--repeats` rounds times `--steps` steps of every row), and the
-table reports each row's median step time over rounds and its ratio to AlignMamba's: on a shared machine the
-load drifts, and round-robin rounds see the same drift.
+After compilation, rounds alternate between the rows (each of the `--repeats` rounds times `--steps` steps of
+every row), and the table reports each row's median step time over rounds and its ratio to AlignMamba's: on a
+shared machine the load drifts, and round-robin rounds see the same drift.
 
     python benchmarks/am2_step_time.py [--repeats 5 --steps 3] [--json OUT]
 """
@@ -63,16 +63,6 @@ def build(config_file, variant, unrolled, splits):
     return {"step": step, "state": state, "batch": batch, "compile_s": time.perf_counter() - t0}
 
 
-def time_round(entry, steps):
-    state = entry["state"]
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        state, metrics = entry["step"](state, entry["batch"])
-    jax.block_until_ready((state, metrics))
-    entry["state"] = state
-    return (time.perf_counter() - t0) / steps
-
-
 def main(argv=None):
     p = common.parser(__doc__)
     common.add_repeats(p, 5)
@@ -87,7 +77,7 @@ def main(argv=None):
     times = {label: [] for label in entries}
     for _ in range(args.repeats):
         for label, entry in entries.items():
-            times[label].append(time_round(entry, args.steps))
+            times[label].append(common.time_round(entry, args.steps))
     base = float(np.median(times[ROWS[0][0]]))
     rows = {label: {"step_ms": 1e3 * float(np.median(t)), "ratio_to_alignmamba": float(np.median(t)) / base,
                     "compile_s": entries[label]["compile_s"]} for label, t in times.items()}

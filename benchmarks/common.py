@@ -116,3 +116,18 @@ def select_device(device):
     os.environ["JAX_PLATFORMS"] = DEVICES[device]
     if "jax" in sys.modules:
         sys.modules["jax"].config.update("jax_platforms", DEVICES[device])
+
+
+def time_round(entry, steps):
+    """Seconds per training step over `steps` steps of `entry` ({"step": jitted step, "state", "batch"}),
+    carrying the state forward in `entry`: one round of a round-robin comparison."""
+    import time
+
+    import jax
+    state = entry["state"]
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        state, metrics = entry["step"](state, entry["batch"])
+    jax.block_until_ready((state, metrics))
+    entry["state"] = state
+    return (time.perf_counter() - t0) / steps

@@ -62,16 +62,6 @@ def build(model_name, args):
     return {"step": step, "state": state, "batch": batch, "compile_s": compile_s, "params": n_params}
 
 
-def time_round(entry, steps):
-    state = entry["state"]
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        state, metrics = entry["step"](state, entry["batch"])
-    jax.block_until_ready((state, metrics))
-    entry["state"] = state
-    return (time.perf_counter() - t0) / steps
-
-
 def machine_description():
     device = jax.devices()[0]
     cpu = platform.processor() or platform.machine()
@@ -147,7 +137,7 @@ def main(argv=None):
     times = {name: [] for name in entries}
     for _ in range(args.repeats):
         for name in entries:
-            times[name].append(time_round(entries[name], args.steps))
+            times[name].append(common.time_round(entries[name], args.steps))
     rows = []
     for name in entries:
         step_s = float(np.median(times[name]))

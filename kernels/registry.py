@@ -125,8 +125,3 @@ BACKENDS = tuple(REGISTRY) + ALIASES                                   # every a
 TUNABLE_BACKENDS = tuple(name for name, b in REGISTRY.items() if b.tunable)
 CPU_KERNELS = tuple(name for name, b in REGISTRY.items() if b.kind == "custom_call" and "cpu" in b.platforms)
 
-
-def get(name) -> Backend:
-    if name not in REGISTRY:
-        raise ValueError(f"backend: expected one of {tuple(REGISTRY)}, found {name!r}")
-    return REGISTRY[name]
