@@ -86,8 +86,10 @@ def kernel_calls(hlo: str) -> list:
             definitions = definitions if definitions is not None else _definitions(hlo)
             operands = [shape for name in re.findall(r"%([\w.\-]+)", operand_text)
                         for shape in _type_texts(definitions.get(name, ""))[:1]]
-        names = re.findall(r"(selective_scan\w*)", line)   # the kernel's own name comes last in its op_name
         op_name = re.search(r'op_name="([^"]+)"', line)
+        # the kernel's own name comes last in its op_name (the rest of the line, e.g. a Mosaic GPU kernel's
+        # serialized module, names the Python functions it was traced in)
+        names = re.findall(r"(selective_scan\w*)", op_name.group(1) if op_name else line)
         label = names[-1] if names else (op_name.group(1).rsplit("/", 1)[-1] if op_name else target.group(1))
         label = re.sub(r"\.\d+$", "", label)
         key = (label, target.group(1), tuple(operands), tuple(_type_texts(result.split("=", 1)[-1])))

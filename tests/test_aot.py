@@ -129,6 +129,17 @@ def test_collectives_and_kernel_calls_are_read_from_optimized_hlo():
                                       "results": ["f32[2,64,32]", "f32[2,32,16]"], "count": 1}]
 
 
+def test_a_kernel_call_is_named_by_its_op_name_not_by_its_serialized_module():
+    """A Mosaic GPU call as XLA:GPU prints it (shortened): its backend_config holds the kernel's MLIR, whose
+    source locations name the Python function the kernel was traced in (`selective_scan_backend`)."""
+    line = ('  %mpmd_map.64 = (f32[1,152,128]{2,1,0}, f32[1,128,16]{2,1,0}) custom-call(f32[1,152,128]{2,1,0} %a), '
+            'custom_call_target="mosaic_gpu_v2", api_version=API_VERSION_TYPED_FFI, metadata={op_name="jit(traced)/'
+            'jvp(AlignMamba)/mamba/block_0/mixer/shard_map/jit(selective_scan_pallas_mosaic_gpu)/'
+            'selective_scan_fwd_mosaic_gpu/mpmd_map" scheduling_name="mpmd_map.64"}, backend_config={module = '
+            '"ML\\EFR selective_scan_backend common.py"}')
+    assert [call["name"] for call in compile_report.kernel_calls(line)] == ["selective_scan_fwd_mosaic_gpu"]
+
+
 @pytest.mark.parametrize("name,path,tfds_name,expected", [
     ("mmsa", "data/MOSEI/Processed/unaligned_50.pkl", "mosi", {"audio": (500, 74), "vision": (500, 35)}),
     ("mmsa", "/data/MOSI/Processed/aligned_50.pkl", "mosi", {"audio": (50, 5), "vision": (50, 20)}),
