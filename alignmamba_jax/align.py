@@ -37,6 +37,9 @@ _SAFE_MAGNITUDE = 2.0 ** 56
 # ... and caps scale / sigma here, so that the exponent factor (scale / sigma)^2 / 2 stays finite (a smaller
 # sigma acts as scale * 1e-15, which changes only kernels between tokens closer than that).
 _MAX_INVERSE_SIGMA = 1e15
+# mmd's largest power of a kernel raised to reach a narrower bandwidth's (`_ladder`): its relative error,
+# ~power float32 eps, stays below _GRAM_EXPONENT_ERROR's.
+_MAX_LADDER_POWER = 4096
 # mmd's largest tolerated error in a kernel exponent (|a - b|^2 / 2 sigma^2) from the fast matmul form of
 # squared distances; beyond it (tokens spread over more than ~100 sigma) distances are summed from differences.
 _GRAM_EXPONENT_ERROR = 2.0 ** -10
@@ -357,9 +360,48 @@ def _exact_scale(*xs):
     return jnp.ldexp(jnp.float32(1.0), exponent.astype(jnp.int32))
 
 
-def _gaussian_tile(a_tile, b, factors, exact):
-    """Squared distances (n, R, T_b) of a row tile (n, R, d) to b (n, T_b, d), the kernels exp(-sq f_s)
-    (n, R, T_b, S) and the differences (n, R, T_b, d) or None. exact: summed from differences; else
+def _ladder(sigma):
+    """Integer powers that turn one exponential into the kernels of every bandwidth, or None.
+
+    exp(-sq f p) = exp(-sq f)^p: when the p_i = (sigma_max / sigma_i)^2 are integers that each divide the next
+    larger one (the ladder 1, 2, 4, 8, 16 gives 256, 64, 16, 4, 1), the widest kernel's exponential raised to
+    the powers in turn (repeated squaring: a few multiplies) gives every kernel, at a relative error of about
+    p_i float32 eps, at most _MAX_LADDER_POWER eps (below _GRAM_EXPONENT_ERROR). Returns the p_i in sigma's
+    order, or None for a traced sigma, a single one, or ratios without that structure."""
+    try:
+        s = np.atleast_1d(np.asarray(sigma, np.float64))
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError, TypeError):
+        return None
+    if s.size < 2:
+        return None
+    p = (s.max() / s) ** 2
+    powers = np.round(p)
+    chained = np.sort(powers)
+    if (np.any(np.abs(p - powers) > 1e-6 * powers) or chained[-1] > _MAX_LADDER_POWER
+            or np.any(chained[1:] % chained[:-1])):
+        return None
+    return tuple(int(v) for v in powers)
+
+
+def _kernels(sq, factors, ladder):
+    """[exp(-sq f_s) for each s] for squared distances sq (...): an exponential per bandwidth, or with a ladder
+    (`_ladder`; factors = f_min * p) one exponential and integer powers of it, each from the previous one."""
+    if ladder is None:
+        return [jnp.exp(-sq * factors[s]) for s in range(factors.size)]
+    order = sorted(range(len(ladder)), key=lambda i: ladder[i])
+    # max(., 0), a no-op on an exponential, keeps XLA's simplifier from turning the powers exp(z)^p back into
+    # exponentials exp(p z) (tests/test_align.py counts the exponentials in the compiled program).
+    kernels, power, e = {}, 1, jnp.maximum(jnp.exp(-sq * factors[order[0]]), 0.0)
+    for i in order:
+        if ladder[i] != power:
+            e, power = jax.lax.integer_pow(e, ladder[i] // power), ladder[i]
+        kernels[i] = e
+    return [kernels[i] for i in range(len(ladder))]
+
+
+def _gaussian_tile(a_tile, b, factors, exact, ladder):
+    """Squared distances (n, R, T_b) of a row tile (n, R, d) to b (n, T_b, d), the kernels [exp(-sq f_s)] (S of
+    (n, R, T_b)) and the differences (n, R, T_b, d) or None. exact: summed from differences; else
     |a|^2 + |b|^2 - 2ab, a matmul (several times faster on a CPU) whose cancellation error is about
     4 eps max(|a|^2, |b|^2) (see `mmd`)."""
     diff = None
@@ -369,64 +411,80 @@ def _gaussian_tile(a_tile, b, factors, exact):
     else:
         gram = jnp.einsum("nid,njd->nij", a_tile, b, precision=jax.lax.Precision.HIGHEST)
         sq = jnp.maximum(jnp.sum(a_tile * a_tile, -1)[..., None] + jnp.sum(b * b, -1)[:, None, :] - 2.0 * gram, 0.0)
-    return sq, jnp.exp(-sq[..., None] * factors), diff
+    return sq, _kernels(sq, factors, ladder), diff
 
 
-def _gaussian_rows(a, b, factors, exact):
-    per_pair = max(factors.size, b.shape[2]) if exact else factors.size     # the differences are (..., d)
+def _gaussian_rows(a, b, exact):
+    per_pair = b.shape[2] if exact else 1          # the differences are (..., d); the kernels (...) each
     rows = _rows_per_tile(a.shape[1], a.shape[0] * b.shape[1] * per_pair)
     return rows, _row_tiles(a, rows)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _kernel_sums(a, b, wa, wb, factors, exact):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _kernel_sums(a, b, wa, wb, factors, exact, ladder, symmetric):
     """s[n] = sum_ij wa[n, i] wb[n, j] mean_s exp(-|a[n, i] - b[n, j]|^2 f_s) for a (n, T_a, d), b (n, T_b, d),
-    wa (n, T_a), wb (n, T_b), f = factors (S,), over row tiles of a. The custom VJP recomputes each tile's
-    kernels and forms the gradients (d sq_ij / d a_i = 2 (a_i - b_j)) from the differences if exact, else with
-    matmuls, so neither pass holds more than a tile. exact: see `_gaussian_tile`."""
-    return _kernel_sums_fwd(a, b, wa, wb, factors, exact)[0]
+    wa (n, T_a), wb (n, T_b), f = factors (S,), over row tiles of a, so that no pass holds more than a tile.
 
-
-def _kernel_sums_fwd(a, b, wa, wb, factors, exact):
-    rows, a_tiles = _gaussian_rows(a, b, factors, exact)
+    s[n] depends on example n's inputs only, so the forward pass of a gradient also forms ds[n]/d(a, b, f) from
+    the kernels it has (d sq_ij / d a_i = 2 (a_i - b_j), from the differences if exact, else with matmuls), for
+    the inputs being differentiated only, and the backward pass scales them by the cotangent: one pass of
+    exponentials in all, and residuals of the inputs' size. The weights (`mmd`'s normalised masks) get no
+    gradient. exact: see `_gaussian_tile`; ladder: `_ladder`; symmetric: a is b and wa is wb (a self term),
+    whose gradient is twice the row side's."""
+    rows, a_tiles = _gaussian_rows(a, b, exact)
 
     def add_tile(total, tile):
         a_tile, wa_tile = tile
-        k = jnp.mean(_gaussian_tile(a_tile, b, factors, exact)[1], axis=-1)
+        k = sum(_gaussian_tile(a_tile, b, factors, exact, ladder)[1]) / factors.size
         return total + jnp.einsum("ni,nij,nj->n", wa_tile, k, wb), None
 
-    total, _ = jax.lax.scan(add_tile, jnp.zeros(a.shape[0], jnp.float32), (a_tiles, _row_tiles(wa, rows)))
-    return total, (a, b, wa, wb, factors)
+    return jax.lax.scan(add_tile, jnp.zeros(a.shape[0], jnp.float32), (a_tiles, _row_tiles(wa, rows)))[0]
 
 
-def _kernel_sums_bwd(exact, residuals, ct):
-    a, b, wa, wb, factors = residuals
-    rows, a_tiles = _gaussian_rows(a, b, factors, exact)
+def _kernel_sums_fwd(a, b, wa, wb, factors, exact, ladder, symmetric):
+    need_a, need_b, need_f = a.perturbed, b.perturbed, factors.perturbed
+    a, b, wa, wb, factors = (p.value for p in (a, b, wa, wb, factors))
+    if symmetric:       # the row side's gradient, doubled, stands for both sides'
+        need_a, need_b = need_a or need_b, False
+    rows, a_tiles = _gaussian_rows(a, b, exact)
 
-    def tile_grads(carry, tile):
-        g_b, g_wb, g_f = carry
+    def tile_sums(carry, tile):
+        total, g_b, g_f = carry
         a_tile, wa_tile = tile
-        sq, e, diff = _gaussian_tile(a_tile, b, factors, exact)
-        k = jnp.mean(e, axis=-1)
-        weight = ct[:, None, None] * wa_tile[:, :, None] * wb[:, None, :]           # d s / d k_ij
-        d_sq = -weight * jnp.mean(e * factors, axis=-1)                            # d s / d sq_ij
+        sq, e, diff = _gaussian_tile(a_tile, b, factors, exact, ladder)
+        # the mean kernel and the mean f_s-weighted kernel as one array: one pass over the kernels makes both
+        k, k_f = jnp.stack([sum(e), sum(f * e_s for f, e_s in zip(factors, e))]) / factors.size
+        total = total + jnp.einsum("ni,nij,nj->n", wa_tile, k, wb)
+        weight = wa_tile[:, :, None] * wb[:, None, :]                               # d s / d k_ij
+        d_sq = -weight * k_f                                                        # d s / d sq_ij
+        g_a = None
         if exact:
-            g_a = 2.0 * jnp.einsum("nij,nijd->nid", d_sq, diff)
-            g_b = g_b - 2.0 * jnp.einsum("nij,nijd->njd", d_sq, diff)
+            g_a = 2.0 * jnp.einsum("nij,nijd->nid", d_sq, diff) if need_a else None
+            g_b = g_b - 2.0 * jnp.einsum("nij,nijd->njd", d_sq, diff) if need_b else None
         else:
-            g_a = 2.0 * (jnp.sum(d_sq, -1)[..., None] * a_tile - jnp.einsum("nij,njd->nid", d_sq, b))
-            g_b = g_b + 2.0 * (jnp.sum(d_sq, 1)[..., None] * b - jnp.einsum("nij,nid->njd", d_sq, a_tile))
-        g_wa = ct[:, None] * jnp.einsum("nij,nj->ni", k, wb)
-        g_wb = g_wb + ct[:, None] * jnp.einsum("ni,nij->nj", wa_tile, k)
-        g_f = g_f - jnp.einsum("nij,nijs->s", weight * sq, e) / factors.size
-        return (g_b, g_wb, g_f), (g_a, g_wa)
+            g_a = 2.0 * (jnp.sum(d_sq, -1)[..., None] * a_tile - jnp.einsum("nij,njd->nid", d_sq, b)) if need_a else None
+            g_b = g_b + 2.0 * (jnp.sum(d_sq, 1)[..., None] * b
+                               - jnp.einsum("nij,nid->njd", d_sq, a_tile)) if need_b else None
+        g_f = g_f - jnp.stack([jnp.einsum("nij,nij->n", weight * sq, e_s) for e_s in e], -1) / factors.size \
+            if need_f else None
+        return (total, g_b, g_f), g_a
 
-    init = (jnp.zeros_like(b), jnp.zeros_like(wb), jnp.zeros_like(factors))
-    (g_b, g_wb, g_f), (g_a, g_wa) = jax.lax.scan(tile_grads, init, (a_tiles, _row_tiles(wa, rows)))
-    return _untile(g_a, a.shape[1]), g_b, _untile(g_wa, a.shape[1]), g_wb, g_f
+    n = a.shape[0]
+    init = (jnp.zeros(n, jnp.float32), jnp.zeros_like(b) if need_b else None,
+            jnp.zeros((n, factors.size), jnp.float32) if need_f else None)
+    (total, g_b, g_f), g_a = jax.lax.scan(tile_sums, init, (a_tiles, _row_tiles(wa, rows)))
+    if g_a is not None:
+        g_a = (2.0 if symmetric else 1.0) * _untile(g_a, a.shape[1])
+    return total, (g_a, g_b, g_f)
 
 
-_kernel_sums.defvjp(_kernel_sums_fwd, _kernel_sums_bwd)
+def _kernel_sums_bwd(exact, ladder, symmetric, per_example, ct):
+    del exact, ladder, symmetric
+    g_a, g_b, g_f = (None if g is None else g * ct.reshape(ct.shape + (1,) * (g.ndim - 1)) for g in per_example)
+    return g_a, g_b, None, None, None if g_f is None else jnp.sum(g_f, axis=0)
+
+
+_kernel_sums.defvjp(_kernel_sums_fwd, _kernel_sums_bwd, symbolic_zeros=True)
 
 
 def mmd(x, y, sigma: Union[float, Sequence[float]] = 1.0, x_mask=None, y_mask=None):
@@ -435,8 +493,9 @@ def mmd(x, y, sigma: Union[float, Sequence[float]] = 1.0, x_mask=None, y_mask=No
     k(a, b) = exp(-|a - b|^2 / (2 sigma^2)); MMD^2 = E k(x, x') + E k(y, y') - 2 E k(x, y) over valid tokens
     (V-statistic, so it is >= 0 and exactly 0 for identical sets). A sequence of sigmas averages the kernels
     (multi-bandwidth). Returns (...) per batch element; 0 where either side has no valid token. Kernel sums are
-    accumulated over tiles of rows, recomputed in the backward pass: memory O(tile + (T_x + T_y) d) for values
-    and gradients alike.
+    accumulated over tiles of rows, and under differentiation the same pass forms the gradients (`_kernel_sums`):
+    memory O(tile + (T_x + T_y) d) for values and gradients alike. Bandwidths whose squared ratios are nested
+    integers (1, 2, 4, ...) share one exponential (`_ladder`).
     """
     _check_pair(x, y, "x", "y")
     _check_positive("sigma", sigma)
@@ -459,15 +518,21 @@ def mmd(x, y, sigma: Union[float, Sequence[float]] = 1.0, x_mask=None, y_mask=No
     scale = _exact_scale(x32, y32)
     x32, y32 = x32 / scale, y32 / scale
     sigmas = jnp.atleast_1d(jnp.asarray(sigma, jnp.float32))
-    factors = 0.5 * jnp.square(jnp.minimum(scale / sigmas, _MAX_INVERSE_SIGMA))
+    ladder = _ladder(sigma)
+    if ladder is None:
+        factors = 0.5 * jnp.square(jnp.minimum(scale / sigmas, _MAX_INVERSE_SIGMA))
+    else:       # f_s = f_min p_s exactly, the cap applied to the narrowest kernel
+        powers = jnp.asarray(ladder, jnp.float32)
+        factors = 0.5 * jnp.square(jnp.minimum(scale / jnp.max(sigmas), _MAX_INVERSE_SIGMA / max(ladder) ** 0.5)) * powers
     # Distances from the matmul form carry an error of ~4 eps r^2 (r the largest centred token norm): use it
     # while that moves no kernel exponent by more than _GRAM_EXPONENT_ERROR, else sum differences.
     r2 = jax.lax.stop_gradient(jnp.maximum(jnp.max(jnp.sum(x32 * x32, -1)), jnp.max(jnp.sum(y32 * y32, -1))))
     exact = 4.0 * 2.0 ** -24 * r2 * jnp.max(factors) > _GRAM_EXPONENT_ERROR
 
     def value_with(exact_form):
-        return (_kernel_sums(x32, x32, wx, wx, factors, exact_form) + _kernel_sums(y32, y32, wy, wy, factors,
-                exact_form) - 2.0 * _kernel_sums(x32, y32, wx, wy, factors, exact_form))
+        def sums(a, b, wa, wb, symmetric):
+            return _kernel_sums(a, b, wa, wb, factors, exact_form, ladder, symmetric)
+        return sums(x32, x32, wx, wx, True) + sums(y32, y32, wy, wy, True) - 2.0 * sums(x32, y32, wx, wy, False)
 
     value = jax.lax.cond(exact, lambda: value_with(True), lambda: value_with(False))
     both = (jnp.sum(xw, -1) > 0) & (jnp.sum(yw, -1) > 0)

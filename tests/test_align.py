@@ -548,6 +548,45 @@ def test_mmd_blockwise_equals_dense_values_and_gradients(rng, small_tiles, sprea
         np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-6 / spread)
 
 
+def test_mmd_bandwidth_ladder_is_one_exponential_and_equals_separate_ones(rng):
+    """Bandwidths with nested integer squared ratios share one exponential (`align._ladder`): the compiled
+    program computes one exponential per kernel sum and cond branch (6), not one per bandwidth (30), and values
+    and gradients equal the dense formula's separate exponentials (the demo's bandwidths, the demo's token
+    scale, kernels from ~0 to 1 for every sigma)."""
+    assert align._ladder((1.0, 2.0, 4.0, 8.0, 16.0)) == (256, 64, 16, 4, 1)
+    assert align._ladder([3.0, 1.0]) == (1, 9)
+    for no_ladder in (1.0, (1.0, 2.0, 3.0), (1.0, 3.0, 6.0, 12.0, 24.0, 48.0, 96.0), (1.0, 1.5)):
+        assert align._ladder(no_ladder) is None, no_ladder       # single, 2.25, 9216 > max power, 2.25
+    assert align._ladder((1.0, 3.0, 9.0)) == (81, 9, 1) and align._ladder((6.0, 3.0, 2.0)) is None   # 9 % 4 != 0
+    sigma = (1.0, 2.0, 4.0, 8.0, 16.0)
+    x = (4.0 * rng.normal(size=(3, 40, 8))).astype(np.float32)
+    y = (4.0 * rng.normal(size=(3, 12, 8)) + 1.0).astype(np.float32)
+    xm, ym = rng.uniform(size=x.shape[:-1]) < 0.8, np.ones(y.shape[:-1], bool)
+    hlo = jax.jit(lambda a, b: mmd(a, b, sigma, xm, ym)).lower(x, y).compile().as_text()
+    assert hlo.count("exponential(") == 6, hlo.count("exponential(")
+    g_out = rng.normal(size=3).astype(np.float32)
+    got, grads = value_and_grads(lambda a, b: mmd(a, b, sigma, xm, ym), g_out, x, y)
+    ref, ref_grads = value_and_grads(lambda a, b: mmd_dense(a, b, sigma, xm, ym), g_out, x, y)
+    assert np.min(np.asarray(ref)) > 1e-3
+    np.testing.assert_allclose(got, ref, rtol=1e-5)
+    for g, r in zip(grads, ref_grads):
+        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-7)
+
+
+def test_mmd_gradient_with_respect_to_a_traced_sigma(rng):
+    """A traced sigma takes one exponential per bandwidth, and its gradient (the factors' cotangent, formed
+    only when sigma is differentiated) equals the dense formula's."""
+    x = rng.normal(size=(2, 9, 4)).astype(np.float32)
+    y = (rng.normal(size=(2, 6, 4)) + 0.5).astype(np.float32)
+    xm, ym = rng.uniform(size=x.shape[:-1]) < 0.8, np.ones(y.shape[:-1], bool)
+    g_out = np.array([1.0, -0.5], np.float32)
+    sigmas = np.array([0.7, 1.5, 3.0], np.float32)
+    got = fast_jit(jax.grad(lambda s: jnp.sum(mmd(x, y, s, xm, ym) * g_out)))(sigmas)
+    ref = fast_jit(jax.grad(lambda s: jnp.sum(mmd_dense(x, y, s, xm, ym) * g_out)))(sigmas)
+    assert np.max(np.abs(np.asarray(ref))) > 1e-2
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-7)
+
+
 def test_mmd_is_finite_and_right_far_from_the_origin():
     """|a|^2 + |b|^2 - 2ab overflows float32 near 1e20 (NaN); differences do not. Against float64 NumPy on the
     same float32 values, with bandwidths at the tokens' scale (kernels between 0 and 1) and at 1 (exactly 0 or 1)."""
