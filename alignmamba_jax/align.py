@@ -11,7 +11,7 @@ masked inputs. Float parameters (epsilon, sigma, tau, time_prior, straight_throu
 range checks then skipped; what sets shapes or code paths must be static (num_iters, target_length,
 return_plan, return_error, centred, barycentric, and whether straight_through_tau is None). Integer features
 are promoted to float32. Forward-mode autodiff works through everything here except `mmd`, whose custom VJP
-(the memory-linear backward pass) has no forward rule.
+(its gradient formed in the forward pass, `_kernel_sums`) has no forward rule.
 
 Memory: no function holds a (T_source x T_anchor) array unless the caller asks for a plan (`return_plan`) or
 passes one (`sinkhorn`'s cost). Pairwise work runs over tiles of source rows against all anchor tokens
@@ -457,12 +457,12 @@ def _kernel_sums_fwd(a, b, wa, wb, factors, exact, ladder, symmetric):
         total = total + jnp.einsum("ni,nij,nj->n", wa_tile, k, wb)
         weight = wa_tile[:, :, None] * wb[:, None, :]                               # d s / d k_ij
         d_sq = -weight * k_f                                                        # d s / d sq_ij
-        g_a = None
         if exact:
             g_a = 2.0 * jnp.einsum("nij,nijd->nid", d_sq, diff) if need_a else None
             g_b = g_b - 2.0 * jnp.einsum("nij,nijd->njd", d_sq, diff) if need_b else None
         else:
-            g_a = 2.0 * (jnp.sum(d_sq, -1)[..., None] * a_tile - jnp.einsum("nij,njd->nid", d_sq, b)) if need_a else None
+            g_a = 2.0 * (jnp.sum(d_sq, -1)[..., None] * a_tile
+                         - jnp.einsum("nij,njd->nid", d_sq, b)) if need_a else None
             g_b = g_b + 2.0 * (jnp.sum(d_sq, 1)[..., None] * b
                                - jnp.einsum("nij,nid->njd", d_sq, a_tile)) if need_b else None
         g_f = g_f - jnp.stack([jnp.einsum("nij,nij->n", weight * sq, e_s) for e_s in e], -1) / factors.size \
@@ -523,7 +523,8 @@ def mmd(x, y, sigma: Union[float, Sequence[float]] = 1.0, x_mask=None, y_mask=No
         factors = 0.5 * jnp.square(jnp.minimum(scale / sigmas, _MAX_INVERSE_SIGMA))
     else:       # f_s = f_min p_s exactly, the cap applied to the narrowest kernel
         powers = jnp.asarray(ladder, jnp.float32)
-        factors = 0.5 * jnp.square(jnp.minimum(scale / jnp.max(sigmas), _MAX_INVERSE_SIGMA / max(ladder) ** 0.5)) * powers
+        widest = jnp.minimum(scale / jnp.max(sigmas), _MAX_INVERSE_SIGMA / max(ladder) ** 0.5)
+        factors = 0.5 * jnp.square(widest) * powers
     # Distances from the matmul form carry an error of ~4 eps r^2 (r the largest centred token norm): use it
     # while that moves no kernel exponent by more than _GRAM_EXPONENT_ERROR, else sum differences.
     r2 = jax.lax.stop_gradient(jnp.maximum(jnp.max(jnp.sum(x32 * x32, -1)), jnp.max(jnp.sum(y32 * y32, -1))))

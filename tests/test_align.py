@@ -614,7 +614,8 @@ def sinkhorn_unrolled(cost, xm, ym, epsilon, num_iters):
         g = jnp.where(ym, g + epsilon * (log_b - jax.nn.logsumexp(score(f, g), axis=-2)), 0.0)
     plan = jnp.where(valid, jnp.exp(score(f, g)), 0.0)
     # Rounding onto the couplings (Altschuler et al. 2017, Algorithm 2; the columns are exact after the g step).
-    a, b = xm / xm.sum(-1, keepdims=True), ym / ym.sum(-1, keepdims=True)
+    a = xm / np.maximum(xm.sum(-1, keepdims=True), 1)           # a fully masked example carries no mass
+    b = ym / np.maximum(ym.sum(-1, keepdims=True), 1)
     plan = plan * jnp.minimum(a / jnp.maximum(plan.sum(-1), 1e-30), 1.0)[..., None]
     err_a, err_b = a - plan.sum(-1), b - plan.sum(-2)
     plan = plan + err_a[..., :, None] * err_b[..., None, :] / jnp.maximum(err_b.sum(-1), 1e-30)[..., None, None]
