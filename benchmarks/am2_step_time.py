@@ -6,6 +6,8 @@ synthetic training data (the demo's batch size and shapes):
   AlignMamba-2                       configs/alignmamba2_synthetic.py (Sinkhorn term: `sinkhorn_distance`)
   AlignMamba-2, unrolled Sinkhorn    the same, its Sinkhorn term `sinkhorn` with sinkhorn_iters iterations
                                      differentiated by unrolling (the regulariser before `sinkhorn_distance`)
+  AlignMamba-2 w/o Sinkhorn          configs/alignmamba2_synthetic.py:wo_sinkhorn (MMD only)
+  AlignMamba-2 w/o MMD               configs/alignmamba2_synthetic.py:wo_mmd (Sinkhorn only)
   AlignMamba-2 w/o alignment         configs/alignmamba2_synthetic.py:wo_align (neither regulariser)
 After compilation, rounds alternate between the rows (each of the `--repeats` rounds times `--steps` steps of
 every row), and the table reports each row's median step time over rounds and its ratio to AlignMamba's: on a
@@ -29,6 +31,8 @@ ROWS = (  # (label, config file, variant, unrolled Sinkhorn)
     ("AlignMamba", "configs/synthetic.py", "full", False),
     ("AlignMamba-2", "configs/alignmamba2_synthetic.py", "full", False),
     ("AlignMamba-2, unrolled Sinkhorn", "configs/alignmamba2_synthetic.py", "full", True),
+    ("AlignMamba-2 w/o Sinkhorn", "configs/alignmamba2_synthetic.py", "wo_sinkhorn", False),
+    ("AlignMamba-2 w/o MMD", "configs/alignmamba2_synthetic.py", "wo_mmd", False),
     ("AlignMamba-2 w/o alignment", "configs/alignmamba2_synthetic.py", "wo_align", False),
 )
 

@@ -131,3 +131,18 @@ def time_round(entry, steps):
     jax.block_until_ready((state, metrics))
     entry["state"] = state
     return (time.perf_counter() - t0) / steps
+
+
+def round_robin_ms(fns, args, repeats):
+    """{name: [ms per call]} of the jitted fns[name](*args), called in turn `repeats` times (already compiled):
+    round-robin, so that load drifting on a shared machine reaches every entry alike."""
+    import time
+
+    import jax
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            times[name].append(1e3 * (time.perf_counter() - t0))
+    return times

@@ -15,7 +15,6 @@ initialisation. The cost is the cosine cost of each source against the language 
     python benchmarks/sinkhorn_loss.py [--repeats 10] [--json OUT]
 """
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +22,6 @@ import numpy as np
 
 import common
 import study
-from alignmamba_jax import data as data_lib
 from alignmamba_jax.align import cosine_cost, sinkhorn, sinkhorn_distance
 
 
@@ -35,13 +33,7 @@ def main(argv=None):
 
     config = study.load_config("configs/alignmamba2_synthetic.py")
     model = config.model
-    splits = data_lib.load_splits(config.data)
-    n, rng = config.train.batch_size, np.random.default_rng(0)
-    tokens, masks = {}, {}
-    for m in config.data.modalities:
-        x = np.asarray(splits["train"][m][:n], np.float32)
-        w = rng.normal(size=(x.shape[-1], model.d_model)).astype(np.float32) / np.sqrt(x.shape[-1])
-        tokens[m], masks[m] = jnp.asarray(x @ w), jnp.asarray(splits["train"][m + "_mask"][:n])
+    tokens, masks = study.am2_demo_tokens(config)
     anchor = config.data.anchor
     eps, cap, tol = model.sinkhorn_epsilon, model.sinkhorn_iters, model.sinkhorn_tolerance
 
@@ -71,12 +63,7 @@ def main(argv=None):
         ref_value, ref_grad = out["reference"]
         scale = max(float(jnp.max(jnp.abs(g))) for g in ref_grad)
         row = {"reference_value": float(ref_value), "reference_error": error("reference", *inputs)}
-        times = {k: [] for k in ("baseline", "new")}
-        for _ in range(args.repeats):
-            for k in times:
-                t0 = time.perf_counter()
-                jax.block_until_ready(fns[k](*inputs))
-                times[k].append(1e3 * (time.perf_counter() - t0))
+        times = common.round_robin_ms({k: fns[k] for k in ("baseline", "new")}, inputs, args.repeats)
         for k in times:
             value, grad = out[k]
             row[k] = {"value": float(value), "error": error(k, *inputs),

@@ -131,6 +131,22 @@ def run(config, workdir, log=print, reuse_only=False):
     return results
 
 
+def am2_demo_tokens(config):
+    """The AlignMamba-2 demo's regulariser inputs as at initialisation: one training batch (config.train.batch_size
+    examples, masks included) of each modality's synthetic features through a random linear projection to
+    config.model.d_model. Returns ({modality: tokens}, {modality: mask}) as jax arrays."""
+    import jax.numpy as jnp
+    from alignmamba_jax import data as data_lib
+    splits = data_lib.load_splits(config.data)
+    n, rng = config.train.batch_size, np.random.default_rng(0)
+    tokens, masks = {}, {}
+    for m in config.data.modalities:
+        x = np.asarray(splits["train"][m][:n], np.float32)
+        w = rng.normal(size=(x.shape[-1], config.model.d_model)).astype(np.float32) / np.sqrt(x.shape[-1])
+        tokens[m], masks[m] = jnp.asarray(x @ w), jnp.asarray(splits["train"][m + "_mask"][:n])
+    return tokens, masks
+
+
 def mean_std(values):
     """Mean and sample standard deviation (ddof=1; 0 for a single value), NaN-free inputs expected."""
     a = np.asarray(values, np.float64)
