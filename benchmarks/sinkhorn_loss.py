@@ -33,8 +33,7 @@ def main(argv=None):
 
     config = study.load_config("configs/alignmamba2_synthetic.py")
     model = config.model
-    tokens, masks = study.am2_demo_tokens(config)
-    anchor = config.data.anchor
+    sources, shapes = study.am2_regulariser_inputs(config)
     eps, cap, tol = model.sinkhorn_epsilon, model.sinkhorn_iters, model.sinkhorn_tolerance
 
     def loss(kind, iters=cap):
@@ -55,19 +54,15 @@ def main(argv=None):
 
     fns = {"baseline": loss("baseline"), "new": loss("new"), "reference": loss("reference", 300)}
     rows = {}
-    for m in config.data.modalities:
-        if m == anchor:
-            continue
-        inputs = (tokens[m], tokens[anchor], masks[m], masks[anchor])
+    for m, inputs in sources.items():
         out = {k: jax.block_until_ready(f(*inputs)) for k, f in fns.items()}
         ref_value, ref_grad = out["reference"]
-        scale = max(float(jnp.max(jnp.abs(g))) for g in ref_grad)
         row = {"reference_value": float(ref_value), "reference_error": error("reference", *inputs)}
         times = common.round_robin_ms({k: fns[k] for k in ("baseline", "new")}, inputs, args.repeats)
         for k in times:
             value, grad = out[k]
             row[k] = {"value": float(value), "error": error(k, *inputs),
-                      "grad_rel_error": max(float(jnp.max(jnp.abs(g - r))) for g, r in zip(grad, ref_grad)) / scale,
+                      "grad_rel_error": study.grad_rel_diff(grad, ref_grad),
                       "time_ms": float(np.median(times[k]))}
         row["time_ratio_baseline_over_new"] = row["baseline"]["time_ms"] / row["new"]["time_ms"]
         rows[m] = row
@@ -79,7 +74,7 @@ def main(argv=None):
         print(f"  baseline / new time: {row['time_ratio_baseline_over_new']:.2f}x")
     if args.json:
         study.write_json(args.json, {"epsilon": eps, "iters": cap, "tolerance": tol,
-                                     "shapes": {m: list(tokens[m].shape) for m in tokens}, "sources": rows})
+                                     "shapes": shapes, "sources": rows})
     return 0
 
 

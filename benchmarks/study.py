@@ -131,10 +131,11 @@ def run(config, workdir, log=print, reuse_only=False):
     return results
 
 
-def am2_demo_tokens(config):
+def am2_regulariser_inputs(config):
     """The AlignMamba-2 demo's regulariser inputs as at initialisation: one training batch (config.train.batch_size
     examples, masks included) of each modality's synthetic features through a random linear projection to
-    config.model.d_model. Returns ({modality: tokens}, {modality: mask}) as jax arrays."""
+    config.model.d_model. Returns ({source: (source tokens, anchor tokens, source mask, anchor mask)} for every
+    modality but the anchor, {modality: token shape}), jax arrays."""
     import jax.numpy as jnp
     from alignmamba_jax import data as data_lib
     splits = data_lib.load_splits(config.data)
@@ -144,7 +145,15 @@ def am2_demo_tokens(config):
         x = np.asarray(splits["train"][m][:n], np.float32)
         w = rng.normal(size=(x.shape[-1], config.model.d_model)).astype(np.float32) / np.sqrt(x.shape[-1])
         tokens[m], masks[m] = jnp.asarray(x @ w), jnp.asarray(splits["train"][m + "_mask"][:n])
-    return tokens, masks
+    anchor = config.data.anchor
+    sources = {m: (tokens[m], tokens[anchor], masks[m], masks[anchor]) for m in tokens if m != anchor}
+    return sources, {m: list(t.shape) for m, t in tokens.items()}
+
+
+def grad_rel_diff(grads, ref_grads):
+    """Largest |grad - reference grad| over all the arrays, over the largest |reference grad|."""
+    scale = max(float(np.max(np.abs(r))) for r in ref_grads)
+    return max(float(np.max(np.abs(np.asarray(g) - np.asarray(r)))) for g, r in zip(grads, ref_grads)) / scale
 
 
 def mean_std(values):
