@@ -33,7 +33,8 @@ import numpy as np
 from alignmamba_jax.align import (cosine_cost, mmd, ot_align, segment_mean_resample, sinkhorn, sinkhorn_distance,
                                   time_contrastive_loss)
 from alignmamba_jax.config import (  # noqa: F401  (models' API)
-    ALIGNMENT_OPTIONS, AM2_INFERENCE_ALIGNMENTS, AM2_OPTIONS, LOCAL_ALIGNMENT_OPTIONS, default_model_config)
+    ALIGNMENT_OPTIONS, AM2_INFERENCE_ALIGNMENTS, AM2_MMD_TOKENS, AM2_OPTIONS, LOCAL_ALIGNMENT_OPTIONS,
+    default_model_config)
 from alignmamba_jax.errors import UserError
 from alignmamba_jax.kernels.validation import BACKENDS as SCAN_BACKENDS
 from alignmamba_jax.modules import MambaStack, ModalityAwareMambaLayer
@@ -55,7 +56,7 @@ class _ModelSpecChecks:
     def __post_init__(self):
         choices = {"task": TASKS, "fusion": FUSIONS, "pooling": POOLINGS, "dtype": tuple(DTYPES),
                    "attention_impl": ATTENTION_IMPLS, "scan_backend": SCAN_BACKENDS,
-                   "am2_inference_alignment": AM2_INFERENCE_ALIGNMENTS}
+                   "am2_inference_alignment": AM2_INFERENCE_ALIGNMENTS, "am2_mmd_tokens": AM2_MMD_TOKENS}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise UserError(f"{'task' if key == 'task' else 'cfg.' + key} must be one of {allowed}, "
@@ -198,7 +199,7 @@ def unread_options(name: str, spec: ModelSpec) -> Tuple[str, ...]:
     elif spec.ot_contrastive == 0:
         unread |= {"ot_contrastive_tau", "ot_contrastive_sigma"}
     if not spec.use_global_alignment:
-        unread.add("mmd_sigma")
+        unread |= {"mmd_sigma", "am2_mmd_tokens"}
     return tuple(k for k in default_model_config().keys() if k in unread)
 
 
@@ -403,9 +404,11 @@ class AlignMamba2(nn.Module):
     `anchor_positions`), so inference does no alignment work; "ot" (our extension) runs AlignMamba's
     `LocalAlignment` (its learned-cost hard OT plan and its ot_* options) at training and inference.
     Regularisers, training only, each switched on its own: use_sinkhorn adds the entropic OT distance
-    (`sinkhorn_distance`, cosine cost) and use_global_alignment adds MMD^2, each between every projected source
-    and the anchor tokens; align_loss = their sum (+ ot_contrastive * LocalAlignment's losses with "ot"). With
-    train=False align_loss = 0. cfg.return_plans returns LocalAlignment's plans with "ot", else the Sinkhorn plans.
+    (`sinkhorn_distance`, cosine cost) between every projected source and the anchor tokens;
+    use_global_alignment adds MMD^2 between each source and the anchor tokens, the source's tokens being the
+    aligned ones the fusion stream receives (am2_mmd_tokens="aligned", as AlignMamba) or every projected frame
+    ("frames"); align_loss = their sum (+ ot_contrastive * LocalAlignment's losses with "ot"). With train=False
+    align_loss = 0. cfg.return_plans returns LocalAlignment's plans with "ot", else the Sinkhorn plans.
     """
     spec: ModelSpec
 
@@ -423,16 +426,16 @@ class AlignMamba2(nn.Module):
                     for m in spec.sources}
             seq_masks = {m: positions & jnp.any(masks[m], axis=-1, keepdims=True) for m in spec.sources}
         for m in spec.sources:
-            present = _present(masks[m], am)
             if spec.return_plans and spec.am2_inference_alignment == "resample":
                 plans[m] = sinkhorn(cosine_cost(x[m], anchor), masks[m], am, epsilon=spec.sinkhorn_epsilon,
                                     num_iters=spec.sinkhorn_iters)[0]
             if train and spec.use_sinkhorn:
                 dist = sinkhorn_distance(cosine_cost(x[m], anchor), masks[m], am, epsilon=spec.sinkhorn_epsilon,
                                          max_iters=spec.sinkhorn_iters, tolerance=spec.sinkhorn_tolerance)
-                aux[f"ot/{m}"] = _batch_mean(dist, present)
-            if train and spec.use_global_alignment:
-                aux[f"mmd/{m}"] = _batch_mean(mmd(x[m], anchor, spec.mmd_sigma, masks[m], am), present)
+                aux[f"ot/{m}"] = _batch_mean(dist, _present(masks[m], am))
+        if train and spec.use_global_alignment:
+            mmd_sources = (seqs, seq_masks) if spec.am2_mmd_tokens == "aligned" else (x, masks)
+            aux.update(mmd_losses(spec, *mmd_sources, anchor, am))
         terms = {kind: [v for k, v in aux.items() if k.startswith(kind + "/")] for kind in ("ot", "mmd", "contrastive")}
         aux["ot"] = jnp.asarray(sum(terms["ot"]) if terms["ot"] else 0.0, jnp.float32)
         aux["mmd"] = jnp.asarray(sum(terms["mmd"]) if terms["mmd"] else 0.0, jnp.float32)

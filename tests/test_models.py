@@ -332,7 +332,8 @@ def test_model_spec_is_built_from_the_config_by_name_and_checked():
                                 ("ot_time_prior", "0.5", "a number"), ("mmd_sigma", (1.0, "x"), "a number"),
                                 ("dt_rank", 2.5, "an int"), ("pooling", "max", "one of"),
                                 ("mmd_sigma", (1.0, 0.0), "finite and > 0"), ("ot_match_dim", -1, ">= 0"),
-                                ("sinkhorn_epsilon", 0.0, "finite and > 0"), ("ot_contrastive_tau", 0.0, "> 0")]:
+                                ("sinkhorn_epsilon", 0.0, "finite and > 0"), ("ot_contrastive_tau", 0.0, "> 0"),
+                                ("am2_mmd_tokens", "raw", "one of")]:
         with pytest.raises(ValueError, match=rf"cfg\.{key} must be .*{message}"):
             create_model(untyped_config(**{key: value}), MODS, "text", DIMS)
     cfg = tiny_config()
@@ -365,6 +366,8 @@ REFUSED = {  # model overrides -> the key (and value) the error names
     "am2_match_dim": ({"name": "alignmamba2", "ot_match_dim": 16}, "cfg.ot_match_dim=16"),
     "am2_local_switch": ({"name": "alignmamba2", "use_local_alignment": False}, "cfg.use_local_alignment=False"),
     "am2_fusion": ({"name": "alignmamba2", "fusion": "single_stream"}, "cfg.fusion='single_stream'"),
+    "am2_mmd_tokens_without_mmd": ({"name": "alignmamba2", "use_global_alignment": False,
+                                    "am2_mmd_tokens": "frames"}, "cfg.am2_mmd_tokens='frames'"),
     "am2_tau_without_contrastive": ({"name": "alignmamba2", "am2_inference_alignment": "ot",
                                      "ot_contrastive_tau": 0.5}, "cfg.ot_contrastive_tau=0.5"),
     "am2_epsilon_without_sinkhorn": ({"name": "alignmamba2", "use_sinkhorn": False, "sinkhorn_epsilon": 0.5},
@@ -373,6 +376,7 @@ REFUSED = {  # model overrides -> the key (and value) the error names
     "am1_multi_stream_time_prior": ({"fusion": "multi_stream", "ot_time_prior": 0.5}, "cfg.ot_time_prior=0.5"),
     "am1_sinkhorn_switch": ({"use_sinkhorn": False}, "cfg.use_sinkhorn=False"),
     "am1_moe": ({"moe_hidden_mult": 4}, "cfg.moe_hidden_mult=4"),
+    "am1_mmd_tokens": ({"am2_mmd_tokens": "frames"}, "cfg.am2_mmd_tokens='frames'"),
     "transformer_mmd": ({"name": "transformer_single", "use_global_alignment": False},
                         "cfg.use_global_alignment=False"),
 }
@@ -418,6 +422,32 @@ def test_alignmamba2_regularisers_switch_independently():
                              max_iters=5, tolerance=1e-3)
     present = masks["audio"].any(-1) & masks["text"].any(-1)
     np.testing.assert_allclose(full["ot/audio"], np.asarray(dist)[present].mean(), rtol=1e-4)
+
+
+def test_alignmamba2_mmd_compares_the_fused_tokens_or_every_frame():
+    """am2_mmd_tokens="aligned" (default): MMD^2 of the segment-mean resampled tokens the stream fuses against the
+    anchor, as AlignMamba's global alignment; "frames": of every projected frame. Predictions do not change."""
+    feats, masks = make_batch(seed=4)
+    masks["text"][1] = False                    # a sample without its anchor takes no part in either
+    models = {k: create_model(tiny_config(name="alignmamba2", dropout=0.0, use_sinkhorn=False, am2_mmd_tokens=k),
+                              MODS, "text", DIMS) for k in ("aligned", "frames")}
+    params = fast_jit(models["aligned"].init)(jax.random.PRNGKey(0), feats, masks)["params"]
+    out = {k: fast_jit(lambda p, m=m: m.apply({"params": p}, feats, masks, train=True))(params)
+           for k, m in models.items()}
+    np.testing.assert_array_equal(out["frames"]["prediction"], out["aligned"]["prediction"])
+    proj = {m: feats[m] @ np.asarray(params["projections"][f"proj_{m}"]["kernel"])
+            + np.asarray(params["projections"][f"proj_{m}"]["bias"]) for m in MODS}
+    for m in ("audio", "vision"):
+        present = masks[m].any(-1) & masks["text"].any(-1)
+        resampled, _ = segment_mean_resample(proj[m], LENS["text"], masks[m], masks["text"], return_plan=False)
+        resampled_mask = masks["text"] & masks[m].any(-1, keepdims=True)
+        expected = {"aligned": mmd(resampled, proj["text"], (1.0, 2.0, 4.0, 8.0, 16.0), resampled_mask,
+                                   masks["text"]),
+                    "frames": mmd(proj[m], proj["text"], (1.0, 2.0, 4.0, 8.0, 16.0), masks[m], masks["text"])}
+        for k in models:
+            np.testing.assert_allclose(out[k]["aux"][f"mmd/{m}"], np.asarray(expected[k])[present].mean(),
+                                       rtol=1e-5)
+        assert abs(float(out["aligned"]["aux"][f"mmd/{m}"]) - float(out["frames"]["aux"][f"mmd/{m}"])) > 1e-4
 
 
 def test_alignmamba2_ot_inference_aligns_with_local_alignment_and_reads_its_options():
