@@ -10,11 +10,13 @@ Accuracy: every row trained with several seeds on
                patches)
 and evaluated on test at their best-validation checkpoint (mean ± std over seeds). Rows (config file:variant):
   AlignMamba                      configs/synthetic.py (OT local alignment at inference, MMD)
-  AlignMamba-2                    configs/alignmamba2_synthetic.py (shipped: resample + Sinkhorn + MMD)
+  AlignMamba-2                    configs/alignmamba2_synthetic.py (shipped: resample + Sinkhorn + MMD of the
+                                  resampled tokens)
   AlignMamba-2 w/o Sinkhorn       :wo_sinkhorn      AlignMamba-2 w/o MMD   :wo_mmd
   AlignMamba-2 w/o alignment      :wo_align (neither regulariser)
   AlignMamba-2, OT at inference   :ot_inference (ours, not the paper's: AlignMamba's learned-cost hard OT as the
                                   fusion front end, with the regularisers)
+  AlignMamba-2, MMD on every frame :mmd_frames (MMD of every projected source frame, not the resampled tokens)
 --plot draws each row's validation curve (the task's selection metric, mean ± std over seeds).
 
 Inference cost: on one test-shaped batch of each task, the jitted inference forward (train=False) of
@@ -62,6 +64,7 @@ MODELS = (  # (label, workdir name, config file, variant)
     ("AlignMamba-2 w/o MMD", "am2_wo_mmd", AM2, "wo_mmd"),
     ("AlignMamba-2 w/o alignment", "am2_wo_align", AM2, "wo_align"),
     ("AlignMamba-2, OT at inference (ours)", "am2_ot_inference", AM2, "ot_inference"),
+    ("AlignMamba-2, MMD on every frame", "am2_mmd_frames", AM2, "mmd_frames"),
 )
 COST_MODELS = (  # (label, config file, variant)
     ("AlignMamba", AM1, "full"),

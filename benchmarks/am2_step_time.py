@@ -3,7 +3,9 @@
 Each row is the jitted training step (forward, backward, AdamW) of a demo config on one batch of its own
 synthetic training data (the demo's batch size and shapes):
   AlignMamba                         configs/synthetic.py
-  AlignMamba-2                       configs/alignmamba2_synthetic.py (Sinkhorn term: `sinkhorn_distance`)
+  AlignMamba-2                       configs/alignmamba2_synthetic.py (Sinkhorn term: `sinkhorn_distance`; MMD
+                                     of the resampled tokens)
+  AlignMamba-2, MMD on every frame   configs/alignmamba2_synthetic.py:mmd_frames (MMD of every projected frame)
   AlignMamba-2, unrolled Sinkhorn    the same, its Sinkhorn term `sinkhorn` with sinkhorn_iters iterations
                                      differentiated by unrolling (the regulariser before `sinkhorn_distance`)
   AlignMamba-2 w/o Sinkhorn          configs/alignmamba2_synthetic.py:wo_sinkhorn (MMD only)
@@ -30,6 +32,7 @@ from alignmamba_jax.align import sinkhorn
 ROWS = (  # (label, config file, variant, unrolled Sinkhorn)
     ("AlignMamba", "configs/synthetic.py", "full", False),
     ("AlignMamba-2", "configs/alignmamba2_synthetic.py", "full", False),
+    ("AlignMamba-2, MMD on every frame", "configs/alignmamba2_synthetic.py", "mmd_frames", False),
     ("AlignMamba-2, unrolled Sinkhorn", "configs/alignmamba2_synthetic.py", "full", True),
     ("AlignMamba-2 w/o Sinkhorn", "configs/alignmamba2_synthetic.py", "wo_sinkhorn", False),
     ("AlignMamba-2 w/o MMD", "configs/alignmamba2_synthetic.py", "wo_mmd", False),

@@ -473,7 +473,8 @@ def test_alignmamba2_ot_inference_aligns_with_local_alignment_and_reads_its_opti
 
 CONFIG_VARIANTS = {  # config file -> variants its model implements (every other variant is refused or unlisted)
     "synthetic.py": ("full", "paper_ot", "wo_local", "wo_global", "single_stream", "multi_stream", "wo_audio"),
-    "alignmamba2_synthetic.py": ("full", "wo_sinkhorn", "wo_mmd", "wo_align", "ot_inference", "paper_ot"),
+    "alignmamba2_synthetic.py": ("full", "wo_sinkhorn", "wo_mmd", "wo_align", "ot_inference", "paper_ot",
+                                 "mmd_frames"),
     "mosi.py": ("full", "wo_local"), "mosei.py": ("full",), "alignmamba2_mosi.py": ("full", "wo_align"),
 }
 
