@@ -23,9 +23,10 @@ this rule; with every modality missing a sample gets the "no information" output
 import dataclasses
 import functools
 import math
-from typing import Dict, Sequence, Tuple, Union
+from typing import Any, Dict, Sequence, Tuple, Union
 
 import flax.linen as nn
+from flax.linen.dtypes import promote_dtype
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -270,14 +271,48 @@ def mmd_losses(spec: ModelSpec, sources, source_masks, anchor, anchor_mask) -> D
             for m in spec.sources}
 
 
+@jax.custom_vjp
+def _affine(x, kernel, bias):
+    return x @ kernel + bias
+
+
+def _affine_fwd(x, kernel, bias):
+    return _affine(x, kernel, bias), (x, kernel)
+
+
+def _affine_bwd(residuals, ct):
+    x, kernel = residuals
+    token_axes = tuple(range(x.ndim - 1))
+    return ct @ kernel.T, jnp.tensordot(x, ct, axes=(token_axes, token_axes)), jnp.sum(ct, axis=token_axes)
+
+
+_affine.defvjp(_affine_fwd, _affine_bwd)
+
+
+class TokenDense(nn.Module):
+    """`nn.Dense` over the last axis of a token array (same parameters, initialisers, dtype promotion and
+    values), whose weight gradient is written as one contraction of the inputs with the output cotangent over
+    every token axis. Under plain autodiff XLA's CPU backend instead transposes the cotangent, recomputing in
+    transposed order every elementwise term that sums into it (dropout's mask, each loss's gradient): that took
+    about a fifth of the demo's training step (benchmarks/RESULTS.md, "AlignMamba-2")."""
+    features: int
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features))
+        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
+        return _affine(*promote_dtype(x, kernel, bias, dtype=self.dtype))
+
+
 class Projections(nn.Module):
-    """One linear projection per modality to the common width d_model, then dropout."""
+    """One linear projection per modality to the common width d_model (`TokenDense`), then dropout."""
     spec: ModelSpec
 
     @nn.compact
     def __call__(self, features, train: bool):
         return {m: nn.Dropout(self.spec.dropout)(
-                    nn.Dense(self.spec.d_model, dtype=self.spec.compute_dtype, name=f"proj_{m}")(features[m]),
+                    TokenDense(self.spec.d_model, dtype=self.spec.compute_dtype, name=f"proj_{m}")(features[m]),
                     deterministic=not train)
                 for m, _ in self.spec.input_dims}
 

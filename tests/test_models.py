@@ -12,7 +12,7 @@ import optax
 import pytest
 
 from alignmamba_jax.align import mmd, ot_align, segment_mean_resample, time_contrastive_loss
-from alignmamba_jax.models import create_model, default_model_config, interleave_time_major, masked_pool
+from alignmamba_jax.models import TokenDense, create_model, default_model_config, interleave_time_major, masked_pool
 
 # Tiny graphs: XLA's backend optimisations cost far more compile time than they save at run time.
 fast_jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
@@ -422,6 +422,33 @@ def test_alignmamba2_regularisers_switch_independently():
                              max_iters=5, tolerance=1e-3)
     present = masks["audio"].any(-1) & masks["text"].any(-1)
     np.testing.assert_allclose(full["ot/audio"], np.asarray(dist)[present].mean(), rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype, shape", [(jnp.float32, (3, 7, 5)), (jnp.float32, (4, 6)),
+                                          (jnp.bfloat16, (2, 3, 4, 5))])
+def test_token_dense_is_flax_dense_in_parameters_values_and_gradients(dtype, shape):
+    """TokenDense's custom weight gradient against nn.Dense under plain autodiff: same parameter tree and
+    initial values, same outputs, same gradients with respect to inputs, kernel and bias."""
+    import flax.linen as nn
+    x = jnp.asarray(np.random.default_rng(0).normal(size=shape), jnp.float32)
+    dense, ours = nn.Dense(8, dtype=dtype), TokenDense(8, dtype=dtype)
+    params = dense.init(jax.random.PRNGKey(1), x)
+    ours_params = ours.init(jax.random.PRNGKey(1), x)
+    jax.tree.map(np.testing.assert_array_equal, ours_params, params)
+    params = jax.tree.map(lambda p: p + 0.1, params)              # a nonzero bias
+    weights = jnp.asarray(np.random.default_rng(2).normal(size=shape[:-1] + (8,)), jnp.float32)
+
+    def loss(module, p, x):
+        return jnp.sum(jnp.sin(module.apply(p, x).astype(jnp.float32)) * weights)
+
+    tol = 1e-6 if dtype == jnp.float32 else 2e-2
+    np.testing.assert_allclose(ours.apply(params, x).astype(jnp.float32),
+                               dense.apply(params, x).astype(jnp.float32), rtol=tol, atol=tol)
+    grads = jax.grad(functools.partial(loss, ours), argnums=(0, 1))(params, x)
+    reference = jax.grad(functools.partial(loss, dense), argnums=(0, 1))(params, x)
+    assert jax.tree.map(lambda g: g.dtype, grads) == jax.tree.map(lambda g: g.dtype, reference)
+    for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(reference)):
+        np.testing.assert_allclose(g, r, rtol=tol, atol=tol * float(np.max(np.abs(r))))
 
 
 def test_alignmamba2_mmd_compares_the_fused_tokens_or_every_frame():
