@@ -11,6 +11,8 @@ synthetic training data (the demo's batch size and shapes):
   AlignMamba-2 w/o Sinkhorn          configs/alignmamba2_synthetic.py:wo_sinkhorn (MMD only)
   AlignMamba-2 w/o MMD               configs/alignmamba2_synthetic.py:wo_mmd (Sinkhorn only)
   AlignMamba-2 w/o alignment         configs/alignmamba2_synthetic.py:wo_align (neither regulariser)
+  ..., token projections by autodiff AlignMamba and AlignMamba-2 with their token projections as `nn.Dense`
+                                     under plain autodiff instead of `TokenDense` (same parameters and values)
 After compilation, rounds alternate between the rows (each of the `--repeats` rounds times `--steps` steps of
 every row), and the table reports each row's median step time over rounds and its ratio to AlignMamba's: on a
 shared machine the load drifts, and round-robin rounds see the same drift.
@@ -21,6 +23,7 @@ import os
 import sys
 import time
 
+import flax.linen as nn
 import jax
 import numpy as np
 
@@ -29,23 +32,32 @@ import study
 from alignmamba_jax import data as data_lib, models, train
 from alignmamba_jax.align import sinkhorn
 
-ROWS = (  # (label, config file, variant, unrolled Sinkhorn)
-    ("AlignMamba", "configs/synthetic.py", "full", False),
-    ("AlignMamba-2", "configs/alignmamba2_synthetic.py", "full", False),
-    ("AlignMamba-2, MMD on every frame", "configs/alignmamba2_synthetic.py", "mmd_frames", False),
-    ("AlignMamba-2, unrolled Sinkhorn", "configs/alignmamba2_synthetic.py", "full", True),
-    ("AlignMamba-2 w/o Sinkhorn", "configs/alignmamba2_synthetic.py", "wo_sinkhorn", False),
-    ("AlignMamba-2 w/o MMD", "configs/alignmamba2_synthetic.py", "wo_mmd", False),
-    ("AlignMamba-2 w/o alignment", "configs/alignmamba2_synthetic.py", "wo_align", False),
-)
-
 
 def unrolled_distance(cost, x_mask, y_mask, *, epsilon, max_iters, tolerance):
     del tolerance
     return sinkhorn(cost, x_mask, y_mask, epsilon=epsilon, num_iters=max_iters)[1]
 
 
-def build(config_file, variant, unrolled, splits):
+def autodiff_dense(features, dtype, name):
+    return nn.Dense(features, dtype=dtype, name=name)
+
+
+UNROLLED = {"sinkhorn_distance": unrolled_distance}
+AUTODIFF_PROJECTIONS = {"TokenDense": autodiff_dense}
+ROWS = (  # (label, config file, variant, {models' function: what replaces it while the step is traced})
+    ("AlignMamba", "configs/synthetic.py", "full", {}),
+    ("AlignMamba-2", "configs/alignmamba2_synthetic.py", "full", {}),
+    ("AlignMamba-2, MMD on every frame", "configs/alignmamba2_synthetic.py", "mmd_frames", {}),
+    ("AlignMamba-2, unrolled Sinkhorn", "configs/alignmamba2_synthetic.py", "full", UNROLLED),
+    ("AlignMamba-2 w/o Sinkhorn", "configs/alignmamba2_synthetic.py", "wo_sinkhorn", {}),
+    ("AlignMamba-2 w/o MMD", "configs/alignmamba2_synthetic.py", "wo_mmd", {}),
+    ("AlignMamba-2 w/o alignment", "configs/alignmamba2_synthetic.py", "wo_align", {}),
+    ("AlignMamba, token projections by autodiff", "configs/synthetic.py", "full", AUTODIFF_PROJECTIONS),
+    ("AlignMamba-2, token projections by autodiff", "configs/alignmamba2_synthetic.py", "full", AUTODIFF_PROJECTIONS),
+)
+
+
+def build(config_file, variant, replaced, splits):
     config = study.load_config(config_file, variant)
     mesh = train.create_mesh(1)
     model = train.create_model_for_data(config, splits)
@@ -58,15 +70,16 @@ def build(config_file, variant, unrolled, splits):
         batch[m + "_mask"] = np.asarray(splits["train"][m + "_mask"][:n], bool)
     batch = jax.device_put(batch, train.batch_sharding(mesh))
     step = jax.jit(lambda s, b: train.train_step(s, b, config=config), donate_argnums=0)
-    original = models.sinkhorn_distance
-    if unrolled:
-        models.sinkhorn_distance = unrolled_distance      # traced now: the compiled step keeps it
+    originals = {name: getattr(models, name) for name in replaced}
+    for name, replacement in replaced.items():
+        setattr(models, name, replacement)              # traced now: the compiled step keeps it
     try:
         t0 = time.perf_counter()
         state, metrics = step(state, batch)
         jax.block_until_ready(metrics)
     finally:
-        models.sinkhorn_distance = original
+        for name, original in originals.items():
+            setattr(models, name, original)
     return {"step": step, "state": state, "batch": batch, "compile_s": time.perf_counter() - t0}
 
 
@@ -78,8 +91,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     splits = data_lib.load_splits(study.load_config(ROWS[0][1]).data)
     entries = {}
-    for label, config_file, variant, unrolled in ROWS:
-        entries[label] = build(config_file, variant, unrolled, splits)
+    for label, config_file, variant, replaced in ROWS:
+        entries[label] = build(config_file, variant, replaced, splits)
         print(f"compiled {label} in {entries[label]['compile_s']:.1f} s", flush=True)
     times = {label: [] for label in entries}
     for _ in range(args.repeats):
