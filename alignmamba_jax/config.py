@@ -35,8 +35,9 @@ ALIGNMENT_OPTIONS = ("ot_centred", "ot_match_dim", "ot_contrastive", "ot_time_pr
 LOCAL_ALIGNMENT_OPTIONS = ALIGNMENT_OPTIONS + ("ot_contrastive_tau", "ot_contrastive_sigma")
 # Options of AlignMamba-2 only.
 AM2_OPTIONS = ("use_sinkhorn", "sinkhorn_epsilon", "sinkhorn_iters", "sinkhorn_tolerance", "am2_inference_alignment",
-               "am2_mmd_tokens", "moe_num_shared_experts", "moe_hidden_mult")
+               "am2_mmd_tokens", "moe_num_shared_experts", "moe_hidden_mult", "am2_channel_mixer")
 AM2_INFERENCE_ALIGNMENTS = ("resample", "ot")
+AM2_CHANNEL_MIXERS = ("moe", "dense")
 AM2_MMD_TOKENS = ("aligned", "frames")
 
 
@@ -85,6 +86,8 @@ def default_model_config() -> ml_collections.ConfigDict:
     # AlignMamba-2
     c.moe_num_shared_experts = 1     # modality-shared experts per layer (ours)
     c.moe_hidden_mult = 2            # expert MLP width = moe_hidden_mult * d_model (ours)
+    c.am2_channel_mixer = "moe"      # "moe": the Modality-Aware MoE (paper); "dense": one GELU MLP of the same
+                                     # parameter count instead, the MoE's ablation (variant wo_moe)
     c.use_sinkhorn = True            # AlignMamba-2; False: no entropic OT (Sinkhorn) term ("wo_sinkhorn")
     c.sinkhorn_epsilon = 0.1         # entropic regularisation of the training-only OT distance (ours)
     c.sinkhorn_iters = 50            # at most this many Sinkhorn iterations (ours) ...
@@ -223,12 +226,13 @@ MODEL_VARIANTS = {
     # the config's model with every alignment option of ours reset to the paper's rule
     "paper_ot": _PAPER_LOCAL,
     # AlignMamba-2's regularisers, each alone or both off; its OT front end (our extension); its MMD over every
-    # source frame instead of the aligned tokens
+    # source frame instead of the aligned tokens; a dense MLP of the same parameter count in place of its MoE
     "wo_sinkhorn": _NO_SINKHORN,
     "wo_mmd": {"use_global_alignment": False},
     "wo_align": {**_NO_SINKHORN, "use_global_alignment": False},
     "ot_inference": {"am2_inference_alignment": "ot"},
     "mmd_frames": {"am2_mmd_tokens": "frames"},
+    "wo_moe": {"am2_channel_mixer": "dense"},
 }
 
 

@@ -34,8 +34,8 @@ import numpy as np
 from alignmamba_jax.align import (cosine_cost, mmd, ot_align, segment_mean_resample, sinkhorn, sinkhorn_distance,
                                   time_contrastive_loss)
 from alignmamba_jax.config import (  # noqa: F401  (models' API)
-    ALIGNMENT_OPTIONS, AM2_INFERENCE_ALIGNMENTS, AM2_MMD_TOKENS, AM2_OPTIONS, LOCAL_ALIGNMENT_OPTIONS,
-    default_model_config)
+    ALIGNMENT_OPTIONS, AM2_CHANNEL_MIXERS, AM2_INFERENCE_ALIGNMENTS, AM2_MMD_TOKENS, AM2_OPTIONS,
+    LOCAL_ALIGNMENT_OPTIONS, default_model_config)
 from alignmamba_jax.errors import UserError
 from alignmamba_jax.kernels.validation import BACKENDS as SCAN_BACKENDS
 from alignmamba_jax.modules import MambaStack, ModalityAwareMambaLayer
@@ -57,7 +57,8 @@ class _ModelSpecChecks:
     def __post_init__(self):
         choices = {"task": TASKS, "fusion": FUSIONS, "pooling": POOLINGS, "dtype": tuple(DTYPES),
                    "attention_impl": ATTENTION_IMPLS, "scan_backend": SCAN_BACKENDS,
-                   "am2_inference_alignment": AM2_INFERENCE_ALIGNMENTS, "am2_mmd_tokens": AM2_MMD_TOKENS}
+                   "am2_inference_alignment": AM2_INFERENCE_ALIGNMENTS, "am2_mmd_tokens": AM2_MMD_TOKENS,
+                   "am2_channel_mixer": AM2_CHANNEL_MIXERS}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise UserError(f"{'task' if key == 'task' else 'cfg.' + key} must be one of {allowed}, "
@@ -486,7 +487,7 @@ class AlignMamba2(nn.Module):
             stream = ModalityAwareMambaLayer(
                 n_mod, spec.d_model, spec.d_state, spec.d_conv, spec.expand, spec.dt_rank, spec.scan_backend,
                 1.0 / math.sqrt(spec.n_layers), spec.moe_num_shared_experts, spec.moe_hidden_mult,
-                spec.dropout, spec.compute_dtype, name=f"layer_{i}")(stream, stream_mask, train)
+                spec.dropout, spec.compute_dtype, spec.am2_channel_mixer, name=f"layer_{i}")(stream, stream_mask, train)
         h = nn.RMSNorm(epsilon=1e-5, dtype=jnp.float32, name="norm_f")(stream)
         pooled = masked_pool(h, stream_mask, spec.pooling)
         out = {"prediction": Head(spec, name="head")(pooled, train), "align_loss": align_loss, "aux": aux}

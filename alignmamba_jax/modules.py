@@ -253,6 +253,9 @@ class ModalityAwareMambaLayer(nn.Module):
     x (batch, T * M, d) with token t * M + k from modality k. Sequence mixing is one shared Mamba mixer (its
     recurrent state has to carry context across modalities, so it cannot be split by modality); channel
     mixing is the modality-aware MoE, where modality-specific statistics live. Both are pre-norm residual.
+    channel_mixer="dense" replaces the MoE by one GELU MLP d -> (num_shared_experts + M) * hidden_mult * d -> d
+    shared by every token: the same parameters as the MoE but for (num_shared_experts + M - 1) * d output
+    biases, the MoE's ablation.
     """
     num_modalities: int
     d_model: int
@@ -266,6 +269,7 @@ class ModalityAwareMambaLayer(nn.Module):
     hidden_mult: int = 2
     dropout: float = 0.0
     dtype: Any = jnp.float32
+    channel_mixer: str = "moe"
 
     @nn.compact
     def __call__(self, x, mask=None, train: bool = False):
@@ -276,7 +280,12 @@ class ModalityAwareMambaLayer(nn.Module):
         x = MambaBlock(d, self.d_state, self.d_conv, self.expand, self.dt_rank, self.scan_backend,
                        self.out_proj_init_scale, self.dropout, self.dtype, name="mamba")(x, mask, train)
         h = nn.RMSNorm(epsilon=1e-5, dtype=jnp.float32, name="moe_norm")(x)
-        h = ModalityAwareMoE(self.num_modalities, d, self.num_shared_experts, self.hidden_mult, self.dtype,
-                             name="moe")(h.reshape(b, length // self.num_modalities, self.num_modalities, d))
+        if self.channel_mixer == "dense":
+            width = (self.num_shared_experts + self.num_modalities) * self.hidden_mult * d
+            h = nn.Dense(d, dtype=self.dtype, name="mlp_down")(
+                nn.gelu(nn.Dense(width, dtype=self.dtype, name="mlp_up")(h.astype(self.dtype))))
+        else:
+            h = ModalityAwareMoE(self.num_modalities, d, self.num_shared_experts, self.hidden_mult, self.dtype,
+                                 name="moe")(h.reshape(b, length // self.num_modalities, self.num_modalities, d))
         h = nn.Dropout(self.dropout)(h.reshape(b, length, d), deterministic=not train)
         return x + h.astype(x.dtype)

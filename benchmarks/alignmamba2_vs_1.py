@@ -17,6 +17,8 @@ and evaluated on test at their best-validation checkpoint (mean ± std over seed
   AlignMamba-2, OT at inference   :ot_inference (ours, not the paper's: AlignMamba's learned-cost hard OT as the
                                   fusion front end, with the regularisers)
   AlignMamba-2, MMD on every frame :mmd_frames (MMD of every projected source frame, not the resampled tokens)
+  AlignMamba-2, dense MLP for the MoE  :wo_moe (each layer's Modality-Aware MoE replaced by one GELU MLP of the
+                                  same parameter count)
 --plot draws each row's validation curve (the task's selection metric, mean ± std over seeds).
 
 Inference cost: on one test-shaped batch of each task, the jitted inference forward (train=False) of
@@ -65,6 +67,7 @@ MODELS = (  # (label, workdir name, config file, variant)
     ("AlignMamba-2 w/o alignment", "am2_wo_align", AM2, "wo_align"),
     ("AlignMamba-2, OT at inference (ours)", "am2_ot_inference", AM2, "ot_inference"),
     ("AlignMamba-2, MMD on every frame", "am2_mmd_frames", AM2, "mmd_frames"),
+    ("AlignMamba-2, dense MLP for the MoE", "am2_wo_moe", AM2, "wo_moe"),
 )
 COST_MODELS = (  # (label, config file, variant)
     ("AlignMamba", AM1, "full"),

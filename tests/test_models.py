@@ -333,7 +333,7 @@ def test_model_spec_is_built_from_the_config_by_name_and_checked():
                                 ("dt_rank", 2.5, "an int"), ("pooling", "max", "one of"),
                                 ("mmd_sigma", (1.0, 0.0), "finite and > 0"), ("ot_match_dim", -1, ">= 0"),
                                 ("sinkhorn_epsilon", 0.0, "finite and > 0"), ("ot_contrastive_tau", 0.0, "> 0"),
-                                ("am2_mmd_tokens", "raw", "one of")]:
+                                ("am2_mmd_tokens", "raw", "one of"), ("am2_channel_mixer", "mlp", "one of")]:
         with pytest.raises(ValueError, match=rf"cfg\.{key} must be .*{message}"):
             create_model(untyped_config(**{key: value}), MODS, "text", DIMS)
     cfg = tiny_config()
@@ -377,6 +377,7 @@ REFUSED = {  # model overrides -> the key (and value) the error names
     "am1_sinkhorn_switch": ({"use_sinkhorn": False}, "cfg.use_sinkhorn=False"),
     "am1_moe": ({"moe_hidden_mult": 4}, "cfg.moe_hidden_mult=4"),
     "am1_mmd_tokens": ({"am2_mmd_tokens": "frames"}, "cfg.am2_mmd_tokens='frames'"),
+    "am1_channel_mixer": ({"am2_channel_mixer": "dense"}, "cfg.am2_channel_mixer='dense'"),
     "transformer_mmd": ({"name": "transformer_single", "use_global_alignment": False},
                         "cfg.use_global_alignment=False"),
 }
@@ -501,7 +502,7 @@ def test_alignmamba2_ot_inference_aligns_with_local_alignment_and_reads_its_opti
 CONFIG_VARIANTS = {  # config file -> variants its model implements (every other variant is refused or unlisted)
     "synthetic.py": ("full", "paper_ot", "wo_local", "wo_global", "single_stream", "multi_stream", "wo_audio"),
     "alignmamba2_synthetic.py": ("full", "wo_sinkhorn", "wo_mmd", "wo_align", "ot_inference", "paper_ot",
-                                 "mmd_frames"),
+                                 "mmd_frames", "wo_moe"),
     "mosi.py": ("full", "wo_local"), "mosei.py": ("full",), "alignmamba2_mosi.py": ("full", "wo_align"),
 }
 

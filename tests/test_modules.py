@@ -145,6 +145,28 @@ def test_modality_aware_layer_shapes_and_mask():
     assert set(p) == {"mamba", "moe_norm", "moe"}
 
 
+def test_modality_aware_layer_dense_mixer_is_one_mlp_of_the_moes_size():
+    """channel_mixer="dense": one GELU MLP d -> (shared + M) * hidden_mult * d -> d on every token, the same
+    parameter count as the MoE but for (shared + M - 1) * d output biases; the Mamba part is shared."""
+    make = lambda mixer: ModalityAwareMambaLayer(num_modalities=3, d_model=D_MODEL, d_state=4,  # noqa: E731
+                                                 scan_backend="reference", num_shared_experts=2, hidden_mult=2,
+                                                 channel_mixer=mixer)
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 12, D_MODEL))
+    mask = jnp.ones((2, 12), bool)
+    moe, dense = (fast_jit(make(m).init)(jax.random.PRNGKey(1), x, mask)["params"] for m in ("moe", "dense"))
+    assert set(dense) == {"mamba", "moe_norm", "mlp_up", "mlp_down"}
+    assert dense["mlp_up"]["kernel"].shape == (D_MODEL, 5 * 2 * D_MODEL)
+    count = lambda tree: sum(int(np.prod(a.shape)) for a in jax.tree.leaves(tree))  # noqa: E731
+    assert count(moe) - count(dense) == (2 + 3 - 1) * D_MODEL
+    dense = jax.tree.map(lambda p: p + 0.05, dense)        # nonzero biases and output projection
+    y, state = make("dense").apply({"params": dense}, x, mask, capture_intermediates=True)
+    seen = state["intermediates"]
+    mixed, normed = seen["mamba"]["__call__"][0], seen["moe_norm"]["__call__"][0]
+    up, down = dense["mlp_up"], dense["mlp_down"]
+    expected = mixed + jax.nn.gelu(normed @ up["kernel"] + up["bias"]) @ down["kernel"] + down["bias"]
+    np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("make_layer", [
     lambda: MambaMixer(D_MODEL, d_state=4, d_conv=3, scan_backend="chunked", bias=True),
     lambda: ModalityAwareMambaLayer(num_modalities=3, d_model=D_MODEL, d_state=4, d_conv=3, scan_backend="chunked"),
