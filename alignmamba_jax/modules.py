@@ -283,7 +283,7 @@ class ModalityAwareMambaLayer(nn.Module):
         if self.channel_mixer == "dense":
             width = (self.num_shared_experts + self.num_modalities) * self.hidden_mult * d
             h = nn.Dense(d, dtype=self.dtype, name="mlp_down")(
-                nn.gelu(nn.Dense(width, dtype=self.dtype, name="mlp_up")(h.astype(self.dtype))))
+                nn.gelu(nn.Dense(width, dtype=self.dtype, name="mlp_up")(h)))
         else:
             h = ModalityAwareMoE(self.num_modalities, d, self.num_shared_experts, self.hidden_mult, self.dtype,
                                  name="moe")(h.reshape(b, length // self.num_modalities, self.num_modalities, d))
